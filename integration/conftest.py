@@ -1,0 +1,106 @@
+"""Fixtures for the integration tests: one private containerd per session.
+
+Fixtures:
+  containerd  (session)  a started ``harness.Containerd`` with the busybox image imported
+  image       (session)  the image ref (``docker.io/library/busybox:shimtest``)
+  cid         (function) a unique container id for this test; cleaned up afterwards
+  new_cid     (function) factory ``new_cid(tag="") -> str`` for more ids, all cleaned up
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import sys
+
+import pytest
+
+from integration.harness import Containerd, build_busybox_image
+
+_SKIP_REASON: str | None = None
+if os.geteuid() != 0:
+    _SKIP_REASON = "integration tests need root (they run a private containerd and runc)"
+elif shutil.which("containerd") is None or shutil.which("ctr") is None:
+    _SKIP_REASON = "containerd/ctr not installed"
+elif shutil.which("runc") is None:
+    _SKIP_REASON = "runc not installed"
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_collection_modifyitems(config, items):
+    if _SKIP_REASON is None:
+        return
+    marker = pytest.mark.skip(reason=_SKIP_REASON)
+    for item in items:
+        if str(item.fspath).startswith(_HERE + os.sep):
+            item.add_marker(marker)
+
+
+@pytest.fixture(scope="session")
+def containerd():
+    if _SKIP_REASON is not None:
+        pytest.skip(_SKIP_REASON)
+    level = os.environ.get("SHIMTEST_CONTAINERD_LOG_LEVEL", "debug")
+    c = Containerd(log_level=level)
+    c.start()
+    try:
+        tar = c.dir / "busybox-oci.tar"
+        ref = build_busybox_image(tar)
+        c.import_image(tar)
+        c.image_ref = ref
+        yield c
+    finally:
+        log_tail = c.log_tail(60) if c.dir else ""
+        report = c.stop()
+        if report:
+            sys.stderr.write(
+                f"\n[integration harness] had to clean up after the session: {report}\n")
+            if os.environ.get("SHIMTEST_SHOW_LOG"):
+                sys.stderr.write(log_tail + "\n")
+
+
+@pytest.fixture(scope="session")
+def image(containerd) -> str:
+    return containerd.image_ref
+
+
+_counter = itertools.count(1)
+
+
+def _sanitize(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+    return s[:40].strip("-") or "t"
+
+
+@pytest.fixture
+def new_cid(request, containerd):
+    """Factory of unique container ids; every id handed out is removed at teardown."""
+    made: list[str] = []
+    base = _sanitize(request.node.name)
+
+    def make(tag: str = "") -> str:
+        n = next(_counter)
+        cid = f"{base}-{os.getpid()}-{n}" + (f"-{_sanitize(tag)}" if tag else "")
+        made.append(cid)
+        return cid
+
+    yield make
+    if containerd.proc is None or containerd.proc.poll() is not None:
+        return
+    tasks = containerd.tasks()
+    containers = containerd.containers()
+    for cid in made:
+        if cid in tasks:
+            containerd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+            containerd.ctr("task", "rm", "-f", cid, check=False)
+        if cid in containers or cid in tasks:
+            containerd.ctr("containers", "rm", cid, check=False)
+
+
+@pytest.fixture
+def cid(new_cid) -> str:
+    """A unique container id for this test (removed afterwards if still present)."""
+    return new_cid()

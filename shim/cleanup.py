@@ -1,0 +1,76 @@
+"""The ``delete`` action: clean up after a shim that died.
+
+containerd runs ``<shim> -namespace NS -address A -publish-binary B -id ID -bundle PATH delete``
+(cleanupAfterDeadShim), in 1.6 also after every normal ``ctr run --rm``. Like
+the Go shim: force-delete the runc container, unmount the rootfs, and print a
+DeleteResponse (pid from init.pid, exit status 137, exited now) on stdout.
+Warnings go to stderr, which containerd logs as cleanup warnings. No trio
+here: this runs synchronously and must be quick.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from .bundle import INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file
+from .cli import Flags
+from .mount import unmount_all
+from .options import RuncOptions
+from .runc_client.config import RuncConfig, last_log_error, log_size
+from .thp import runc_preexec
+
+KILLED = 128 + 9
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def force_delete(config: RuncConfig, id: str) -> None:
+    offset = log_size(config.log_path)
+    result = subprocess.run(
+        config.global_args() + ["delete", "--force", id],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        preexec_fn=runc_preexec(config.thp_original),
+    )
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip() or last_log_error(config.log_path, offset)
+        if "does not exist" not in detail:
+            _warn(f"failed to remove runc container: {detail}")
+
+
+def delete(flags: Flags) -> int:
+    bundle = flags.bundle or os.getcwd()
+    options = RuncOptions.read(bundle)
+    config = RuncConfig(
+        binary=options.binary,
+        root=options.runc_root(flags.namespace),
+        log_path=os.path.join(bundle, RUNC_LOG),
+        systemd_cgroup=options.systemd_cgroup,
+    )
+    if flags.id:
+        force_delete(config, flags.id)
+    try:
+        unmount_all(os.path.join(bundle, ROOTFS_DIR))
+    except OSError as e:
+        _warn(f"failed to cleanup rootfs mount: {e}")
+    try:
+        pid = read_pid_file(os.path.join(bundle, INIT_PID_FILE))
+    except (OSError, ValueError) as e:
+        _warn(f"failed to read init pid file: {e}")
+        pid = 0
+
+    from google.protobuf import timestamp_pb2
+
+    from .proto import shim_pb2
+
+    exited_at = timestamp_pb2.Timestamp()
+    exited_at.FromNanoseconds(time.time_ns())
+    reply = shim_pb2.DeleteResponse(pid=pid, exit_status=KILLED, exited_at=exited_at)
+    sys.stdout.buffer.write(reply.SerializeToString())
+    sys.stdout.flush()
+    return 0

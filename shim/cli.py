@@ -1,0 +1,93 @@
+"""Command line of containerd-shim-runc-v2-py, parsed the way Go's flag package does.
+
+containerd runs ``<shim> -namespace NS -address A -publish-binary B -id ID [-debug] start``
+and, after a shim died, ``... -id ID -bundle PATH delete``. This module only
+parses and dispatches; each action imports what it needs, so ``start`` and
+``delete`` stay lean (no trio).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+USAGE = "usage: containerd-shim-runc-v2-py [-namespace NS] [-address A] [-publish-binary B] [-id ID] [-bundle DIR] [-debug] start|delete"
+
+
+@dataclass
+class Flags:
+    namespace: str = ""
+    address: str = ""
+    publish_binary: str = ""
+    id: str = ""
+    bundle: str = ""
+    socket: str = ""
+    debug: bool = False
+    version: bool = False
+    action: str = ""
+
+
+class UsageError(Exception):
+    pass
+
+
+_VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
+_BOOL_FLAGS = {"debug", "v"}
+
+
+def parse_args(argv: list[str]) -> Flags:
+    """Go flag syntax: -f v, --f v, -f=v; bools as -f or -f=true; flags end at the first positional."""
+    flags = Flags()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if not arg.startswith("-") or arg == "-":
+            break
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name in _BOOL_FLAGS:
+            on = value.lower() in ("", "1", "t", "true") if eq else True
+            if name == "v":
+                flags.version = on
+            else:
+                flags.debug = on
+        elif name in _VALUE_FLAGS:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise UsageError(f"flag needs an argument: -{name}")
+                value = argv[i]
+            setattr(flags, name.replace("-", "_"), value)
+        else:
+            raise UsageError(f"flag provided but not defined: -{name}")
+        i += 1
+    rest = argv[i:]
+    if len(rest) > 1:
+        raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
+    flags.action = rest[0] if rest else ""
+    return flags
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        flags = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        print(f"{e}\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    if flags.version:
+        from . import __version__
+
+        print(f"containerd-shim-runc-v2-py:\n  Version: {__version__}\n  Python: {sys.version.split()[0]}")
+        sys.exit(0)
+    if flags.action == "start":
+        from .launcher import start
+
+        sys.exit(start(flags))
+    if flags.action == "delete":
+        from .cleanup import delete
+
+        sys.exit(delete(flags))
+    print(f"unknown action {flags.action!r}\n{USAGE}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,85 @@
+"""The long-lived shim process: one trio run serving the task API.
+
+``main(config)`` is a plain function with no import-time state, so it can be
+called by a freshly exec'd interpreter (``run_from_argv``) or by a child
+forked from a warm template. One nursery owns every long-lived activity:
+the reaper, the event publisher, the ttrpc server, and (in a nested nursery)
+each container's exit monitors and IO copiers.
+
+Shutdown: the Shutdown RPC sets ``shutdown_requested``; we stop accepting,
+let in-flight RPCs answer, give queued events a few seconds to reach
+containerd, then cancel everything and remove our socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+import trio
+
+from . import __version__
+from .config import ShimConfig
+from .container import Context
+from .events import EventPublisher
+from .logs import setup_logging
+from .reaper import Reaper
+from .service import TaskService
+from .thp import set_child_subreaper
+from .ttrpc import Server
+
+log = logging.getLogger("shim.daemon")
+
+EVENT_DRAIN_TIMEOUT = 5.0
+
+
+async def serve(listener: socket.socket, config: ShimConfig) -> None:
+    reaper = Reaper()
+    publisher = EventPublisher(config.ttrpc_address, config.namespace)
+    server = Server()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reaper.run)
+        nursery.start_soon(publisher.run)
+        async with trio.open_nursery() as processes:
+            ctx = Context(config.namespace, reaper, publisher, processes, config.thp_original)
+            service = TaskService(ctx, version=__version__)
+            service.register(server)
+            async with trio.open_nursery() as serving:
+                serving.start_soon(server.serve, trio.socket.from_stdlib_socket(listener))
+                await service.shutdown_requested.wait()
+                log.info("shutting down")
+                server.close()
+            if not await publisher.drain(EVENT_DRAIN_TIMEOUT):
+                log.error("exiting with %d events containerd never received", publisher.pending)
+            processes.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+
+
+def main(config: ShimConfig) -> int:
+    setup_logging(config.bundle, config.debug)
+    set_child_subreaper()
+    os.chdir(config.bundle)
+    listener = socket.socket(fileno=config.listen_fd)
+    try:
+        trio.run(serve, listener, config)
+    except BaseException:
+        log.exception("shim %s failed", config.id)
+        return 1
+    finally:
+        _remove_socket(config.socket_path)
+    return 0
+
+
+def _remove_socket(path: str) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def run_from_argv() -> None:
+    """Entry for the exec'd shim: ``python -c '...run_from_argv()' CONFIG_JSON``."""
+    sys.exit(main(ShimConfig.from_json(sys.argv[1])))

@@ -1,0 +1,40 @@
+"""Domain errors, each carrying the containerd/gRPC status code it maps to.
+
+The domain (process, container, runc_client) raises these without knowing
+about ttrpc; ``service.py`` turns them into ttrpc statuses. The codes are the
+gRPC ones containerd's errdefs understands.
+"""
+
+from __future__ import annotations
+
+
+class ShimError(Exception):
+    code = 2  # Unknown
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ShimError):
+    code = 3
+
+
+class NotFound(ShimError):
+    code = 5
+
+
+class AlreadyExists(ShimError):
+    code = 6
+
+
+class FailedPrecondition(ShimError):
+    code = 9
+
+
+class Unimplemented(ShimError):
+    code = 12
+
+
+class Unavailable(ShimError):
+    code = 14

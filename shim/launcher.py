@@ -1,0 +1,138 @@
+"""The ``start`` action: bind the shim's socket, start the shim, print its address.
+
+This runs on every container start, so it imports nothing heavy (no trio,
+no protobuf) and prints nothing on stderr: containerd 1.6 reads stdout and
+stderr together as the address.
+
+Order matters for THP: the launcher disables THP for itself first, so the
+shim it spawns has it disabled from its first page; the original value
+travels in the config and is restored for runc (see shim.thp).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+
+from .bundle import ADDRESS_FILE, write_atomic
+from .cli import Flags
+from .config import ShimConfig
+from .thp import disable_for_self
+
+SOCKET_DIR = "/run/containerd/s"
+LISTEN_FD = 3
+SPAWN = "from shim.daemon import run_from_argv; run_from_argv()"
+
+
+def socket_path(containerd_address: str, namespace: str, group_id: str) -> str:
+    """Same address the Go shim derives: sha256 of join(address, namespace, id)."""
+    digest = hashlib.sha256(os.path.join(containerd_address, namespace, group_id).encode()).hexdigest()
+    return os.path.join(SOCKET_DIR, digest)
+
+
+def _accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def bind(path: str) -> socket.socket | None:
+    """Listen on path (mode 0600); None if a live shim already serves it."""
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(path)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            if _accepts(path):
+                sock.close()
+                return None
+            os.unlink(path)  # a dead shim's leftover
+            sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _read_stdin() -> bytes:
+    """containerd writes the runtime options (an Any) on stdin; drain it."""
+    try:
+        if os.isatty(0):
+            return b""
+        return sys.stdin.buffer.read()
+    except (OSError, ValueError):
+        return b""
+
+
+def _oom_score_above_parent(pid: int) -> None:
+    """Like the Go shim: the shim is a slightly better OOM victim than containerd."""
+    try:
+        with open(f"/proc/{os.getppid()}/oom_score_adj") as f:
+            score = int(f.read())
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(min(score + 1, 1000)))
+    except (OSError, ValueError):
+        pass
+
+
+def spawn(config: ShimConfig, sock: socket.socket) -> int:
+    """Exec a fresh interpreter running the shim, with the listener as fd 3."""
+    if sock.fileno() != LISTEN_FD:
+        os.dup2(sock.fileno(), LISTEN_FD)  # the launcher is about to exit: clobbering fd 3 is fine
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-c", SPAWN, config.to_json()],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(LISTEN_FD,),
+        cwd=config.bundle,
+        start_new_session=True,
+    )
+    proc.returncode = 0  # never waited for: it outlives us
+    return proc.pid
+
+
+def start(flags: Flags) -> int:
+    bundle = flags.bundle or os.getcwd()
+    _read_stdin()
+    thp_original = disable_for_self()
+    path = socket_path(flags.address, flags.namespace, flags.id)
+    address = "unix://" + path
+    sock = bind(path)
+    if sock is not None:
+        config = ShimConfig(
+            namespace=flags.namespace,
+            id=flags.id,
+            bundle=bundle,
+            address=flags.address,
+            publish_binary=flags.publish_binary,
+            ttrpc_address=os.environ.get("TTRPC_ADDRESS", ""),
+            socket_path=path,
+            listen_fd=LISTEN_FD,
+            debug=flags.debug,
+            thp_original=thp_original,
+        )
+        try:
+            pid = spawn(config, sock)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            sock.close()
+        _oom_score_above_parent(pid)
+    write_atomic(os.path.join(bundle, ADDRESS_FILE), address)
+    sys.stdout.write(address)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,116 @@
+"""A process's life cycle as an explicit state machine, plus its exit bookkeeping.
+
+Like the Go shim's ``pkg/process`` states: every RPC first asks the state
+whether it is allowed, so "kill a deleted process" or "delete a running one"
+is refused in one place with one error, instead of by scattered checks.
+
+    created ──start──▶ running ──pause──▶ paused
+       │                  │  ◀──resume──    │
+       └──────exit────────┴──────exit───────┘──▶ stopped ──delete──▶ deleted
+    created ──delete──▶ deleted
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import trio
+
+from .errors import FailedPrecondition, NotFound
+
+
+class State(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    DELETED = "deleted"
+
+
+class Op(enum.Enum):
+    START = "start"
+    KILL = "kill"
+    DELETE = "delete"
+    PAUSE = "pause"
+    RESUME = "resume"
+    EXEC = "exec"
+    UPDATE = "update"
+    EXIT = "exit"
+
+
+S, O = State, Op
+
+# op -> {state it is allowed in: state it leads to (None: unchanged)}
+TRANSITIONS: dict[Op, dict[State, State | None]] = {
+    O.START: {S.CREATED: S.RUNNING},
+    O.KILL: {S.CREATED: None, S.RUNNING: None, S.PAUSED: None},
+    O.DELETE: {S.CREATED: S.DELETED, S.STOPPED: S.DELETED},
+    O.PAUSE: {S.RUNNING: S.PAUSED},
+    O.RESUME: {S.PAUSED: S.RUNNING},
+    O.EXEC: {S.CREATED: None, S.RUNNING: None, S.PAUSED: None},
+    O.UPDATE: {S.CREATED: None, S.RUNNING: None, S.PAUSED: None},
+    O.EXIT: {S.CREATED: S.STOPPED, S.RUNNING: S.STOPPED, S.PAUSED: S.STOPPED},
+}
+
+
+class Lifecycle:
+    """The state of one process and the rules for leaving it."""
+
+    def __init__(self) -> None:
+        self.state = State.CREATED
+
+    def check(self, op: Op) -> None:
+        """Raise the containerd error for ``op`` in the current state, if it is not allowed."""
+        if self.state in TRANSITIONS[op]:
+            return
+        if op is Op.KILL and self.state is State.STOPPED:
+            raise NotFound("process already finished")
+        if op is Op.EXEC and self.state is State.STOPPED:
+            raise FailedPrecondition("cannot exec in a stopped container")
+        raise FailedPrecondition(f"cannot {op.value} a {self.state.value} process")
+
+    def apply(self, op: Op) -> State:
+        self.check(op)
+        target = TRANSITIONS[op][self.state]
+        if target is not None:
+            self.state = target
+        return self.state
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    status: int
+    exited_at: float  # seconds since the epoch
+
+
+class Process:
+    """Init or exec process: pid, state, and the exit others wait for."""
+
+    def __init__(self, id: str, exec_id: str = "") -> None:
+        self.id = id
+        self.exec_id = exec_id
+        self.pid = 0
+        self.lifecycle = Lifecycle()
+        self.exit: ExitInfo | None = None
+        self._stopped = trio.Event()
+
+    @property
+    def state(self) -> State:
+        return self.lifecycle.state
+
+    def set_exited(self, status: int, exited_at: float) -> bool:
+        """Record the exit; False if the process was already deleted (nothing to report)."""
+        if self.exit is not None:
+            return False
+        self.exit = ExitInfo(status, exited_at)
+        deleted = self.state is State.DELETED
+        if not deleted:
+            self.lifecycle.apply(Op.EXIT)
+        self._stopped.set()
+        return not deleted
+
+    async def wait(self) -> ExitInfo:
+        await self._stopped.wait()
+        assert self.exit is not None
+        return self.exit

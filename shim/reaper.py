@@ -1,0 +1,136 @@
+"""The reaper: the one place that collects child exit statuses.
+
+The shim is a child subreaper, so container inits (orphaned when runc exits)
+become its children. If anything besides the reaper called waitpid, an exit
+could be stolen (ECHILD for runc calls, a lost TaskExit for containers). So
+every exit is collected here by ``waitpid(-1, WNOHANG)`` on SIGCHLD and handed
+to exactly one watcher.
+
+The bookkeeping is kept separate from the signal loop (``ExitRouter`` is pure
+and unit-tested): an exit may arrive before anyone knows its pid (a process
+that dies while ``runc create``/``runc exec`` is still running). While a
+``hold`` is open, unclaimed exits are kept so that ``watch`` can find them;
+once the last hold closes they are dropped, since nobody can claim them any
+more and keeping them would leak.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import trio
+
+log = logging.getLogger("shim.reaper")
+
+
+@dataclass(frozen=True)
+class Exit:
+    pid: int
+    status: int  # containerd's convention: exit code, or 128 + signal
+    timestamp: float  # time.time() when reaped
+
+
+def exit_status(wait_status: int) -> int:
+    """Convert a raw wait status to containerd's exit status (128+signal when killed)."""
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    if os.WIFEXITED(wait_status):
+        return os.WEXITSTATUS(wait_status)
+    return 255
+
+
+class Watch:
+    """Interest in one pid's exit; ``wait`` returns it once delivered."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.exit: Exit | None = None
+        self._event = trio.Event()
+
+    def deliver(self, exit: Exit) -> None:
+        self.exit = exit
+        self._event.set()
+
+    async def wait(self) -> Exit:
+        await self._event.wait()
+        assert self.exit is not None
+        return self.exit
+
+
+class ExitRouter:
+    """Matches reaped exits to watches; pure bookkeeping, no syscalls."""
+
+    def __init__(self) -> None:
+        self._watches: dict[int, Watch] = {}
+        self._unclaimed: dict[int, Exit] = {}
+        self._holds = 0
+
+    def watch(self, pid: int) -> Watch:
+        if pid in self._watches:
+            raise ValueError(f"pid {pid} is already watched")
+        w = Watch(pid)
+        early = self._unclaimed.pop(pid, None)
+        if early is not None:
+            w.deliver(early)
+        else:
+            self._watches[pid] = w
+        return w
+
+    def unwatch(self, watch: Watch) -> None:
+        if self._watches.get(watch.pid) is watch:
+            del self._watches[watch.pid]
+
+    def route(self, exit: Exit) -> bool:
+        """Deliver an exit; True if a watcher took it."""
+        w = self._watches.pop(exit.pid, None)
+        if w is not None:
+            w.deliver(exit)
+            return True
+        if self._holds:
+            self._unclaimed[exit.pid] = exit
+        return False
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep unclaimed exits while a pid we will want to watch is not known yet."""
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if not self._holds:
+                self._unclaimed.clear()
+
+    @property
+    def watched(self) -> int:
+        return len(self._watches)
+
+
+class Reaper(ExitRouter):
+    """ExitRouter fed by SIGCHLD + waitpid(-1). ``run`` must be started before any child."""
+
+    def reap(self) -> None:
+        """Collect every exited child now."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            exit = Exit(pid, exit_status(status), time.time())
+            if not self.route(exit):
+                log.debug("reaped unwatched pid %d (status %d)", pid, exit.status)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+            self.reap()  # anything that exited before the handler was installed
+            task_status.started()
+            async for _ in signals:
+                self.reap()

@@ -1,0 +1,153 @@
+"""Drive runc through subprocesses, waited for by the shim's reaper.
+
+Every invocation: ``runc --root R --log <bundle>/log.json --log-format json
+[--systemd-cgroup] <command> ...``, started with a ``preexec_fn`` that puts the
+host's THP policy back (the shim itself runs with THP disabled) and kills runc
+if the shim dies. Its exit status comes from the reaper, never from
+``Popen.wait`` (which would race the reaper's ``waitpid(-1)``).
+
+runc reports failures both on stderr and as ``"level":"error"`` lines in the
+JSON log; ``create``/``exec`` hand stderr to the container, so for those the log
+is the only source. RuncError carries runc's own words either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Protocol
+
+import trio
+
+from ..thp import runc_preexec
+from .config import RuncConfig, RuncError, Stdio, last_log_error, log_size
+
+
+class ExitWatcher(Protocol):
+    """What runc_client needs from the reaper."""
+
+    def watch(self, pid: int): ...
+
+
+async def _read_all(fd: int) -> bytes:
+    chunks = []
+    async with trio.lowlevel.FdStream(fd) as stream:
+        while chunk := await stream.receive_some(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Runc:
+    def __init__(self, config: RuncConfig, reaper: ExitWatcher) -> None:
+        self.config = config
+        self._reaper = reaper
+
+    async def run(self, *args: str, stdio: Stdio | None = None, input: bytes | None = None) -> bytes:
+        """Run one runc command; return its stdout, raise RuncError on failure.
+
+        With ``stdio`` the command's stdio are the given fds (create/exec hand
+        them to the container) and nothing is captured.
+        """
+        argv = self.config.global_args() + list(args)
+        log_offset = log_size(self.config.log_path)
+        child_ends: list[int] = []  # closed in the parent once runc holds them
+        out_r = err_r = in_w = None
+        try:
+            if stdio is not None:
+                child = [subprocess.DEVNULL if fd is None else fd for fd in (stdio.stdin, stdio.stdout, stdio.stderr)]
+            else:
+                in_fd: int = subprocess.DEVNULL
+                if input is not None:
+                    in_fd, in_w = os.pipe2(os.O_CLOEXEC)
+                    child_ends.append(in_fd)
+                out_r, out_w = os.pipe2(os.O_CLOEXEC)
+                err_r, err_w = os.pipe2(os.O_CLOEXEC)
+                child_ends += [out_w, err_w]
+                child = [in_fd, out_w, err_w]
+            proc = subprocess.Popen(
+                argv,
+                stdin=child[0],
+                stdout=child[1],
+                stderr=child[2],
+                preexec_fn=runc_preexec(self.config.thp_original),
+                process_group=0,
+                env={**os.environ, **self.config.extra_env} if self.config.extra_env else None,
+            )
+            # No await between Popen and watch: the reaper cannot have run yet.
+            watch = self._reaper.watch(proc.pid)
+        except BaseException:
+            for fd in (out_r, err_r, in_w):
+                if fd is not None:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in child_ends:
+                os.close(fd)
+        out = err = b""
+        async with trio.open_nursery() as nursery:
+            if stdio is None:
+                results: dict[str, bytes] = {}
+
+                async def collect(name: str, fd: int) -> None:
+                    results[name] = await _read_all(fd)
+
+                nursery.start_soon(collect, "out", out_r)
+                nursery.start_soon(collect, "err", err_r)
+                if in_w is not None:
+                    nursery.start_soon(_feed, in_w, input)
+            exit = await watch.wait()
+        proc.returncode = exit.status  # keep Popen from ever waiting on it
+        if stdio is None:
+            out, err = results["out"], results["err"]
+        if exit.status != 0:
+            detail = err.decode(errors="replace").strip()
+            if not detail or stdio is not None:
+                detail = last_log_error(self.config.log_path, log_offset) or detail
+            raise RuncError(args[0], exit.status, detail)
+        return out
+
+    async def create(
+        self,
+        id: str,
+        bundle: str,
+        pid_file: str,
+        stdio: Stdio,
+        *,
+        no_pivot: bool = False,
+        no_new_keyring: bool = False,
+        console_socket: str | None = None,
+    ) -> None:
+        args = ["create", "--bundle", bundle, "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        if no_pivot:
+            args.append("--no-pivot")
+        if no_new_keyring:
+            args.append("--no-new-keyring")
+        await self.run(*args, id, stdio=stdio)
+
+    async def start(self, id: str) -> None:
+        await self.run("start", id)
+
+    async def kill(self, id: str, signal: int, *, all: bool = False) -> None:
+        args = ["kill"] + (["--all"] if all else []) + [id, str(signal)]
+        await self.run(*args)
+
+    async def delete(self, id: str, *, force: bool = False) -> None:
+        await self.run("delete", *(["--force"] if force else []), id)
+
+    async def state(self, id: str) -> dict:
+        return json.loads(await self.run("state", id))
+
+    async def ps(self, id: str) -> list[int]:
+        out = await self.run("ps", "--format", "json", id)
+        return [int(p) for p in json.loads(out or b"null") or []]
+
+
+async def _feed(fd: int, data: bytes) -> None:
+    async with trio.lowlevel.FdStream(fd) as stream:
+        try:
+            await stream.send_all(data)
+        except trio.BrokenResourceError:
+            pass

@@ -1,0 +1,76 @@
+"""runc invocation settings and error decoding, free of trio so ``delete`` stays lean."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from ..errors import ShimError
+
+
+class RuncError(ShimError):
+    """runc exited non-zero; ``message`` holds runc's own error text."""
+
+    def __init__(self, command: str, status: int, detail: str) -> None:
+        detail = detail.strip() or f"exit status {status}"
+        super().__init__(f"runc {command} failed: {detail}")
+        self.command = command
+        self.status = status
+        self.detail = detail
+
+
+@dataclass
+class RuncConfig:
+    binary: str = "runc"
+    root: str = "/run/containerd/runc/default"
+    log_path: str | None = None
+    systemd_cgroup: bool = False
+    thp_original: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def global_args(self) -> list[str]:
+        args = [self.binary, "--root", self.root]
+        if self.log_path:
+            args += ["--log", self.log_path, "--log-format", "json"]
+        if self.systemd_cgroup:
+            args.append("--systemd-cgroup")
+        return args
+
+
+@dataclass
+class Stdio:
+    """File descriptors runc passes to the container (None → /dev/null)."""
+
+    stdin: int | None = None
+    stdout: int | None = None
+    stderr: int | None = None
+
+
+def last_log_error(path: str | None, offset: int) -> str:
+    """The last error message runc wrote to its JSON log after ``offset``."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("level") in ("error", "fatal") and entry.get("msg"):
+            return str(entry["msg"])
+    return ""
+
+
+def log_size(path: str | None) -> int:
+    try:
+        return os.stat(path).st_size if path else 0
+    except OSError:
+        return 0
+
+

@@ -1,0 +1,255 @@
+"""trio transport for the ttrpc server: accept loop, one task per request.
+
+All protocol decisions live in ``codec.ServerConnection``; this module only
+moves bytes, runs handlers and turns their outcome into a status.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import trio
+from google.protobuf.message import DecodeError, Message
+
+from .codec import ServerConnection, RequestReceived, RequestRejected
+from .errors import Code, ProtocolError, TTRPCError
+
+log = logging.getLogger("shim.ttrpc")
+
+_READ_SIZE = 64 * 1024
+# accept() errors that mean "out of resources, try later" (Go backs off too).
+_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+@dataclass
+class CallContext:
+    service: str
+    method: str
+    metadata: dict[str, list[str]] = field(default_factory=dict)
+    deadline: float | None = None  # trio.current_time() clock; None = no timeout
+
+
+Handler = Callable[[bytes, CallContext], Awaitable[bytes]]
+M = TypeVar("M", bound=Message)
+
+
+class Server:
+    """Dispatches ttrpc requests to registered coroutine handlers.
+
+    ``close()`` is a graceful shutdown: no new connections or requests are
+    read, but requests already read run to completion and are answered, since
+    a half-done Kill/Delete that containerd never hears about is worse than a
+    slow shutdown.
+    """
+
+    def __init__(self) -> None:
+        self._handlers: dict[tuple[str, str], Handler] = {}
+        self._services: set[str] = set()
+        self._closed = False
+        self._scopes: set[trio.CancelScope] = set()  # accept loops + readers
+        self._listeners: set[trio.socket.SocketType] = set()
+
+    # -- registration ------------------------------------------------------
+
+    def register(self, service: str, method: str, handler: Handler) -> None:
+        if (service, method) in self._handlers:
+            raise ValueError(f"duplicate method /{service}/{method}")
+        self._handlers[(service, method)] = handler
+        self._services.add(service)
+
+    def register_unary(
+        self,
+        service: str,
+        method: str,
+        request_type: type[M],
+        handler: Callable[[M, CallContext], Awaitable[Message]],
+    ) -> None:
+        """Register a handler working on protobuf messages instead of bytes."""
+
+        async def raw(payload: bytes, ctx: CallContext) -> bytes:
+            try:
+                request = request_type.FromString(payload)
+            except DecodeError as exc:
+                raise TTRPCError(
+                    Code.INVALID_ARGUMENT, f"ttrpc: error unmarshalling payload: {exc}"
+                ) from exc
+            reply = await handler(request, ctx)
+            if not isinstance(reply, Message):
+                raise TypeError(f"ttrpc: handler returned {type(reply).__name__}, not a message")
+            return reply.SerializeToString()
+
+        self.register(service, method, raw)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop accepting and reading; in-flight handlers finish and answer."""
+        self._closed = True
+        for scope in list(self._scopes):
+            scope.cancel()
+        # Close listening sockets now, not when serve() returns, so new
+        # connects are refused instead of parked in the backlog meanwhile.
+        for sock in list(self._listeners):
+            sock.close()
+
+    async def serve(
+        self,
+        listener_sock: trio.socket.SocketType,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections on a bound, listening socket until cancelled or
+        ``close()``; returns once every connection has finished. The
+        listening socket is closed by ``close()`` or on return, like Go's
+        Server.Serve/Shutdown."""
+        listener = trio.SocketListener(listener_sock)
+        self._listeners.add(listener_sock)
+        try:
+            async with trio.open_nursery() as conns:
+                with self._track(trio.CancelScope()) as scope:
+                    task_status.started()
+                    if self._closed:
+                        scope.cancel()
+                    backoff = 0.0
+                    while True:
+                        try:
+                            stream = await listener.accept()
+                        except trio.ClosedResourceError:
+                            if self._closed:
+                                break
+                            raise
+                        except OSError as exc:
+                            if exc.errno not in _ACCEPT_RETRY:
+                                raise
+                            backoff = min(max(backoff * 2, 0.001), 1.0)
+                            log.error("ttrpc: failed accept; backoff %.3fs: %s", backoff, exc)
+                            await trio.sleep(backoff)
+                            continue
+                        backoff = 0.0
+                        conns.start_soon(self.serve_stream, stream)
+        finally:
+            self._listeners.discard(listener_sock)
+            await trio.aclose_forcefully(listener)
+
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection until EOF, a protocol error, or ``close()``.
+
+        Handlers live in a nursery owned by this connection. If the peer
+        goes away they still run to completion (their answers are dropped)."""
+        conn = _Connection(self, stream)
+        peer_gone = False
+        try:
+            async with trio.open_nursery() as handlers:
+                with self._track(trio.CancelScope()) as scope:
+                    if self._closed:
+                        scope.cancel()
+                    peer_gone = await conn.read_loop(handlers)
+                if peer_gone:
+                    conn.dead = True
+                    await trio.aclose_forcefully(stream)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def _track(self, scope: trio.CancelScope) -> "_Tracked":
+        return _Tracked(self._scopes, scope)
+
+    # -- dispatch ----------------------------------------------------------
+
+    async def _dispatch(self, conn: "_Connection", event: RequestReceived) -> None:
+        req = event.request
+        metadata: dict[str, list[str]] = {}
+        for kv in req.metadata:
+            metadata.setdefault(kv.key, []).append(kv.value)
+        # Go: any non-zero timeout (even negative = already expired) applies.
+        deadline = (
+            trio.current_time() + req.timeout_nano / 1e9 if req.timeout_nano != 0 else None
+        )
+        ctx = CallContext(req.service, req.method, metadata, deadline)
+        code, message, payload = await self._run_handler(ctx, req.payload)
+        await conn.respond(event.stream_id, code, message, payload)
+
+    async def _run_handler(self, ctx: CallContext, payload: bytes) -> tuple[int, str, bytes]:
+        handler = self._handlers.get((ctx.service, ctx.method))
+        if handler is None:
+            if ctx.service not in self._services:
+                return Code.UNIMPLEMENTED, f"service {ctx.service}", b""
+            return Code.UNIMPLEMENTED, f"method {ctx.method}", b""
+        try:
+            with trio.CancelScope(
+                deadline=math.inf if ctx.deadline is None else ctx.deadline
+            ) as scope:
+                reply = await handler(payload, ctx)
+        except TTRPCError as exc:
+            return exc.code, exc.message, b""
+        except Exception as exc:  # a handler bug must not take the server down
+            log.exception("ttrpc: handler /%s/%s failed", ctx.service, ctx.method)
+            return Code.UNKNOWN, str(exc), b""
+        if scope.cancelled_caught:
+            return Code.DEADLINE_EXCEEDED, "context deadline exceeded", b""
+        if not isinstance(reply, (bytes, bytearray, memoryview)):
+            log.error("ttrpc: handler /%s/%s returned %r", ctx.service, ctx.method, type(reply))
+            return Code.UNKNOWN, f"ttrpc: handler returned {type(reply).__name__}, not bytes", b""
+        return Code.OK, "", bytes(reply)
+
+
+class _Tracked:
+    """Context manager keeping a cancel scope in the server's set while open,
+    so ``close()`` can reach every accept loop and reader."""
+
+    def __init__(self, scopes: set[trio.CancelScope], scope: trio.CancelScope) -> None:
+        self._scopes, self._scope = scopes, scope
+
+    def __enter__(self) -> trio.CancelScope:
+        self._scopes.add(self._scope)
+        return self._scope.__enter__()
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        self._scopes.discard(self._scope)
+        return self._scope.__exit__(*exc)
+
+
+class _Connection:
+    """Per-connection state: protocol machine, write lock, liveness."""
+
+    def __init__(self, server: Server, stream: trio.abc.Stream) -> None:
+        self.server = server
+        self.stream = stream
+        self.proto = ServerConnection()
+        self.send_lock = trio.Lock()
+        self.dead = False
+
+    async def read_loop(self, handlers: trio.Nursery) -> bool:
+        """Read until told to stop; True if the peer is gone or misbehaved
+        (close now), False on server shutdown (answer in-flight calls)."""
+        while True:
+            try:
+                data = await self.stream.receive_some(_READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return True
+            if not data:
+                return True
+            try:
+                events = self.proto.receive_data(data)
+            except ProtocolError as exc:
+                log.warning("ttrpc: closing connection: %s", exc)
+                return True
+            for event in events:
+                if isinstance(event, RequestRejected):
+                    handlers.start_soon(self.respond, event.stream_id, event.code, event.message, b"")
+                else:
+                    handlers.start_soon(self.server._dispatch, self, event)
+
+    async def respond(self, stream_id: int, code: int, message: str, payload: bytes) -> None:
+        data = self.proto.send_response(stream_id, code, message, payload)
+        if self.dead:
+            return
+        async with self.send_lock:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.dead = True

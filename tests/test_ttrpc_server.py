@@ -1,0 +1,437 @@
+"""ttrpc Server and Client over real unix sockets in tmp_path (no root needed)."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from shim.proto import status_pb2
+from shim.ttrpc import CallContext, Client, Code, Server, TTRPCError, open_client
+from shim.ttrpc.codec import MAX_PAYLOAD, ClientConnection, ResponseReceived
+
+SVC = "test.v1.Echo"
+
+
+async def echo(payload: bytes, ctx: CallContext) -> bytes:
+    return payload
+
+
+@asynccontextmanager
+async def running(server: Server, path: Path) -> AsyncIterator[trio.Nursery]:
+    """Serve on ``path``; cancel the server when the block ends."""
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(16)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, sock)
+        yield nursery
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> Path:
+    return tmp_path / "t.sock"
+
+
+class RawClient:
+    """The sans-IO client over a bare socket, to see exactly what the server sends."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.proto = ClientConnection()
+
+    @classmethod
+    async def connect(cls, path: Path) -> "RawClient":
+        return cls(await trio.open_unix_socket(str(path)))
+
+    async def request(self, service: str, method: str, payload: bytes = b"", **kw: object) -> int:
+        sid, data = self.proto.send_request(service, method, payload, **kw)  # type: ignore[arg-type]
+        await self.stream.send_all(data)
+        return sid
+
+    async def response(self) -> ResponseReceived:
+        with trio.fail_after(5):
+            while True:
+                data = await self.stream.receive_some()
+                assert data, "server closed the connection"
+                events = self.proto.receive_data(data)
+                if events:
+                    assert len(events) == 1
+                    return events[0]
+
+
+async def test_basic_call(sock_path: Path) -> None:
+    server = Server()
+    server.register(SVC, "Echo", echo)
+    async with running(server, sock_path):
+        async with open_client(str(sock_path)) as client:
+            assert await client.call(SVC, "Echo", b"hello") == b"hello"
+            assert await client.call(SVC, "Echo", b"") == b""
+
+
+async def test_connect_classmethod_with_unix_scheme(sock_path: Path) -> None:
+    server = Server()
+    server.register(SVC, "Echo", echo)
+    async with running(server, sock_path):
+        async with await Client.connect(f"unix://{sock_path}") as client:
+            assert await client.call(SVC, "Echo", b"x") == b"x"
+        with pytest.raises(ConnectionError):
+            await client.call(SVC, "Echo", b"x")
+
+
+async def test_call_requires_async_with(sock_path: Path) -> None:
+    server = Server()
+    async with running(server, sock_path):
+        client = await Client.connect(str(sock_path))
+        with pytest.raises(RuntimeError):
+            await client.call(SVC, "Echo", b"")
+        await client.aclose()
+
+
+async def test_register_unary(sock_path: Path) -> None:
+    async def handler(req: status_pb2.Status, ctx: CallContext) -> status_pb2.Status:
+        return status_pb2.Status(code=req.code + 1, message=req.message.upper())
+
+    server = Server()
+    server.register_unary(SVC, "Inc", status_pb2.Status, handler)
+    async with running(server, sock_path), open_client(str(sock_path)) as client:
+        out = await client.call(SVC, "Inc", status_pb2.Status(code=1, message="a").SerializeToString())
+        assert status_pb2.Status.FromString(out) == status_pb2.Status(code=2, message="A")
+        with pytest.raises(TTRPCError) as info:
+            await client.call(SVC, "Inc", b"\xff\xff\xff")
+        assert info.value.code == Code.INVALID_ARGUMENT
+
+
+def test_duplicate_registration_rejected() -> None:
+    server = Server()
+    server.register(SVC, "Echo", echo)
+    with pytest.raises(ValueError):
+        server.register(SVC, "Echo", echo)
+
+
+async def test_concurrent_calls_on_one_connection_overlap(sock_path: Path) -> None:
+    started = 0
+    both = trio.Event()
+
+    async def rendezvous(payload: bytes, ctx: CallContext) -> bytes:
+        nonlocal started
+        started += 1
+        if started == 2:
+            both.set()
+        await both.wait()  # deadlocks unless both handlers run at once
+        return payload
+
+    server = Server()
+    server.register(SVC, "Meet", rendezvous)
+    results: dict[bytes, bytes] = {}
+    async with running(server, sock_path), open_client(str(sock_path)) as client:
+
+        async def one(tag: bytes) -> None:
+            results[tag] = await client.call(SVC, "Meet", tag)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, b"a")
+                nursery.start_soon(one, b"b")
+    assert results == {b"a": b"a", b"b": b"b"}
+
+
+async def test_unknown_service_and_method(sock_path: Path) -> None:
+    server = Server()
+    server.register(SVC, "Echo", echo)
+    async with running(server, sock_path), open_client(str(sock_path)) as client:
+        with pytest.raises(TTRPCError) as info:
+            await client.call("no.such.Service", "Echo", b"")
+        assert (info.value.code, info.value.message) == (Code.UNIMPLEMENTED, "service no.such.Service")
+        with pytest.raises(TTRPCError) as info:
+            await client.call(SVC, "Nope", b"")
+        assert (info.value.code, info.value.message) == (Code.UNIMPLEMENTED, "method Nope")
+        assert await client.call(SVC, "Echo", b"still") == b"still"
+
+
+async def test_handler_ttrpc_error_propagates(sock_path: Path) -> None:
+    async def missing(payload: bytes, ctx: CallContext) -> bytes:
+        raise TTRPCError(Code.NOT_FOUND, "container abc: not found")
+
+    server = Server()
+    server.register(SVC, "Get", missing)
+    async with running(server, sock_path), open_client(str(sock_path)) as client:
+        with pytest.raises(TTRPCError) as info:
+            await client.call(SVC, "Get", b"")
+        assert info.value.code == Code.NOT_FOUND
+        assert info.value.message == "container abc: not found"
+
+
+async def test_handler_crash_is_unknown_and_server_survives(
+    sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def crash(payload: bytes, ctx: CallContext) -> bytes:
+        raise RuntimeError("boom")
+
+    async def wrong_type(payload: bytes, ctx: CallContext) -> bytes:
+        return "not bytes"  # type: ignore[return-value]
+
+    server = Server()
+    server.register(SVC, "Crash", crash)
+    server.register(SVC, "Wrong", wrong_type)
+    server.register(SVC, "Echo", echo)
+    caplog.set_level(logging.ERROR, logger="shim.ttrpc")
+    async with running(server, sock_path), open_client(str(sock_path)) as client:
+        with pytest.raises(TTRPCError) as info:
+            await client.call(SVC, "Crash", b"")
+        assert (info.value.code, info.value.message) == (Code.UNKNOWN, "boom")
+        with pytest.raises(TTRPCError) as info:
+            await client.call(SVC, "Wrong", b"")
+        assert info.value.code == Code.UNKNOWN
+        assert await client.call(SVC, "Echo", b"ok") == b"ok"
+    assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)
+
+
+async def test_server_enforces_timeout_nano(sock_path: Path) -> None:
+    cancelled = trio.Event()
+    seen: list[CallContext] = []
+
+    async def hang(payload: bytes, ctx: CallContext) -> bytes:
+        seen.append(ctx)
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+        return b""
+
+    server = Server()
+    server.register(SVC, "Hang", hang)
+    async with running(server, sock_path):
+        raw = await RawClient.connect(sock_path)
+        sid = await raw.request(SVC, "Hang", timeout_nano=50_000_000)
+        resp = await raw.response()
+        assert (resp.stream_id, resp.code) == (sid, Code.DEADLINE_EXCEEDED)
+        assert cancelled.is_set()
+        assert seen[0].deadline is not None
+        await raw.stream.aclose()
+
+
+async def test_client_timeout(sock_path: Path) -> None:
+    async def hang(payload: bytes, ctx: CallContext) -> bytes:
+        await trio.sleep_forever()
+        return b""
+
+    server = Server()
+    server.register(SVC, "Hang", hang)
+    server.register(SVC, "Echo", echo)
+    async with running(server, sock_path), open_client(str(sock_path)) as client:
+        with pytest.raises(TTRPCError) as info:
+            await client.call(SVC, "Hang", b"", timeout=0.05)
+        assert info.value.code == Code.DEADLINE_EXCEEDED
+        assert await client.call(SVC, "Echo", b"after", timeout=5) == b"after"
+
+
+async def test_metadata_and_no_deadline_reach_handler(sock_path: Path) -> None:
+    seen: list[CallContext] = []
+
+    async def record(payload: bytes, ctx: CallContext) -> bytes:
+        seen.append(ctx)
+        return b""
+
+    server = Server()
+    server.register(SVC, "Rec", record)
+    async with running(server, sock_path), open_client(str(sock_path)) as client:
+        await client.call(SVC, "Rec", b"", metadata=[("ns", "k8s.io"), ("x", "1"), ("x", "2")])
+    [ctx] = seen
+    assert (ctx.service, ctx.method, ctx.deadline) == (SVC, "Rec", None)
+    assert ctx.metadata == {"ns": ["k8s.io"], "x": ["1", "2"]}
+
+
+async def test_malformed_bytes_close_only_that_connection(sock_path: Path) -> None:
+    server = Server()
+    server.register(SVC, "Echo", echo)
+    async with running(server, sock_path), open_client(str(sock_path)) as good:
+        bad = await trio.open_unix_socket(str(sock_path))
+        await bad.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(5):
+            assert await bad.receive_some() == b""  # server hung up
+        await bad.aclose()
+        assert await good.call(SVC, "Echo", b"fine") == b"fine"
+        async with open_client(str(sock_path)) as fresh:
+            assert await fresh.call(SVC, "Echo", b"new") == b"new"
+
+
+async def test_reused_stream_id_closes_connection(sock_path: Path) -> None:
+    server = Server()
+    server.register(SVC, "Echo", echo)
+    async with running(server, sock_path):
+        raw = await RawClient.connect(sock_path)
+        sid, frame = raw.proto.send_request(SVC, "Echo", b"1")
+        await raw.stream.send_all(frame)
+        assert (await raw.response()).payload == b"1"
+        raw.proto._pending.add(sid)  # pretend it is outstanding again
+        await raw.stream.send_all(frame)
+        with trio.fail_after(5):
+            assert await raw.stream.receive_some() == b""
+        await raw.stream.aclose()
+
+
+async def test_oversize_request_answered_and_connection_kept(sock_path: Path) -> None:
+    server = Server()
+    server.register(SVC, "Echo", echo)
+    async with running(server, sock_path):
+        raw = await RawClient.connect(sock_path)
+        length = MAX_PAYLOAD + 1
+        raw.proto._pending.add(1)
+        raw.proto._next_id = 3
+        async with trio.open_nursery() as nursery:
+            # Send concurrently: the server answers before it has read it all.
+            nursery.start_soon(raw.stream.send_all, struct.pack(">IIBB", length, 1, 1, 0) + b"\0" * length)
+            resp = await raw.response()
+        assert (resp.stream_id, resp.code) == (1, Code.RESOURCE_EXHAUSTED)
+        await raw.request(SVC, "Echo", b"next")
+        assert (await raw.response()).payload == b"next"
+        await raw.stream.aclose()
+
+
+async def test_client_rejects_oversize_request_locally(sock_path: Path) -> None:
+    server = Server()
+    server.register(SVC, "Echo", echo)
+    async with running(server, sock_path), open_client(str(sock_path)) as client:
+        with pytest.raises(TTRPCError) as info:
+            await client.call(SVC, "Echo", b"\0" * MAX_PAYLOAD)
+        assert info.value.code == Code.RESOURCE_EXHAUSTED
+        assert await client.call(SVC, "Echo", b"ok") == b"ok"
+
+
+async def test_close_lets_in_flight_call_finish(sock_path: Path) -> None:
+    entered, release = trio.Event(), trio.Event()
+
+    async def slow(payload: bytes, ctx: CallContext) -> bytes:
+        entered.set()
+        await release.wait()
+        return b"done"
+
+    server = Server()
+    server.register(SVC, "Slow", slow)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(sock_path))
+    sock.listen(16)
+    served = trio.Event()
+
+    async def serve() -> None:
+        await server.serve(sock)
+        served.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            async with open_client(str(sock_path)) as client:
+                result: list[bytes] = []
+
+                async def call() -> None:
+                    result.append(await client.call(SVC, "Slow", b""))
+
+                async with trio.open_nursery() as calls:
+                    calls.start_soon(call)
+                    await entered.wait()
+                    server.close()
+                    await trio.sleep(0.05)
+                    assert not served.is_set()  # still waiting for the handler
+                    with pytest.raises(OSError):
+                        await trio.open_unix_socket(str(sock_path))  # no longer accepting
+                    release.set()
+                assert result == [b"done"]
+            await served.wait()
+
+
+async def test_client_disconnect_does_not_cancel_handler(sock_path: Path) -> None:
+    entered, release, finished = trio.Event(), trio.Event(), trio.Event()
+
+    async def slow(payload: bytes, ctx: CallContext) -> bytes:
+        entered.set()
+        await release.wait()
+        finished.set()
+        return b"late"
+
+    server = Server()
+    server.register(SVC, "Slow", slow)
+    server.register(SVC, "Echo", echo)
+    async with running(server, sock_path):
+        raw = await RawClient.connect(sock_path)
+        await raw.request(SVC, "Slow")
+        with trio.fail_after(5):
+            await entered.wait()
+            await raw.stream.aclose()
+            await trio.sleep(0.05)
+            release.set()
+            await finished.wait()
+        async with open_client(str(sock_path)) as client:
+            assert await client.call(SVC, "Echo", b"alive") == b"alive"
+
+
+async def test_pending_call_gets_connection_error_when_server_goes(sock_path: Path) -> None:
+    entered = trio.Event()
+
+    async def hang(payload: bytes, ctx: CallContext) -> bytes:
+        entered.set()
+        await trio.sleep_forever()
+        return b""
+
+    server = Server()
+    server.register(SVC, "Hang", hang)
+    async with open_client_after_start(server, sock_path) as (client, server_scope):
+        async with trio.open_nursery() as nursery:
+
+            async def stop() -> None:
+                await entered.wait()
+                server_scope.cancel()
+
+            nursery.start_soon(stop)
+            with trio.fail_after(5), pytest.raises(ConnectionError):
+                await client.call(SVC, "Hang", b"")
+        with pytest.raises(ConnectionError):
+            await client.call(SVC, "Hang", b"")
+
+
+@asynccontextmanager
+async def open_client_after_start(
+    server: Server, path: Path
+) -> AsyncIterator[tuple[Client, trio.CancelScope]]:
+    """Server in its own cancel scope so a test can kill it under a live client."""
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                async with running(server, path):
+                    task_status.started()
+                    await trio.sleep_forever()
+
+        await nursery.start(run)
+        async with open_client(str(path)) as client:
+            yield client, scope
+
+
+async def test_serve_stream_over_memory_streams() -> None:
+    """serve_stream needs no socket: drive it with the sans-IO client."""
+    from trio.testing import memory_stream_pair
+
+    server = Server()
+    server.register(SVC, "Echo", echo)
+    client_end, server_end = memory_stream_pair()
+    proto = ClientConnection()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_end)
+        id1, d1 = proto.send_request(SVC, "Echo", b"one")
+        id2, d2 = proto.send_request(SVC, "Nope", b"")
+        await client_end.send_all(d1 + d2)
+        events: list[ResponseReceived] = []
+        with trio.fail_after(5):
+            while len(events) < 2:
+                events += proto.receive_data(await client_end.receive_some())
+        by_id = {e.stream_id: e for e in events}
+        assert (by_id[id1].code, by_id[id1].payload) == (Code.OK, b"one")
+        assert by_id[id2].code == Code.UNIMPLEMENTED
+        await client_end.aclose()  # EOF ends serve_stream

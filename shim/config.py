@@ -1,7 +1,7 @@
 """What the launcher hands to the long-lived shim process.
 
 Plain data, serialisable to one JSON argument, so a shim can be started by
-exec (``python -c ... CONFIG``) or, later, forked from a warm template that
+exec (JSON in the environment) or, later, forked from a warm template that
 receives the same JSON over a socket.
 """
 
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+
+#: Environment variable carrying the JSON config from launcher to shim.
+CONFIG_ENV = "SHIM_CONFIG"
 
 
 @dataclass

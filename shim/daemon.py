@@ -1,7 +1,7 @@
 """The long-lived shim process: one trio run serving the task API.
 
 ``main(config)`` is a plain function with no import-time state, so it can be
-called by a freshly exec'd interpreter (``run_from_argv``) or by a child
+called by a freshly exec'd interpreter (``run_from_env``) or by a child
 forked from a warm template. One nursery owns every long-lived activity:
 the reaper, the event publisher, the ttrpc server, and (in a nested nursery)
 each container's exit monitors and IO copiers.
@@ -21,7 +21,7 @@ import sys
 import trio
 
 from . import __version__
-from .config import ShimConfig
+from .config import CONFIG_ENV, ShimConfig
 from .container import Context
 from .events import EventPublisher
 from .logs import setup_logging
@@ -80,6 +80,7 @@ def _remove_socket(path: str) -> None:
             pass
 
 
-def run_from_argv() -> None:
-    """Entry for the exec'd shim: ``python -c '...run_from_argv()' CONFIG_JSON``."""
-    sys.exit(main(ShimConfig.from_json(sys.argv[1])))
+def run_from_env() -> None:
+    """Entry for the exec'd shim; the config is taken out of the environment
+    so runc and containers do not inherit it."""
+    sys.exit(main(ShimConfig.from_json(os.environ.pop(CONFIG_ENV))))

@@ -20,12 +20,12 @@ import sys
 
 from .bundle import ADDRESS_FILE, write_atomic
 from .cli import Flags
-from .config import ShimConfig
+from .config import CONFIG_ENV, ShimConfig
 from .thp import disable_for_self
 
 SOCKET_DIR = "/run/containerd/s"
 LISTEN_FD = 3
-SPAWN = "from shim.daemon import run_from_argv; run_from_argv()"
+SPAWN = "from shim.daemon import run_from_env; run_from_env()"
 
 
 def socket_path(containerd_address: str, namespace: str, group_id: str) -> str:
@@ -91,8 +91,13 @@ def spawn(config: ShimConfig, sock: socket.socket) -> int:
     """Exec a fresh interpreter running the shim, with the listener as fd 3."""
     if sock.fileno() != LISTEN_FD:
         os.dup2(sock.fileno(), LISTEN_FD)  # the launcher is about to exit: clobbering fd 3 is fine
+    # The flags after -c only label the process for ps, like the Go shim's
+    # re-exec; the shim reads its configuration from the environment.
+    argv = [sys.executable, "-I", "-c", SPAWN, "-namespace", config.namespace, "-id", config.id]
+    argv += ["-address", config.address]
     proc = subprocess.Popen(
-        [sys.executable, "-I", "-c", SPAWN, config.to_json()],
+        argv,
+        env={**os.environ, CONFIG_ENV: config.to_json()},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

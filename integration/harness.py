@@ -275,6 +275,43 @@ def fifos_under(root: str | Path, ids: Iterable[str] | None = None) -> list[str]
     return sorted(out)
 
 
+def unix_socket_holders(paths: Iterable[str]) -> dict[str, set[int]]:
+    """For each unix socket path: the pids holding a socket bound to it (empty: orphan file)."""
+    paths = list(paths)
+    inode_to_path: dict[str, str] = {}
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        lines = []
+    wanted = set(paths)
+    for line in lines:
+        f = line.split()
+        if len(f) >= 8 and f[7] in wanted:
+            inode_to_path[f"socket:[{f[6]}]"] = f[7]
+    out: dict[str, set[int]] = {p: set() for p in paths}
+    if not inode_to_path:
+        return out
+    for pid in all_pids():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link in inode_to_path:
+                out[inode_to_path[link]].add(pid)
+    return out
+
+
+def orphan_sockets(paths: Iterable[str]) -> list[str]:
+    """Socket files (of ``paths``) that still exist but that no process holds."""
+    existing = [p for p in paths if os.path.exists(p)]
+    return sorted(p for p, holders in unix_socket_holders(existing).items() if not holders)
+
+
 def listdir(path: str | Path) -> set[str]:
     try:
         return set(os.listdir(path))
@@ -627,6 +664,9 @@ disabled_plugins = [
         # Processes that belong to this instance (shims, runc, containers),
         # collected *before* containerd goes away.
         related = self.related_pids()
+        new_sockets = self.new_shim_sockets()
+        our_sockets = {p for p, holders in unix_socket_holders(new_sockets).items()
+                       if holders & related}
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -664,7 +704,10 @@ disabled_plugins = [
             if entries and all(e.rsplit("-", 1)[0] in ids for e in entries):
                 report.fifos += [str(fdir / e) for e in sorted(entries)]
                 shutil.rmtree(fdir, ignore_errors=True)
-        report.sockets = self.new_shim_sockets()
+        # shim sockets: ours are those bound by our shims, or named after our ids
+        names = {self.shim_socket_name(i) for i in ids}
+        report.sockets = sorted(s for s in self.new_shim_sockets()
+                                if s in our_sockets or os.path.basename(s) in names)
         for s in report.sockets:
             with contextlib.suppress(OSError):
                 os.unlink(s)

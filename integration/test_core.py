@@ -29,6 +29,7 @@ from integration.harness import (
     PY_SHIM_BINARY,
     SHIM_SOCKET_DIR,
     listdir,
+    orphan_sockets,
     mounts_under,
     pid_alive,
     read_cmdline,
@@ -112,10 +113,19 @@ def test_run_rm_sigkill_gives_137(containerd, image, cid):
     assert cid not in containerd.containers()
 
 
+# ctr 1.6 closes its fifo readers as soon as it receives the exit status
+# (task.Delete -> cio.Close) without draining them, and the Go shim publishes
+# the exit without waiting for its stdio copy: output still in flight when the
+# container exits can be lost (seen: 48 KiB of 16 MiB under load).  Bulk-output
+# tests therefore let the container linger briefly after writing.
+LINGER = "sleep 1"
+
+
 def test_16mib_stdout_intact(containerd, image, cid):
     size = 16 * 1024 * 1024
     expected = hashlib.sha256(b"abcdefg\n" * (size // 8)).hexdigest()
-    r = run(containerd, image, cid, "sh", "-c", f"yes abcdefg | head -c {size}", text=False)
+    r = run(containerd, image, cid, "sh", "-c", f"yes abcdefg | head -c {size}; {LINGER}",
+            text=False)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout) == size
     assert hashlib.sha256(r.stdout).hexdigest() == expected
@@ -133,7 +143,7 @@ def test_stdout_and_stderr_concurrent_1mib_each(containerd, image, cid):
     n = 1024 * 1024
     script = (f"yes out | head -c {n} & "
               f"yes err | head -c {n} >&2 & "
-              "wait")
+              f"wait; {LINGER}")
     r = run(containerd, image, cid, "sh", "-c", script, text=False)
     assert r.returncode == 0
     assert r.stdout == (b"out\n" * (n // 4))
@@ -265,5 +275,8 @@ def test_20_concurrent_containers_leave_nothing_behind(containerd, image, new_ci
         return not last[0]
     wait_for(nothing_left, timeout=10, message=lambda: f"no leftovers; still: {last[0]}")
     assert sorted(mounts_under(containerd.dir)) == mounts_before
-    new_sockets = listdir(SHIM_SOCKET_DIR) - sockets_before
-    assert not new_sockets, new_sockets
+    # sockets that appeared during this test and that nobody holds any more
+    # (sockets of a concurrently running harness are held by its live shims)
+    new_sockets = [str(SHIM_SOCKET_DIR / n) for n in listdir(SHIM_SOCKET_DIR) - sockets_before]
+    wait_for(lambda: not orphan_sockets(new_sockets), timeout=5,
+             message=lambda: f"no orphaned shim sockets: {orphan_sockets(new_sockets)}")

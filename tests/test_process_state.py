@@ -1,0 +1,164 @@
+"""shim.process: the Lifecycle state machine and Process exit bookkeeping."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import trio
+
+from shim.errors import FailedPrecondition, NotFound, ShimError
+from shim.process import TRANSITIONS, ExitInfo, Lifecycle, Op, Process, State
+
+S, O = State, Op
+
+# Written out from the module docstring's diagram (plus kill/exec/update, which
+# leave a live process where it is), independently of TRANSITIONS.
+#
+#     created ──start──▶ running ──pause──▶ paused
+#        │                  │  ◀──resume──    │
+#        └──────exit────────┴──────exit───────┘──▶ stopped ──delete──▶ deleted
+#     created ──delete──▶ deleted
+LIVE = (S.CREATED, S.RUNNING, S.PAUSED)
+EXPECTED: dict[tuple[Op, State], State] = {
+    (O.START, S.CREATED): S.RUNNING,
+    (O.PAUSE, S.RUNNING): S.PAUSED,
+    (O.RESUME, S.PAUSED): S.RUNNING,
+    (O.DELETE, S.CREATED): S.DELETED,
+    (O.DELETE, S.STOPPED): S.DELETED,
+    **{(O.EXIT, s): S.STOPPED for s in LIVE},
+    **{(op, s): s for op in (O.KILL, O.EXEC, O.UPDATE) for s in LIVE},
+}
+
+ALL_PAIRS = list(itertools.product(Op, State))
+ALLOWED = [p for p in ALL_PAIRS if p in EXPECTED]
+REFUSED = [p for p in ALL_PAIRS if p not in EXPECTED]
+
+
+def ids(pair: tuple[Op, State]) -> str:
+    return f"{pair[0].value}-{pair[1].value}"
+
+
+def in_state(state: State) -> Lifecycle:
+    lc = Lifecycle()
+    lc.state = state
+    return lc
+
+
+def test_table_matches_diagram() -> None:
+    table = {
+        (op, s): (target if target is not None else s)
+        for op, allowed in TRANSITIONS.items()
+        for s, target in allowed.items()
+    }
+    assert table == EXPECTED
+    assert set(TRANSITIONS) == set(Op)
+
+
+def test_new_lifecycle_is_created() -> None:
+    assert Lifecycle().state is S.CREATED
+
+
+@pytest.mark.parametrize("pair", ALLOWED, ids=ids)
+def test_allowed_transition(pair: tuple[Op, State]) -> None:
+    op, state = pair
+    lc = in_state(state)
+    lc.check(op)  # no raise, no change
+    assert lc.state is state
+    assert lc.apply(op) is EXPECTED[pair]
+    assert lc.state is EXPECTED[pair]
+
+
+@pytest.mark.parametrize("pair", REFUSED, ids=ids)
+def test_refused_transition(pair: tuple[Op, State]) -> None:
+    op, state = pair
+    lc = in_state(state)
+    expected = NotFound if (op, state) == (O.KILL, S.STOPPED) else FailedPrecondition
+    for call in (lc.check, lc.apply):
+        with pytest.raises(ShimError) as info:
+            call(op)
+        assert type(info.value) is expected
+        assert lc.state is state  # a refused op changes nothing
+    if expected is NotFound:
+        assert info.value.message == "process already finished"
+        assert info.value.code == 5
+    else:
+        assert info.value.code == 9
+        assert op.value in info.value.message
+        assert state.value in info.value.message
+        assert str(info.value) == info.value.message
+
+
+def test_full_life() -> None:
+    lc = Lifecycle()
+    for op, state in [
+        (O.START, S.RUNNING),
+        (O.PAUSE, S.PAUSED),
+        (O.KILL, S.PAUSED),
+        (O.RESUME, S.RUNNING),
+        (O.EXIT, S.STOPPED),
+        (O.DELETE, S.DELETED),
+    ]:
+        assert lc.apply(op) is state
+
+
+# --- Process ---------------------------------------------------------------
+
+
+def test_process_defaults() -> None:
+    p = Process("c1", "e1")
+    assert (p.id, p.exec_id, p.pid, p.exit) == ("c1", "e1", 0, None)
+    assert p.state is S.CREATED
+
+
+@pytest.mark.parametrize("start", LIVE, ids=lambda s: s.value)
+def test_set_exited_records_once(start: State) -> None:
+    p = Process("c1")
+    p.lifecycle.state = start
+    assert p.set_exited(137, 1000.5) is True
+    assert p.state is S.STOPPED
+    assert p.exit == ExitInfo(137, 1000.5)
+    # A second exit (e.g. a duplicate report) is ignored.
+    assert p.set_exited(0, 2000.0) is False
+    assert p.exit == ExitInfo(137, 1000.5)
+    assert p.state is S.STOPPED
+
+
+async def test_wait_returns_exit_info() -> None:
+    p = Process("c1")
+    p.lifecycle.apply(O.START)
+    results: list[ExitInfo] = []
+
+    async def waiter() -> None:
+        results.append(await p.wait())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert results == []
+            assert p.set_exited(3, 42.0) is True
+    assert results == [ExitInfo(3, 42.0), ExitInfo(3, 42.0)]
+    # After the exit, wait returns at once.
+    with trio.fail_after(1):
+        assert await p.wait() == ExitInfo(3, 42.0)
+
+
+async def test_deleted_process_exit_returns_false_but_wakes_waiters() -> None:
+    p = Process("c1")
+    p.lifecycle.apply(O.DELETE)  # created -> deleted before it ever ran
+    results: list[ExitInfo] = []
+
+    async def waiter() -> None:
+        results.append(await p.wait())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert p.set_exited(1, 7.0) is False
+    assert p.state is S.DELETED
+    assert results == [ExitInfo(1, 7.0)]
+    assert p.set_exited(2, 8.0) is False
+    assert p.exit == ExitInfo(1, 7.0)

@@ -1,0 +1,187 @@
+"""shim.reaper: exit_status, the pure ExitRouter, and one real Reaper run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+import trio
+import trio.testing
+
+from shim.reaper import Exit, ExitRouter, Reaper, exit_status
+
+
+def exited(code: int) -> int:
+    return code << 8
+
+
+def signaled(signum: int, core: bool = False) -> int:
+    return signum | (0x80 if core else 0)
+
+
+@pytest.mark.parametrize("code", [0, 1, 7, 127, 255])
+def test_exit_status_exited(code: int) -> None:
+    raw = exited(code)
+    assert os.WIFEXITED(raw) and os.WEXITSTATUS(raw) == code  # encoding sanity
+    assert exit_status(raw) == code
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGSEGV])
+@pytest.mark.parametrize("core", [False, True])
+def test_exit_status_signaled(signum: int, core: bool) -> None:
+    raw = signaled(signum, core)
+    assert os.WIFSIGNALED(raw) and os.WTERMSIG(raw) == signum
+    assert exit_status(raw) == 128 + signum
+
+
+def test_exit_status_stopped_is_255() -> None:
+    raw = 0x7F | (signal.SIGSTOP << 8)
+    assert os.WIFSTOPPED(raw)
+    assert exit_status(raw) == 255
+
+
+# --- ExitRouter --------------------------------------------------------------
+
+
+def ex(pid: int, status: int = 0) -> Exit:
+    return Exit(pid, status, 1.0)
+
+
+async def test_exit_delivered_to_watch_once() -> None:
+    r = ExitRouter()
+    w = r.watch(10)
+    assert r.watched == 1
+    assert w.exit is None
+    assert r.route(ex(10, 3)) is True
+    assert w.exit == ex(10, 3)
+    assert r.watched == 0
+    # A later exit for the same pid (reused pid) does not reach the old watch.
+    assert r.route(ex(10, 9)) is False
+    assert w.exit == ex(10, 3)
+    with trio.fail_after(1):
+        assert await w.wait() == ex(10, 3)
+
+
+async def test_wait_blocks_until_routed() -> None:
+    r = ExitRouter()
+    w = r.watch(11)
+    got: list[Exit] = []
+
+    async def waiter() -> None:
+        got.append(await w.wait())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            r.route(ex(11, 4))
+    assert got == [ex(11, 4)]
+
+
+def test_other_pid_not_delivered() -> None:
+    r = ExitRouter()
+    w = r.watch(1)
+    assert r.route(ex(2)) is False
+    assert w.exit is None
+    assert r.watched == 1
+
+
+async def test_early_exit_during_hold_delivered_on_watch() -> None:
+    r = ExitRouter()
+    with r.hold():
+        assert r.route(ex(20, 5)) is False
+        w = r.watch(20)
+        assert w.exit == ex(20, 5)
+        assert r.watched == 0  # already satisfied, not registered
+        with trio.fail_after(1):
+            assert await w.wait() == ex(20, 5)
+        # It was claimed: a second watch does not see it again.
+        w2 = r.watch(20)
+        assert w2.exit is None
+
+
+def test_early_exit_without_hold_dropped() -> None:
+    r = ExitRouter()
+    assert r.route(ex(30, 5)) is False
+    w = r.watch(30)
+    assert w.exit is None
+    assert r.watched == 1
+
+
+def test_unclaimed_exit_dropped_when_hold_closes() -> None:
+    r = ExitRouter()
+    with r.hold():
+        r.route(ex(31))
+    assert r.watch(31).exit is None
+
+
+def test_nested_holds_keep_exits_until_last_closes() -> None:
+    r = ExitRouter()
+    with r.hold():
+        with r.hold():
+            r.route(ex(40, 1))
+            r.route(ex(41, 2))
+        # Inner hold closed, outer still open: exits are kept.
+        assert r.watch(40).exit == ex(40, 1)
+        r.route(ex(42, 3))
+    # Last hold closed: unclaimed ones are gone.
+    assert r.watch(41).exit is None
+    assert r.watch(42).exit is None
+
+
+def test_hold_released_on_exception() -> None:
+    r = ExitRouter()
+    with pytest.raises(RuntimeError):
+        with r.hold():
+            raise RuntimeError("boom")
+    r.route(ex(50))
+    assert r.watch(50).exit is None  # no hold left open
+
+
+def test_double_watch_raises() -> None:
+    r = ExitRouter()
+    r.watch(60)
+    with pytest.raises(ValueError, match="60"):
+        r.watch(60)
+
+
+def test_unwatch() -> None:
+    r = ExitRouter()
+    w = r.watch(70)
+    r.unwatch(w)
+    assert r.watched == 0
+    assert r.route(ex(70)) is False
+    assert w.exit is None
+    r.unwatch(w)  # idempotent
+    # After unwatch the pid can be watched again.
+    w2 = r.watch(70)
+    # A stale watch does not remove its successor.
+    r.unwatch(w)
+    assert r.watched == 1
+    assert r.route(ex(70, 8)) is True
+    assert w2.exit == ex(70, 8)
+
+
+# --- Reaper (real child) -----------------------------------------------------
+
+
+async def test_reaper_collects_real_child_status() -> None:
+    reaper = Reaper()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reaper.run)
+            with reaper.hold():  # the child may exit before we watch its pid
+                proc = subprocess.Popen(["/bin/sh", "-c", "exit 7"])
+                watch = reaper.watch(proc.pid)
+            try:
+                exit = await watch.wait()
+            finally:
+                # The reaper, not Popen, collected the child.
+                proc.returncode = exit.status if watch.exit else -1
+            assert exit.pid == proc.pid
+            assert exit.status == 7
+            assert exit.timestamp > 0
+            nursery.cancel_scope.cancel()

@@ -50,6 +50,8 @@ class RuncOptions:
                 data = json.load(f)
         except (OSError, ValueError):
             return cls()
+        if not isinstance(data, dict):
+            return cls()
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -16,9 +16,12 @@ Fifo opening never blocks the event loop:
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import logging
 import os
+import termios
 from dataclasses import dataclass
 
 import trio
@@ -29,6 +32,8 @@ from .runc_client.config import Stdio
 log = logging.getLogger("shim.stdio")
 
 CHUNK = 1 << 16
+DRAIN_POLL = 0.01
+DRAIN_STALL_POLLS = 10  # no progress for this many polls: nobody is reading
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,7 @@ class ProcessIO:
                 if not data:
                     break
                 await _write_all(dst, data)
+            await _wait_drained(dst)
         except trio.ClosedResourceError:
             pass  # close() while copying
         except OSError as e:
@@ -204,6 +210,29 @@ def _notify_closing(fd: int) -> None:
         trio.lowlevel.notify_closing(fd)
     except RuntimeError:
         pass
+
+
+def _unread(fd: int) -> int:
+    """Bytes still sitting in the pipe/fifo buffer behind fd."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return buf[0]
+
+
+async def _wait_drained(fifo: int) -> None:
+    """Give a reading client the chance to take the fifo's last bytes.
+
+    Clients such as ctr stop reading as soon as they learn of the exit, so
+    the exit is held until the fifo is empty, as long as someone is visibly
+    draining it; with no reader (a detached client) we stop after a short stall.
+    """
+    last = _unread(fifo)
+    stalled = 0
+    while last and stalled < DRAIN_STALL_POLLS:
+        await trio.sleep(DRAIN_POLL)
+        now = _unread(fifo)
+        stalled = stalled + 1 if now >= last else 0
+        last = now
 
 
 async def _write_all(fd: int, data: bytes) -> None:

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import trio
+import trio.testing
 
 from shim.errors import FailedPrecondition, NotFound, ShimError
 from shim.process import TRANSITIONS, ExitInfo, Lifecycle, Op, Process, State

@@ -179,8 +179,9 @@ async def test_reaper_collects_real_child_status() -> None:
             try:
                 exit = await watch.wait()
             finally:
-                # The reaper, not Popen, collected the child.
-                proc.returncode = exit.status if watch.exit else -1
+                if watch.exit is not None:
+                    # The reaper, not Popen, collected the child.
+                    proc.returncode = watch.exit.status
             assert exit.pid == proc.pid
             assert exit.status == 7
             assert exit.timestamp > 0

@@ -1,0 +1,452 @@
+"""Protocol-level tests: the test plays containerd 1.6 and drives our shim directly.
+
+No containerd here: each test runs the shim binary's ``start`` action the way
+containerd does (flags, cwd = bundle, TTRPC_ADDRESS, empty stdin), talks
+``containerd.task.v2.Task`` over ttrpc to the printed address, and serves
+``containerd.services.events.ttrpc.v1.Events/Forward`` itself to record
+events. Containers are real (runc + a busybox rootfs in a plain directory).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+if os.geteuid() != 0:
+    pytest.skip("protocol tests need root (they run real runc containers)", allow_module_level=True)
+if shutil.which("runc") is None:
+    pytest.skip("runc not installed", allow_module_level=True)
+if not os.path.isfile("/usr/bin/busybox"):
+    pytest.skip("/usr/bin/busybox (busybox-static) not installed", allow_module_level=True)
+
+from integration.harness import mounts_under, pid_alive  # noqa: E402
+from integration.shim_driver import (  # noqa: E402
+    NAMESPACE,
+    NAMESPACE_HEADER,
+    RUNC_ROOT,
+    Lab,
+    listening_pids,
+    make_rootfs_template,
+    namespace_dirs,
+    socket_path_for,
+    thp_disabled,
+    wait_until,
+)
+from shim.proto import mount_pb2, shim_pb2, task_types_pb2  # noqa: E402
+from shim.ttrpc import Code, TTRPCError  # noqa: E402
+
+
+# -- fixtures --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rootfs_template():
+    preexisting = {str(d) for d in namespace_dirs() if d.exists()}
+    tmp = Path(tempfile.mkdtemp(prefix="ptt-", dir="/tmp"))
+    try:
+        yield make_rootfs_template(tmp / "rootfs")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in namespace_dirs():
+            if str(d) not in preexisting:
+                try:
+                    d.rmdir()  # only if empty
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+async def lab(rootfs_template):
+    async with trio.open_nursery() as nursery:
+        lab = Lab(nursery, rootfs_template)
+        try:
+            yield lab
+        finally:
+            print(lab.all_logs())  # shown by pytest only when the test fails
+            problems = lab.cleanup()
+            nursery.cancel_scope.cancel()
+        assert not problems, problems
+
+
+async def expect_error(code: Code, coro, *, contains: str | None = None) -> TTRPCError:
+    with pytest.raises(TTRPCError) as info:
+        await coro
+    err = info.value
+    assert err.code == code, f"expected {code.name}, got {err}"
+    if contains is not None:
+        assert contains in err.message, err.message
+    return err
+
+
+def read_init_pid(bundle: Path) -> int:
+    return int((bundle / "init.pid").read_text().strip())
+
+
+async def shim_exits(shim, timeout: float = 5.0) -> None:
+    await wait_until(lambda: not pid_alive(shim.pid), timeout, message=f"shim {shim.pid} to exit")
+
+
+# -- (1) full life cycle ----------------------------------------------------------------
+
+async def test_full_lifecycle_and_events(lab: Lab) -> None:
+    sink = await lab.start_sink()
+    cid = lab.new_id("life")
+    bundle = lab.bundle(cid, ["sh", "-c", "exit 5"])
+
+    shim = await lab.start_shim(cid, bundle)
+    expected_path = socket_path_for(lab.containerd_address, NAMESPACE, cid)
+    assert shim.start_stdout.decode() == "unix://" + expected_path
+    assert shim.start_stderr == b""
+    assert (bundle / "address").read_text() == shim.address
+    assert os.path.exists(expected_path)
+
+    created = await shim.create(cid, bundle)
+    assert created.pid > 0
+    assert created.pid == read_init_pid(bundle)
+    state = await shim.state(cid)
+    assert state.status == task_types_pb2.CREATED and state.pid == created.pid
+    assert state.bundle == str(bundle)
+
+    started = await shim.start(cid)
+    assert started.pid == created.pid
+    waited = await shim.wait(cid)
+    assert waited.exit_status == 5
+    assert waited.exited_at.seconds > 0
+    state = await shim.state(cid)
+    assert state.status == task_types_pb2.STOPPED and state.exit_status == 5
+
+    deleted = await shim.delete(cid)
+    assert deleted.pid == created.pid
+    assert deleted.exit_status == 5
+    assert deleted.exited_at == waited.exited_at
+    await expect_error(Code.NOT_FOUND, shim.state(cid))
+
+    await shim.shutdown(cid)
+    await shim_exits(shim)
+    assert not os.path.exists(expected_path), "shim socket left behind"
+    assert mounts_under(lab.tmp) == []
+
+    events = await sink.wait_count(4)
+    await trio.sleep(0.2)
+    events = sink.events
+    assert [e.topic for e in events] == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+    assert [e.type_url for e in events] == [
+        "containerd.events.TaskCreate",
+        "containerd.events.TaskStart",
+        "containerd.events.TaskExit",
+        "containerd.events.TaskDelete",
+    ]
+    for e in events:
+        assert e.namespace == NAMESPACE
+        assert e.metadata.get(NAMESPACE_HEADER) == [NAMESPACE]
+        assert e.event is not None and e.event.container_id == cid
+        assert e.event.pid == created.pid
+    create, start, exit, delete = (e.event for e in events)
+    assert create.bundle == str(bundle)
+    assert list(create.rootfs) == []
+    assert exit.id == cid and exit.exit_status == 5 and exit.exited_at == waited.exited_at
+    assert delete.exit_status == 5 and delete.exited_at == waited.exited_at
+
+
+async def test_bind_mount_rootfs_mounted_and_unmounted(lab: Lab) -> None:
+    sink = await lab.start_sink()
+    cid = lab.new_id("bind")
+    source = lab.busybox_dir()
+    bundle = lab.bundle(cid, ["sh", "-c", "test -x /bin/busybox && exit 7"], rootfs="empty")
+    rootfs = bundle / "rootfs"
+    assert list(rootfs.iterdir()) == []
+
+    shim = await lab.start_shim(cid, bundle)
+    mount = mount_pb2.Mount(type="bind", source=str(source), options=["rbind", "rw"])
+
+    # a Create that runc rejects must not leave the rootfs mounted
+    good_config = (bundle / "config.json").read_text()
+    (bundle / "config.json").write_text(good_config.replace('"sh",', '"/nonexistent",', 1))
+    await expect_error(Code.UNKNOWN, shim.create(cid, bundle, rootfs=[mount]), contains="/nonexistent")
+    assert mounts_under(lab.tmp) == [], "failed Create left the rootfs mounted"
+    (bundle / "config.json").write_text(good_config)
+
+    created = await shim.create(cid, bundle, rootfs=[mount])
+    assert str(rootfs) in mounts_under(rootfs), "shim did not mount the rootfs"
+    assert (rootfs / "bin" / "busybox").exists()
+    await shim.start(cid)
+    assert (await shim.wait(cid)).exit_status == 7  # the container saw busybox through the mount
+    await shim.delete(cid)
+    assert mounts_under(lab.tmp) == [], "shim left the rootfs mounted"
+    assert list(rootfs.iterdir()) == []
+    assert (source / "bin" / "busybox").exists()
+
+    await shim.shutdown(cid)
+    await shim_exits(shim)
+    events = await sink.wait_count(4)
+    create = events[0].event
+    assert events[0].topic == "/tasks/create" and create.pid == created.pid
+    assert [(m.type, m.source, list(m.options)) for m in create.rootfs] == [
+        ("bind", str(source), ["rbind", "rw"])]
+
+
+# -- (2) error codes -----------------------------------------------------------------------
+
+async def test_error_codes(lab: Lab) -> None:
+    await lab.start_sink()
+    cid = lab.new_id("err")
+    bundle = lab.bundle(cid, ["sleep", "1000"])
+    shim = await lab.start_shim(cid, bundle)
+
+    async def still_serving() -> None:
+        reply = await shim.connect(cid)
+        assert reply.shim_pid == shim.pid
+
+    # unknown id
+    await expect_error(Code.NOT_FOUND, shim.state("no-such-id"))
+    await still_serving()
+
+    # nonexistent bundle
+    await expect_error(Code.INVALID_ARGUMENT, shim.create(cid, lab.tmp / "missing-bundle"))
+    await still_serving()
+
+    # runc fails at create: invalid config.json, then an executable that does not exist
+    bad_id = lab.new_id("badcfg")
+    bad = lab.bundle(bad_id, ["true"])
+    (bad / "config.json").write_text("{ this is not json")
+    err = await expect_error(Code.UNKNOWN, shim.create(bad_id, bad))
+    # runc's own words (encoding/json), as the Go shim reports them
+    assert "invalid character 't' looking for beginning of object key string" in err.message, err.message
+    await still_serving()
+    noexec_id = lab.new_id("noexec")
+    noexec = lab.bundle(noexec_id, ["/nonexistent"])
+    err = await expect_error(Code.UNKNOWN, shim.create(noexec_id, noexec))
+    assert "/nonexistent" in err.message and "no such file or directory" in err.message, err.message
+    await expect_error(Code.NOT_FOUND, shim.state(noexec_id))  # the failed id is released
+    await still_serving()
+
+    # the same id twice
+    created = await shim.create(cid, bundle)
+    await expect_error(Code.ALREADY_EXISTS, shim.create(cid, bundle))
+    assert (await shim.state(cid)).pid == created.pid
+
+    # Start twice
+    await shim.start(cid)
+    await expect_error(Code.FAILED_PRECONDITION, shim.start(cid))
+    assert (await shim.state(cid)).status == task_types_pb2.RUNNING
+
+    # Delete while running
+    await expect_error(Code.FAILED_PRECONDITION, shim.delete(cid))
+    assert (await shim.state(cid)).status == task_types_pb2.RUNNING
+
+    # Kill after exit
+    await shim.kill(cid, signal.SIGKILL)
+    assert (await shim.wait(cid)).exit_status == 137
+    await expect_error(Code.NOT_FOUND, shim.kill(cid, signal.SIGKILL))
+    assert (await shim.state(cid)).status == task_types_pb2.STOPPED
+
+    # unknown method, garbage payload
+    await expect_error(Code.UNIMPLEMENTED, shim.call("Bogus", shim_pb2.StateRequest(id=cid)))
+    await still_serving()
+    with pytest.raises(TTRPCError) as info:
+        with trio.fail_after(10):
+            await shim.client.call("containerd.task.v2.Task", "Create", b"\xff\xfe garbage \x00\x01")
+    assert info.value.code == Code.INVALID_ARGUMENT, info.value
+    await still_serving()
+
+    # raw garbage on a separate connection: that connection is closed, ours is not
+    raw = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await raw.connect(shim.socket_path)
+        await raw.send(b"\xff" * 64 + b"this is not ttrpc\r\n" * 4)
+        with trio.fail_after(5):
+            while True:
+                try:
+                    data = await raw.recv(4096)
+                except ConnectionResetError:
+                    break
+                if not data:
+                    break
+    finally:
+        raw.close()
+    await still_serving()
+
+    assert (await shim.delete(cid)).exit_status == 137
+    await shim.shutdown(cid)
+    await shim_exits(shim)
+
+
+# -- (3) Shutdown with a live container -----------------------------------------------------
+
+async def test_shutdown_with_live_container_keeps_serving(lab: Lab) -> None:
+    await lab.start_sink()
+    cid = lab.new_id("live")
+    bundle = lab.bundle(cid, ["sleep", "1000"])
+    shim = await lab.start_shim(cid, bundle)
+    created = await shim.create(cid, bundle)
+    await shim.start(cid)
+
+    await shim.shutdown(cid, now=False)
+    await trio.sleep(1.0)
+    assert pid_alive(shim.pid)
+    assert os.path.exists(shim.socket_path)
+    state = await shim.state(cid)
+    assert state.status == task_types_pb2.RUNNING and state.pid == created.pid
+    client2 = await shim.open_client()  # new connections are still accepted
+    assert (await shim.call("Connect", shim_pb2.ConnectRequest(id=cid), shim_pb2.ConnectResponse,
+                            client=client2)).task_pid == created.pid
+
+    await shim.kill(cid)
+    assert (await shim.wait(cid)).exit_status == 137
+    await shim.delete(cid)
+    await shim.shutdown(cid)
+    await shim_exits(shim)
+    assert not os.path.exists(shim.socket_path)
+
+
+# -- (4) events survive containerd's events endpoint being down ------------------------------
+
+async def test_events_not_lost_while_endpoint_down(lab: Lab) -> None:
+    late_path = str(lab.tmp / "late.sock")
+    cid = lab.new_id("late")
+    bundle = lab.bundle(cid, ["sh", "-c", "exit 3"])
+    shim = await lab.start_shim(cid, bundle, ttrpc_address=late_path)
+    created = await shim.create(cid, bundle)
+    await shim.start(cid)
+    assert (await shim.wait(cid)).exit_status == 3
+    await shim.delete(cid)
+
+    await trio.sleep(0.5)
+    sink = await lab.start_sink(late_path)
+    events = await sink.wait_count(4, timeout=10)
+    await trio.sleep(0.3)
+    assert [e.topic for e in sink.events] == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+    assert all(e.event.container_id == cid and e.event.pid == created.pid for e in events)
+    assert events[2].event.exit_status == 3 and events[3].event.exit_status == 3
+
+    await shim.shutdown(cid)
+    await shim_exits(shim)
+    assert len(sink.events) == 4
+
+
+# -- (5) Wait semantics ----------------------------------------------------------------------------
+
+async def test_wait_after_exit_and_concurrent_wait_woken_by_kill(lab: Lab) -> None:
+    await lab.start_sink()
+    done_id = lab.new_id("done")
+    done_bundle = lab.bundle(done_id, ["sh", "-c", "exit 9"])
+    shim = await lab.start_shim(done_id, done_bundle)
+    await shim.create(done_id, done_bundle)
+    await shim.start(done_id)
+    first = await shim.wait(done_id)
+    assert first.exit_status == 9
+    t0 = time.monotonic()
+    again = await shim.wait(done_id, timeout=5)
+    assert time.monotonic() - t0 < 1.0
+    assert again.exit_status == 9 and again.exited_at == first.exited_at
+
+    run_id = lab.new_id("run")
+    run_bundle = lab.bundle(run_id, ["sleep", "1000"])
+    created = await shim.create(run_id, run_bundle)
+    await shim.start(run_id)
+    # containerd multiplexes every call over one connection: a blocked Wait
+    # must not hold up other calls on the same client
+    same_conn: list = []
+
+    async def same_conn_waiter() -> None:
+        same_conn.append(await shim.wait(run_id, timeout=30))
+
+    other = await shim.open_client()
+    results: list = []
+
+    async def waiter() -> None:
+        results.append(await shim.wait(run_id, client=other, timeout=30))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        nursery.start_soon(same_conn_waiter)
+        await trio.sleep(1.0)
+        assert results == [] and same_conn == [], "Wait on a running task returned early"
+        with trio.fail_after(2):
+            assert (await shim.state(run_id)).status == task_types_pb2.RUNNING
+        assert pid_alive(created.pid)
+        await shim.kill(run_id, signal.SIGKILL)
+        with trio.fail_after(10):
+            while not (results and same_conn):
+                await trio.sleep(0.02)
+    assert results[0].exit_status == 137
+    assert same_conn[0].exit_status == 137 and same_conn[0].exited_at == results[0].exited_at
+    assert (await shim.wait(run_id)).exit_status == 137
+
+    await shim.delete(run_id)
+    await shim.delete(done_id)
+    await shim.shutdown(done_id)
+    await shim_exits(shim)
+
+
+# -- (6) Pids, (7) Connect, (8) THP ------------------------------------------------------------------
+
+async def test_pids_connect_and_thp(lab: Lab) -> None:
+    await lab.start_sink()
+    cid = lab.new_id("pids")
+    bundle = lab.bundle(cid, ["sleep", "1000"])
+    shim = await lab.start_shim(cid, bundle)
+    created = await shim.create(cid, bundle)
+    await shim.start(cid)
+    init = created.pid
+    assert init == read_init_pid(bundle)
+
+    # (6) Pids
+    reply = await shim.pids(cid)
+    assert [p.pid for p in reply.processes] == [init]
+
+    # (7) Connect: shim_pid is the process actually listening on the socket
+    connected = await shim.connect(cid)
+    listeners = listening_pids(shim.socket_path)
+    assert listeners == {shim.pid}, (listeners, shim.pid)
+    assert connected.shim_pid == shim.pid
+    assert connected.task_pid == init
+
+    # (8) THP: disabled in the shim, the host's (our) value in the container
+    ours = thp_disabled(os.getpid())
+    assert ours is not None, "kernel has no THP_enabled in /proc/PID/status"
+    assert thp_disabled(shim.pid) == "0"
+    assert thp_disabled(init) == ours
+
+    await shim.kill(cid)
+    assert (await shim.wait(cid)).exit_status == 137
+    await shim.delete(cid)
+    await shim.shutdown(cid)
+    await shim_exits(shim)
+
+
+# -- (9) the delete action after a dead shim ------------------------------------------------------------
+
+async def test_delete_action_after_shim_killed(lab: Lab) -> None:
+    await lab.start_sink()
+    cid = lab.new_id("dead")
+    bundle = lab.bundle(cid, ["sleep", "1000"])
+    shim = await lab.start_shim(cid, bundle)
+    created = await shim.create(cid, bundle)
+    await shim.start(cid)
+    init = read_init_pid(bundle)
+    assert init == created.pid and pid_alive(init)
+
+    os.kill(shim.pid, signal.SIGKILL)
+    await shim_exits(shim)
+    assert pid_alive(init), "container died with its shim"
+
+    result = await lab.run_delete(cid, bundle)
+    assert result.returncode == 0, result.stderr
+    reply = shim_pb2.DeleteResponse.FromString(result.stdout)
+    assert reply.exit_status == 137
+    assert reply.pid == init
+    assert reply.exited_at.seconds > 0
+
+    state = subprocess.run(["runc", "--root", RUNC_ROOT, "state", cid], capture_output=True)
+    assert state.returncode != 0, f"runc container still exists: {state.stdout!r}"
+    await wait_until(lambda: not pid_alive(init), 5, message=f"container init {init} to die")
+    assert mounts_under(lab.tmp) == []

@@ -1,0 +1,197 @@
+"""shim.events: Any packing and the EventPublisher against a real in-process ttrpc server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from shim import events
+from shim.events import NAMESPACE_METADATA, SERVICE, EventPublisher, pack_any, timestamp
+from shim.proto import events_pb2, events_service_pb2
+from shim.ttrpc import CallContext, Code, Server, TTRPCError
+
+
+def test_pack_any_uses_bare_type_name() -> None:
+    msg = events_pb2.TaskExit(container_id="c1", pid=42, exit_status=137)
+    packed = pack_any(msg)
+    assert packed.type_url == "containerd.events.TaskExit"
+    assert events_pb2.TaskExit.FromString(packed.value) == msg
+
+
+def test_timestamp() -> None:
+    ts = timestamp(1700000000.5)
+    assert (ts.seconds, ts.nanos) == (1700000000, 500_000_000)
+
+
+def test_service_name() -> None:
+    assert SERVICE == "containerd.services.events.ttrpc.v1.Events"
+    assert NAMESPACE_METADATA == "containerd-namespace-ttrpc"
+
+
+@dataclass
+class Received:
+    envelopes: list[events_service_pb2.Envelope] = field(default_factory=list)
+    metadata: list[dict[str, list[str]]] = field(default_factory=list)
+    arrived: trio.Event = field(default_factory=trio.Event)
+    expect: int = 0
+
+    async def forward(self, payload: bytes, ctx: CallContext) -> bytes:
+        req = events_service_pb2.ForwardRequest.FromString(payload)
+        self.envelopes.append(req.envelope)
+        self.metadata.append(ctx.metadata)
+        if len(self.envelopes) >= self.expect:
+            self.arrived.set()
+        return b""  # google.protobuf.Empty
+
+    @property
+    def topics(self) -> list[str]:
+        return [e.topic for e in self.envelopes]
+
+    @property
+    def pids(self) -> list[int]:
+        return [decode(e).pid for e in self.envelopes]
+
+
+def decode(envelope: events_service_pb2.Envelope):
+    name = envelope.event.type_url
+    cls = getattr(events_pb2, name.rsplit(".", 1)[-1])
+    assert cls.DESCRIPTOR.full_name == name
+    return cls.FromString(envelope.event.value)
+
+
+@asynccontextmanager
+async def serving(path: Path, handler) -> AsyncIterator[None]:
+    server = Server()
+    server.register(SERVICE, "Forward", handler)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(16)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, sock)
+        yield
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> Path:
+    return tmp_path / "ev.sock"
+
+
+def publish_starts(pub: EventPublisher, pids: range) -> None:
+    for pid in pids:
+        pub.publish(events.TASK_START, events_pb2.TaskStart(container_id="c1", pid=pid))
+
+
+async def test_events_arrive_in_order_with_namespace(sock_path: Path) -> None:
+    got = Received(expect=3)
+    with trio.fail_after(5):
+        async with serving(sock_path, got.forward), trio.open_nursery() as nursery:
+            pub = EventPublisher(str(sock_path), "k8s.io")
+            nursery.start_soon(pub.run)
+            pub.publish(events.TASK_CREATE, events_pb2.TaskCreate(container_id="c1", bundle="/b", pid=10))
+            pub.publish(events.TASK_START, events_pb2.TaskStart(container_id="c1", pid=10))
+            pub.publish(events.TASK_EXIT, events_pb2.TaskExit(container_id="c1", id="c1", pid=10, exit_status=7))
+            assert pub.pending == 3
+            assert await pub.drain(4) is True
+            assert pub.pending == 0
+            nursery.cancel_scope.cancel()
+    assert got.topics == ["/tasks/create", "/tasks/start", "/tasks/exit"]
+    assert [e.event.type_url for e in got.envelopes] == [
+        "containerd.events.TaskCreate",
+        "containerd.events.TaskStart",
+        "containerd.events.TaskExit",
+    ]
+    assert all(e.namespace == "k8s.io" for e in got.envelopes)
+    assert all(md.get(NAMESPACE_METADATA) == ["k8s.io"] for md in got.metadata)
+    assert decode(got.envelopes[2]) == events_pb2.TaskExit(container_id="c1", id="c1", pid=10, exit_status=7)
+    stamps = [e.timestamp.ToNanoseconds() for e in got.envelopes]
+    assert stamps == sorted(stamps) and stamps[0] > 0
+
+
+async def test_unix_scheme_address(sock_path: Path) -> None:
+    got = Received(expect=1)
+    with trio.fail_after(5):
+        async with serving(sock_path, got.forward), trio.open_nursery() as nursery:
+            pub = EventPublisher("unix://" + str(sock_path), "default")
+            nursery.start_soon(pub.run)
+            publish_starts(pub, range(1, 2))
+            assert await pub.drain(4) is True
+            nursery.cancel_scope.cancel()
+    assert got.pids == [1]
+
+
+async def test_events_retried_until_server_listens(sock_path: Path) -> None:
+    got = Received(expect=6)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            pub = EventPublisher(str(sock_path), "default")
+            outer.start_soon(pub.run)
+            publish_starts(pub, range(1, 4))
+            # Nobody listens: nothing can be sent, nothing is dropped.
+            assert await pub.drain(0.3) is False
+            assert pub.pending == 3
+            async with serving(sock_path, got.forward):
+                publish_starts(pub, range(4, 7))
+                assert await pub.drain(5) is True
+            outer.cancel_scope.cancel()
+    assert got.pids == [1, 2, 3, 4, 5, 6]  # each exactly once, in publish order
+
+
+async def test_events_retried_after_server_restart(sock_path: Path) -> None:
+    got = Received()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            pub = EventPublisher(str(sock_path), "default")
+            outer.start_soon(pub.run)
+            async with serving(sock_path, got.forward):
+                publish_starts(pub, range(1, 3))
+                assert await pub.drain(4) is True
+            sock_path.unlink()  # containerd went away
+            publish_starts(pub, range(3, 5))
+            await trio.sleep(0.2)
+            assert pub.pending == 2
+            async with serving(sock_path, got.forward):
+                assert await pub.drain(5) is True
+            outer.cancel_scope.cancel()
+    assert got.pids == [1, 2, 3, 4]
+
+
+async def test_unavailable_is_retried_without_reordering(sock_path: Path) -> None:
+    got = Received()
+    failures = [Code.UNAVAILABLE, Code.INVALID_ARGUMENT]
+
+    async def flaky(payload: bytes, ctx: CallContext) -> bytes:
+        if failures:
+            raise TTRPCError(failures.pop(0), "not now")
+        return await got.forward(payload, ctx)
+
+    with trio.fail_after(10):
+        async with serving(sock_path, flaky), trio.open_nursery() as nursery:
+            pub = EventPublisher(str(sock_path), "default")
+            nursery.start_soon(pub.run)
+            publish_starts(pub, range(1, 4))
+            assert await pub.drain(5) is True
+            nursery.cancel_scope.cancel()
+    assert got.pids == [1, 2, 3]
+
+
+async def test_drain_true_when_nothing_queued() -> None:
+    pub = EventPublisher("/nonexistent.sock", "default")
+    with trio.fail_after(1):
+        assert await pub.drain(0.5) is True
+
+
+async def test_no_address_drops_events() -> None:
+    pub = EventPublisher("", "default")
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pub.run)
+            publish_starts(pub, range(1, 3))
+            assert await pub.drain(1) is True
+            assert pub.pending == 0
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,104 @@
+"""shim.launcher: the socket address and binding it (no root: a tmp dir)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+
+from shim.launcher import SOCKET_DIR, bind, socket_path
+
+ADDRESS = "/run/containerd/containerd.sock"
+
+
+def test_socket_path_is_sha256_of_joined_address() -> None:
+    digest = hashlib.sha256(b"/run/containerd/containerd.sock/default/abc").hexdigest()
+    assert socket_path(ADDRESS, "default", "abc") == f"/run/containerd/s/{digest}"
+    assert SOCKET_DIR == "/run/containerd/s"
+
+
+def test_socket_path_matches_os_path_join() -> None:
+    path = socket_path(ADDRESS, "k8s.io", "group-1")
+    expected = hashlib.sha256(os.path.join(ADDRESS, "k8s.io", "group-1").encode()).hexdigest()
+    assert os.path.dirname(path) == SOCKET_DIR
+    name = os.path.basename(path)
+    assert name == expected
+    assert len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def test_socket_path_fits_sun_path() -> None:
+    long_id = "x" * 500
+    path = socket_path(ADDRESS, "n" * 200, long_id)
+    assert len(path) < 106
+    assert len(("unix://" + path)) < 200
+
+
+def test_socket_path_differs_per_namespace_and_id() -> None:
+    paths = {
+        socket_path(ADDRESS, "default", "a"),
+        socket_path(ADDRESS, "default", "b"),
+        socket_path(ADDRESS, "k8s.io", "a"),
+        socket_path("/other.sock", "default", "a"),
+    }
+    assert len(paths) == 4
+    assert socket_path(ADDRESS, "default", "a") == socket_path(ADDRESS, "default", "a")
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    return str(tmp_path / "s" / "sock")  # "s" does not exist yet: bind creates it
+
+
+def accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        try:
+            c.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def test_bind_creates_listening_socket_mode_0600(path: str) -> None:
+    sock = bind(path)
+    assert sock is not None
+    try:
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert accepts(path)
+    finally:
+        sock.close()
+
+
+def test_bind_returns_none_when_live_listener(path: str) -> None:
+    first = bind(path)
+    assert first is not None
+    try:
+        assert bind(path) is None
+        # The live listener's socket file was left alone.
+        assert accepts(path)
+    finally:
+        first.close()
+
+
+def test_bind_replaces_stale_socket(path: str) -> None:
+    os.makedirs(os.path.dirname(path))
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()  # the file stays, nobody listens
+    os.chmod(path, 0o644)
+    assert os.path.exists(path) and not accepts(path)
+
+    sock = bind(path)
+    assert sock is not None
+    try:
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert accepts(path)
+    finally:
+        sock.close()

@@ -1,0 +1,111 @@
+"""shim.options: decoding CreateTaskRequest.options and the bundle's options.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shim.options import OPTIONS_FILE, RUNC_OPTIONS_TYPE, RUNC_ROOT, RUNTIME_FILE, RuncOptions, from_any, type_name
+from shim.proto import runc_options_pb2
+
+FULL = RuncOptions(
+    binary_name="/usr/bin/crun",
+    root="/run/custom-runc",
+    systemd_cgroup=True,
+    no_pivot_root=True,
+    no_new_keyring=True,
+    shim_cgroup="/shim.slice",
+    io_uid=1000,
+    io_gid=1001,
+    criu_path="/usr/sbin/criu",
+)
+
+
+def encoded() -> bytes:
+    return runc_options_pb2.Options(
+        binary_name="/usr/bin/crun",
+        root="/run/custom-runc",
+        systemd_cgroup=True,
+        no_pivot_root=True,
+        no_new_keyring=True,
+        shim_cgroup="/shim.slice",
+        io_uid=1000,
+        io_gid=1001,
+        criu_path="/usr/sbin/criu",
+        criu_image_path="/ignored",
+    ).SerializeToString()
+
+
+def test_type_name_constant() -> None:
+    assert RUNC_OPTIONS_TYPE == runc_options_pb2.Options.DESCRIPTOR.full_name == "containerd.runc.v1.Options"
+
+
+@pytest.mark.parametrize(
+    "type_url",
+    ["containerd.runc.v1.Options", "type.googleapis.com/containerd.runc.v1.Options"],
+)
+def test_from_any_decodes_runc_options(type_url: str) -> None:
+    assert from_any(type_url, encoded()) == FULL
+
+
+def test_from_any_empty_value_is_defaults() -> None:
+    assert from_any(RUNC_OPTIONS_TYPE, b"") == RuncOptions()
+
+
+@pytest.mark.parametrize(
+    "type_url",
+    ["", "runtimeoptions.v1.Options", "type.googleapis.com/runtimeoptions.v1.Options", "containerd.runc.v2.Options"],
+)
+def test_from_any_unknown_type_is_defaults(type_url: str) -> None:
+    assert from_any(type_url, encoded()) == RuncOptions()
+    assert from_any(type_url, b"\xff\xff not a proto") == RuncOptions()
+
+
+def test_type_name() -> None:
+    assert type_name("a.b.C") == "a.b.C"
+    assert type_name("type.googleapis.com/a.b.C") == "a.b.C"
+
+
+def test_defaults() -> None:
+    opts = RuncOptions()
+    assert opts.binary == "runc"
+    assert opts.runc_root("default") == f"{RUNC_ROOT}/default" == "/run/containerd/runc/default"
+
+
+def test_binary_and_runc_root() -> None:
+    assert FULL.binary == "/usr/bin/crun"
+    assert FULL.runc_root("k8s.io") == "/run/custom-runc/k8s.io"
+
+
+def test_write_read_round_trip(tmp_path: Path) -> None:
+    FULL.write(str(tmp_path))
+    assert RuncOptions.read(str(tmp_path)) == FULL
+    assert (tmp_path / RUNTIME_FILE).read_text() == "/usr/bin/crun"
+    assert json.loads((tmp_path / OPTIONS_FILE).read_text())["io_uid"] == 1000
+    # Atomic writes leave no temp files behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([OPTIONS_FILE, RUNTIME_FILE])
+
+
+def test_write_defaults_runtime_is_runc(tmp_path: Path) -> None:
+    RuncOptions().write(str(tmp_path))
+    assert (tmp_path / RUNTIME_FILE).read_text() == "runc"
+    assert RuncOptions.read(str(tmp_path)) == RuncOptions()
+
+
+def test_read_missing_or_corrupt_is_defaults(tmp_path: Path) -> None:
+    assert RuncOptions.read(str(tmp_path)) == RuncOptions()
+    (tmp_path / OPTIONS_FILE).write_text("{not json")
+    assert RuncOptions.read(str(tmp_path)) == RuncOptions()
+
+
+def test_read_ignores_unknown_keys(tmp_path: Path) -> None:
+    (tmp_path / OPTIONS_FILE).write_text(json.dumps({"binary_name": "crun", "from_the_future": 1}))
+    assert RuncOptions.read(str(tmp_path)) == RuncOptions(binary_name="crun")
+
+
+@pytest.mark.parametrize("text", ["null", "[]"])
+def test_read_non_object_json_is_defaults(tmp_path: Path, text: str) -> None:
+    (tmp_path / OPTIONS_FILE).write_text(text)
+    assert RuncOptions.read(str(tmp_path)) == RuncOptions()

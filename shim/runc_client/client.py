@@ -85,19 +85,24 @@ class Runc:
             for fd in child_ends:
                 os.close(fd)
         out = err = b""
-        async with trio.open_nursery() as nursery:
-            if stdio is None:
-                results: dict[str, bytes] = {}
+        results: dict[str, bytes] = {}
 
-                async def collect(name: str, fd: int) -> None:
-                    results[name] = await _read_all(fd)
+        async def collect(name: str, fd: int) -> None:
+            results[name] = await _read_all(fd)
 
-                nursery.start_soon(collect, "out", out_r)
-                nursery.start_soon(collect, "err", err_r)
-                if in_w is not None:
-                    nursery.start_soon(_feed, in_w, input)
-            exit = await watch.wait()
-        proc.returncode = exit.status  # keep Popen from ever waiting on it
+        try:
+            async with trio.open_nursery() as nursery:
+                if stdio is None:
+                    nursery.start_soon(collect, "out", out_r)
+                    nursery.start_soon(collect, "err", err_r)
+                    if in_w is not None:
+                        nursery.start_soon(_feed, in_w, input)
+                exit = await watch.wait()
+        finally:
+            # Popen must never waitpid itself (it would race the reaper, or
+            # reap a recycled pid); a returncode marks it as done even when
+            # we were cancelled and the reaper will collect runc unseen.
+            proc.returncode = watch.exit.status if watch.exit else -1
         if stdio is None:
             out, err = results["out"], results["err"]
         if exit.status != 0:

@@ -156,6 +156,23 @@ async def test_full_lifecycle_and_events(lab: Lab) -> None:
     assert delete.exit_status == 5 and delete.exited_at == waited.exited_at
 
 
+async def test_delete_of_created_task_kills_init_without_exit_event(lab: Lab) -> None:
+    sink = await lab.start_sink()
+    cid = lab.new_id("created")
+    bundle = lab.bundle(cid, ["sleep", "30"])
+    shim = await lab.start_shim(cid, bundle)
+    created = await shim.create(cid, bundle)
+    deleted = await shim.delete(cid)
+    assert deleted.pid == created.pid
+    assert deleted.exit_status == 137  # runc delete --force killed the waiting init
+    await shim.shutdown(cid)
+    await shim_exits(shim)
+    await sink.wait_count(2)
+    await trio.sleep(0.3)  # anything wrongly queued after delete would arrive now
+    assert [e.topic for e in sink.events] == ["/tasks/create", "/tasks/delete"]
+    assert sink.events[1].event.exit_status == 137
+
+
 async def test_bind_mount_rootfs_mounted_and_unmounted(lab: Lab) -> None:
     sink = await lab.start_sink()
     cid = lab.new_id("bind")

@@ -189,9 +189,13 @@ class Container:
         init = self.init
         init.lifecycle.check(Op.DELETE)
         was_created = init.state is State.CREATED
+        # Deleting a never-started task kills its init: that death is part of
+        # the delete, not an exit to report (create → delete, no /tasks/exit).
+        init.exit_reported = not was_created
         try:
             await self.runc.delete(self.id, force=was_created)
         except RuncError as e:
+            init.exit_reported = True
             if not _gone(e):
                 raise
         init.lifecycle.apply(Op.DELETE)
@@ -231,7 +235,7 @@ class Container:
         await self._start_done.wait()
         if io is not None and not await io.wait_output(OUTPUT_DRAIN_TIMEOUT):
             log.warning("%s: output still pending %.0fs after exit", self.id, OUTPUT_DRAIN_TIMEOUT)
-        if process.set_exited(exit.status, exit.timestamp):
+        if process.set_exited(exit.status, exit.timestamp) and process.exit_reported:
             self.ctx.events.publish(
                 ev.TASK_EXIT,
                 events_pb2.TaskExit(

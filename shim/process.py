@@ -93,6 +93,8 @@ class Process:
         self.pid = 0
         self.lifecycle = Lifecycle()
         self.exit: ExitInfo | None = None
+        #: False while a Delete of a never-started process kills it (no TaskExit then).
+        self.exit_reported = True
         self._stopped = trio.Event()
 
     @property

@@ -1,18 +1,23 @@
-"""One container: its bundle, rootfs, init process, and runc.
+"""One container: its bundle, rootfs, init and exec processes, and runc.
 
-Each operation asks the init's Lifecycle first, then talks to runc, then
+Each operation asks the process's Lifecycle first, then talks to runc, then
 changes state and enqueues the matching event in the same synchronous step,
 so events leave in the order the state changed.
 
-Exit path of a process (``_monitor``): reaper delivers the exit → wait until
-a concurrent Start has published TaskStart → wait (bounded) until its output
-is copied out → state STOPPED + TaskExit enqueued → Wait callers wake.
+Exit path of a process (``_monitor``): the reaper delivers the exit → (init)
+wait until a concurrent Start has published TaskStart, kill what is left of
+a shared pid namespace, and wait for the execs' exits → wait (bounded) until
+its output is copied out → state STOPPED + TaskExit enqueued → Wait callers
+wake. So a task's exec exits always precede its init's exit.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
+import tempfile
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,8 +25,8 @@ import trio
 from google.protobuf.message import Message
 
 from . import events as ev
-from .bundle import INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file
-from .errors import InvalidArgument, NotFound, ShimError
+from .bundle import CONFIG_FILE, INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ShimError
 from .mount import MountSpec, mount_all, unmount_all
 from .options import RuncOptions
 from .process import Op, Process, State
@@ -38,6 +43,8 @@ log = logging.getLogger("shim.container")
 OUTPUT_DRAIN_TIMEOUT = 3.0
 #: How long Delete of a never-started container waits for runc's kill to land.
 CREATED_DELETE_WAIT = 2.0
+#: How long an init's exit waits for its execs' exits to be reported first.
+EXEC_EXIT_WAIT = 10.0
 
 _GONE = ("not running", "no such process", "process already finished", "does not exist", "not exist")
 
@@ -70,6 +77,20 @@ def _gone(error: RuncError) -> bool:
     return any(text in error.detail.lower() for text in _GONE)
 
 
+def shares_pid_namespace(bundle: str) -> bool:
+    """True unless the spec gives the container a pid namespace of its own.
+
+    Then the kernel does not kill the container's other processes when init
+    dies, so the shim must (as the Go shim does).
+    """
+    try:
+        with open(os.path.join(bundle, CONFIG_FILE)) as f:
+            namespaces = json.load(f).get("linux", {}).get("namespaces", [])
+    except (OSError, ValueError, AttributeError):
+        return False
+    return not any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+
+
 class Container:
     def __init__(self, request: CreateRequest, ctx: Context) -> None:
         if not request.id:
@@ -91,19 +112,23 @@ class Container:
             ),
             ctx.reaper,
         )
-        self.init = Process(request.id)
-        self.io: ProcessIO | None = None
+        self.init = Process(request.id, stdio=request.stdio)
+        self.execs: dict[str, Process] = {}
         self._mounted = False
         self._start_done = trio.Event()
         self._start_done.set()
+
+    def _new_io(self, stdio: StdioPaths) -> ProcessIO:
+        return ProcessIO(stdio)
 
     # -- create -----------------------------------------------------------
 
     async def create(self) -> int:
         req = self.request
+        init = self.init
         try:
             self._mount_rootfs()
-            self.io = ProcessIO(req.stdio)
+            init.io = self._new_io(req.stdio)
             req.options.write(self.bundle)
             pid_file = os.path.join(self.bundle, INIT_PID_FILE)
             with self.ctx.reaper.hold():
@@ -111,20 +136,20 @@ class Container:
                     self.id,
                     self.bundle,
                     pid_file,
-                    self.io.runc_stdio(),
+                    init.io.runc_stdio(),
                     no_pivot=req.options.no_pivot_root,
                     no_new_keyring=req.options.no_new_keyring,
+                    console_socket=init.io.console_socket,
                 )
-                pid = read_pid_file(pid_file)
-                watch = self.ctx.reaper.watch(pid)
+                watch = self._watch_pid_file(pid_file)
+            init.io.close_child_ends()
+            await init.io.start(self.ctx.nursery)
         except BaseException as e:
             self._release()
             if isinstance(e, RuncError):
                 raise ShimError(f"OCI runtime create failed: {e.detail}") from e
             raise
-        self.init.pid = pid
-        self.io.close_child_ends()
-        self.io.start(self.ctx.nursery)
+        init.pid = watch.pid
         self.ctx.events.publish(
             ev.TASK_CREATE,
             events_pb2.TaskCreate(
@@ -134,11 +159,15 @@ class Container:
                 io=events_pb2.TaskIO(
                     stdin=req.stdio.stdin, stdout=req.stdio.stdout, stderr=req.stdio.stderr, terminal=req.stdio.terminal
                 ),
-                pid=pid,
+                pid=init.pid,
             ),
         )
-        self.ctx.nursery.start_soon(self._monitor, self.init, watch, self.io)
-        return pid
+        self.ctx.nursery.start_soon(self._monitor, init, watch)
+        return init.pid
+
+    def _watch_pid_file(self, pid_file: str) -> Watch:
+        """Call inside a reaper hold: the process may already have exited."""
+        return self.ctx.reaper.watch(read_pid_file(pid_file))
 
     def _mount_rootfs(self) -> None:
         if not self.request.rootfs:
@@ -152,8 +181,9 @@ class Container:
 
     def _release(self) -> None:
         """Give back fds and mounts (failed create, or delete)."""
-        if self.io is not None:
-            self.io.close()
+        for process in (self.init, *self.execs.values()):
+            if process.io is not None:
+                process.io.close()
         if self._mounted:
             try:
                 unmount_all(self.rootfs)
@@ -161,9 +191,33 @@ class Container:
                 log.warning("unmount %s: %s", self.rootfs, e)
             self._mounted = False
 
-    # -- life cycle ---------------------------------------------------------
+    # -- processes ----------------------------------------------------------
 
-    async def start(self) -> int:
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        try:
+            return self.execs[exec_id]
+        except KeyError:
+            raise NotFound(f"process {exec_id}: not found") from None
+
+    def add_exec(self, exec_id: str, stdio: StdioPaths, spec: bytes) -> None:
+        """Exec RPC: register the process; runc runs it at Start."""
+        if not exec_id:
+            raise InvalidArgument("exec id is empty")
+        if exec_id in self.execs:
+            raise AlreadyExists(f"id {exec_id}: already exists")
+        self.init.lifecycle.check(Op.EXEC)
+        try:
+            json.loads(spec)
+        except ValueError as e:
+            raise InvalidArgument(f"exec {exec_id}: process spec is not JSON: {e}") from e
+        self.execs[exec_id] = Process(self.id, exec_id, stdio, spec)
+        self.ctx.events.publish(ev.TASK_EXEC_ADDED, events_pb2.TaskExecAdded(container_id=self.id, exec_id=exec_id))
+
+    async def start(self, exec_id: str = "") -> int:
+        if exec_id:
+            return await self._start_exec(self.process(exec_id))
         self.init.lifecycle.check(Op.START)
         self._start_done = trio.Event()
         try:
@@ -176,8 +230,50 @@ class Container:
             self._start_done.set()
         return self.init.pid
 
-    async def kill(self, signal: int, all: bool = False) -> None:
-        self.init.lifecycle.check(Op.KILL)
+    async def _start_exec(self, process: Process) -> int:
+        process.lifecycle.check(Op.START)
+        self.init.lifecycle.check(Op.EXEC)
+        pid_file = os.path.join(self.bundle, f"{process.exec_id}.pid")
+        fd, spec_path = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=self.bundle)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(process.spec)
+            process.io = self._new_io(process.stdio)
+            with self.ctx.reaper.hold():
+                await self.runc.exec(
+                    self.id, spec_path, pid_file, process.io.runc_stdio(), console_socket=process.io.console_socket
+                )
+                watch = self._watch_pid_file(pid_file)
+            process.io.close_child_ends()
+            await process.io.start(self.ctx.nursery)
+        except BaseException as e:
+            if process.io is not None:
+                process.io.close()
+            if isinstance(e, RuncError):
+                raise ShimError(f"OCI runtime exec failed: {e.detail}") from e
+            raise
+        finally:
+            os.unlink(spec_path)
+        process.pid = watch.pid
+        process.lifecycle.apply(Op.START)
+        self.ctx.events.publish(
+            ev.TASK_EXEC_STARTED,
+            events_pb2.TaskExecStarted(container_id=self.id, exec_id=process.exec_id, pid=process.pid),
+        )
+        self.ctx.nursery.start_soon(self._monitor, process, watch)
+        return process.pid
+
+    async def kill(self, exec_id: str, signal: int, all: bool = False) -> None:
+        process = self.process(exec_id)
+        process.lifecycle.check(Op.KILL)
+        if exec_id:
+            if not process.pid:
+                raise FailedPrecondition(f"process {exec_id} not created")
+            try:
+                os.kill(process.pid, signal)
+            except ProcessLookupError:
+                raise NotFound("process already finished") from None
+            return
         try:
             await self.runc.kill(self.id, signal, all=all)
         except RuncError as e:
@@ -185,7 +281,9 @@ class Container:
                 raise NotFound("process already finished") from e
             raise
 
-    async def delete(self) -> Process:
+    async def delete(self, exec_id: str = "") -> Process:
+        if exec_id:
+            return self._delete_exec(self.process(exec_id))
         init = self.init
         init.lifecycle.check(Op.DELETE)
         was_created = init.state is State.CREATED
@@ -215,24 +313,64 @@ class Container:
         )
         return init
 
-    async def pids(self) -> list[int]:
+    def _delete_exec(self, process: Process) -> Process:
+        process.lifecycle.apply(Op.DELETE)
+        if process.io is not None:
+            process.io.close()
+        del self.execs[process.exec_id]
         try:
-            return await self.runc.ps(self.id)
+            os.unlink(os.path.join(self.bundle, f"{process.exec_id}.pid"))
+        except FileNotFoundError:
+            pass
+        return process
+
+    async def pause(self) -> None:
+        self.init.lifecycle.check(Op.PAUSE)
+        await self.runc.pause(self.id)
+        self.init.lifecycle.apply(Op.PAUSE)
+        self.ctx.events.publish(ev.TASK_PAUSED, events_pb2.TaskPaused(container_id=self.id))
+
+    async def resume(self) -> None:
+        self.init.lifecycle.check(Op.RESUME)
+        await self.runc.resume(self.id)
+        self.init.lifecycle.apply(Op.RESUME)
+        self.ctx.events.publish(ev.TASK_RESUMED, events_pb2.TaskResumed(container_id=self.id))
+
+    async def update(self, resources: bytes) -> None:
+        """runc update with the LinuxResources JSON containerd sent."""
+        self.init.lifecycle.check(Op.UPDATE)
+        await self.runc.update(self.id, resources)
+
+    def close_io(self, exec_id: str) -> None:
+        process = self.process(exec_id)
+        if process.io is not None:
+            process.io.close_stdin()
+
+    def resize_pty(self, exec_id: str, width: int, height: int) -> None:
+        process = self.process(exec_id)
+        if process.io is None:
+            raise FailedPrecondition("process has no io")
+        process.io.resize(width, height)
+
+    async def pids(self) -> list[tuple[int, str]]:
+        """(pid, exec id or "") for every process in the container."""
+        try:
+            pids = await self.runc.ps(self.id)
         except RuncError as e:
             if _gone(e):
                 return []
             raise
-
-    def process(self, exec_id: str) -> Process:
-        if exec_id:
-            raise NotFound(f"process {exec_id} does not exist")
-        return self.init
+        exec_ids = {p.pid: p.exec_id for p in self.execs.values() if p.pid}
+        return [(pid, exec_ids.get(pid, "")) for pid in pids]
 
     # -- exits --------------------------------------------------------------
 
-    async def _monitor(self, process: Process, watch: Watch, io: ProcessIO | None) -> None:
+    async def _monitor(self, process: Process, watch: Watch) -> None:
         exit = await watch.wait()
-        await self._start_done.wait()
+        if process is self.init:
+            await self._start_done.wait()
+            await self._before_init_exit()
+        io = process.io
         if io is not None and not await io.wait_output(OUTPUT_DRAIN_TIMEOUT):
             log.warning("%s: output still pending %.0fs after exit", self.id, OUTPUT_DRAIN_TIMEOUT)
         if process.set_exited(exit.status, exit.timestamp) and process.exit_reported:
@@ -246,3 +384,20 @@ class Container:
                     exited_at=ev.timestamp(exit.timestamp),
                 ),
             )
+
+    async def _before_init_exit(self) -> None:
+        """Let every exec's exit go out before the init's (containerd relies on it)."""
+        if shares_pid_namespace(self.bundle):
+            try:
+                await self.runc.kill(self.id, signal.SIGKILL, all=True)
+            except RuncError as e:
+                if not _gone(e):
+                    log.warning("%s: killing leftovers after init exit: %s", self.id, e)
+        running = [p for p in self.execs.values() if p.pid and p.exit is None]
+        if not running:
+            return
+        with trio.move_on_after(EXEC_EXIT_WAIT):
+            for process in running:
+                await process.wait()
+            return
+        log.warning("%s: execs still running %.0fs after init exit", self.id, EXEC_EXIT_WAIT)

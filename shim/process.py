@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from .errors import FailedPrecondition, NotFound
+from .stdio import ProcessIO, StdioPaths
 
 
 class State(enum.Enum):
@@ -48,7 +49,7 @@ TRANSITIONS: dict[Op, dict[State, State | None]] = {
     O.DELETE: {S.CREATED: S.DELETED, S.STOPPED: S.DELETED},
     O.PAUSE: {S.RUNNING: S.PAUSED},
     O.RESUME: {S.PAUSED: S.RUNNING},
-    O.EXEC: {S.CREATED: None, S.RUNNING: None, S.PAUSED: None},
+    O.EXEC: {S.CREATED: None, S.RUNNING: None},
     O.UPDATE: {S.CREATED: None, S.RUNNING: None, S.PAUSED: None},
     O.EXIT: {S.CREATED: S.STOPPED, S.RUNNING: S.STOPPED, S.PAUSED: S.STOPPED},
 }
@@ -66,8 +67,8 @@ class Lifecycle:
             return
         if op is Op.KILL and self.state is State.STOPPED:
             raise NotFound("process already finished")
-        if op is Op.EXEC and self.state is State.STOPPED:
-            raise FailedPrecondition("cannot exec in a stopped container")
+        if op is Op.EXEC:
+            raise FailedPrecondition(f"cannot exec in a {self.state.value} container")
         raise FailedPrecondition(f"cannot {op.value} a {self.state.value} process")
 
     def apply(self, op: Op) -> State:
@@ -85,11 +86,14 @@ class ExitInfo:
 
 
 class Process:
-    """Init or exec process: pid, state, and the exit others wait for."""
+    """Init or exec process: pid, state, stdio, and the exit others wait for."""
 
-    def __init__(self, id: str, exec_id: str = "") -> None:
+    def __init__(self, id: str, exec_id: str = "", stdio: StdioPaths | None = None, spec: bytes = b"") -> None:
         self.id = id
         self.exec_id = exec_id
+        self.stdio = stdio or StdioPaths()
+        self.spec = spec  # exec only: the OCI process spec (JSON)
+        self.io: ProcessIO | None = None
         self.pid = 0
         self.lifecycle = Lifecycle()
         self.exit: ExitInfo | None = None

@@ -126,7 +126,7 @@ class Reaper(ExitRouter):
                 return
             exit = Exit(pid, exit_status(status), time.time())
             if not self.route(exit):
-                log.debug("reaped unwatched pid %d (status %d)", pid, exit.status)
+                log.debug("reaped pid %d (status %d) with no watcher yet", pid, exit.status)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGCHLD) as signals:

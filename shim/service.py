@@ -21,13 +21,15 @@ from .errors import AlreadyExists, NotFound, ShimError
 from .mount import MountSpec
 from .options import from_any
 from .process import Process, State
-from .proto import shim_pb2, task_types_pb2
+from .proto import runc_options_pb2, shim_pb2, task_types_pb2
 from .stdio import StdioPaths
 from .ttrpc import CallContext, Code, Server, TTRPCError
 
 log = logging.getLogger("shim.service")
 
 SERVICE_V2 = "containerd.task.v2.Task"
+SERVICE_V3 = "containerd.task.v3.Task"
+PROCESS_DETAILS_TYPE = "containerd.runc.v1.ProcessDetails"
 
 _STATUS = {
     State.CREATED: task_types_pb2.CREATED,
@@ -45,7 +47,12 @@ class TaskService:
         self.containers: dict[str, Container] = {}
         self.shutdown_requested = trio.Event()
 
-    def register(self, server: Server, service: str = SERVICE_V2) -> None:
+    def register(self, server: Server) -> None:
+        """Serve containerd.task.v2.Task and its byte-identical v3 twin (containerd 2.x)."""
+        for service in (SERVICE_V2, SERVICE_V3):
+            self._register(server, service)
+
+    def _register(self, server: Server, service: str) -> None:
         S = shim_pb2
         methods: list[tuple[str, type[Message], Callable]] = [
             ("Create", S.CreateTaskRequest, self.create),
@@ -55,6 +62,12 @@ class TaskService:
             ("Kill", S.KillRequest, self.kill),
             ("Pids", S.PidsRequest, self.pids),
             ("Delete", S.DeleteRequest, self.delete),
+            ("Exec", S.ExecProcessRequest, self.exec),
+            ("CloseIO", S.CloseIORequest, self.close_io),
+            ("ResizePty", S.ResizePtyRequest, self.resize_pty),
+            ("Pause", S.PauseRequest, self.pause),
+            ("Resume", S.ResumeRequest, self.resume),
+            ("Update", S.UpdateTaskRequest, self.update),
             ("Connect", S.ConnectRequest, self.connect),
             ("Shutdown", S.ShutdownRequest, self.shutdown),
         ]
@@ -95,12 +108,12 @@ class TaskService:
         return shim_pb2.CreateTaskResponse(pid=pid)
 
     async def start(self, req: shim_pb2.StartRequest, _: CallContext) -> shim_pb2.StartResponse:
-        container, process = self._process(req.id, req.exec_id)
-        return shim_pb2.StartResponse(pid=await container.start())
+        container = self._container(req.id)
+        return shim_pb2.StartResponse(pid=await container.start(req.exec_id))
 
     async def state(self, req: shim_pb2.StateRequest, _: CallContext) -> shim_pb2.StateResponse:
         container, process = self._process(req.id, req.exec_id)
-        paths = container.request.stdio
+        paths = process.stdio
         reply = shim_pb2.StateResponse(
             id=process.exec_id or container.id,
             bundle=container.bundle,
@@ -123,24 +136,56 @@ class TaskService:
         return shim_pb2.WaitResponse(exit_status=exit.status, exited_at=ev.timestamp(exit.exited_at))
 
     async def kill(self, req: shim_pb2.KillRequest, _: CallContext) -> empty_pb2.Empty:
-        container, _process = self._process(req.id, req.exec_id)
-        await container.kill(req.signal, req.all)
+        await self._container(req.id).kill(req.exec_id, req.signal, req.all)
         return empty_pb2.Empty()
 
     async def pids(self, req: shim_pb2.PidsRequest, _: CallContext) -> shim_pb2.PidsResponse:
-        container = self._container(req.id)
-        pids = await container.pids()
-        return shim_pb2.PidsResponse(processes=[task_types_pb2.ProcessInfo(pid=p) for p in pids])
+        reply = shim_pb2.PidsResponse()
+        for pid, exec_id in await self._container(req.id).pids():
+            info = reply.processes.add(pid=pid)
+            if exec_id:
+                details = runc_options_pb2.ProcessDetails(exec_id=exec_id)
+                info.info.type_url = PROCESS_DETAILS_TYPE
+                info.info.value = details.SerializeToString()
+        return reply
 
     async def delete(self, req: shim_pb2.DeleteRequest, _: CallContext) -> shim_pb2.DeleteResponse:
-        container, process = self._process(req.id, req.exec_id)
-        process = await container.delete()
-        del self.containers[req.id]
+        container = self._container(req.id)
+        process = await container.delete(req.exec_id)
+        if not req.exec_id:
+            del self.containers[req.id]
         reply = shim_pb2.DeleteResponse(pid=process.pid)
         if process.exit is not None:
             reply.exit_status = process.exit.status
             reply.exited_at.CopyFrom(ev.timestamp(process.exit.exited_at))
         return reply
+
+    async def exec(self, req: shim_pb2.ExecProcessRequest, _: CallContext) -> empty_pb2.Empty:
+        stdio = StdioPaths(req.stdin, req.stdout, req.stderr, req.terminal)
+        self._container(req.id).add_exec(req.exec_id, stdio, req.spec.value)
+        return empty_pb2.Empty()
+
+    async def close_io(self, req: shim_pb2.CloseIORequest, _: CallContext) -> empty_pb2.Empty:
+        container = self._container(req.id)
+        if req.stdin:
+            container.close_io(req.exec_id)
+        return empty_pb2.Empty()
+
+    async def resize_pty(self, req: shim_pb2.ResizePtyRequest, _: CallContext) -> empty_pb2.Empty:
+        self._container(req.id).resize_pty(req.exec_id, req.width, req.height)
+        return empty_pb2.Empty()
+
+    async def pause(self, req: shim_pb2.PauseRequest, _: CallContext) -> empty_pb2.Empty:
+        await self._container(req.id).pause()
+        return empty_pb2.Empty()
+
+    async def resume(self, req: shim_pb2.ResumeRequest, _: CallContext) -> empty_pb2.Empty:
+        await self._container(req.id).resume()
+        return empty_pb2.Empty()
+
+    async def update(self, req: shim_pb2.UpdateTaskRequest, _: CallContext) -> empty_pb2.Empty:
+        await self._container(req.id).update(req.resources.value)
+        return empty_pb2.Empty()
 
     async def connect(self, req: shim_pb2.ConnectRequest, _: CallContext) -> shim_pb2.ConnectResponse:
         container = self.containers.get(req.id)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .errors import InvalidArgument, Unimplemented
+from .errors import FailedPrecondition, InvalidArgument, Unimplemented
 from .runc_client.config import Stdio
 
 log = logging.getLogger("shim.stdio")
@@ -124,8 +124,16 @@ class ProcessIO:
                 self._close(fd)
         self._child = [None, None, None]
 
-    def start(self, nursery: trio.Nursery) -> None:
+    #: Path runc must be given as --console-socket (terminal processes only).
+    console_socket: str | None = None
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Begin copying; called once runc create/exec has returned."""
         nursery.start_soon(self._run)
+
+    def resize(self, width: int, height: int) -> None:
+        """ResizePty: only terminal processes have a window size."""
+        raise FailedPrecondition("process has no terminal")
 
     async def _run(self) -> None:
         with self._cancel:

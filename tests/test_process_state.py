@@ -28,7 +28,8 @@ EXPECTED: dict[tuple[Op, State], State] = {
     (O.DELETE, S.CREATED): S.DELETED,
     (O.DELETE, S.STOPPED): S.DELETED,
     **{(O.EXIT, s): S.STOPPED for s in LIVE},
-    **{(op, s): s for op in (O.KILL, O.EXEC, O.UPDATE) for s in LIVE},
+    **{(op, s): s for op in (O.KILL, O.UPDATE) for s in LIVE},
+    **{(O.EXEC, s): s for s in (S.CREATED, S.RUNNING)},
 }
 
 ALL_PAIRS = list(itertools.product(Op, State))

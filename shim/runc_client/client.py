@@ -132,6 +132,23 @@ class Runc:
             args.append("--no-new-keyring")
         await self.run(*args, id, stdio=stdio)
 
+    async def exec(
+        self, id: str, process_spec: str, pid_file: str, stdio: Stdio, *, console_socket: str | None = None
+    ) -> None:
+        args = ["exec", "--detach", "--process", process_spec, "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        await self.run(*args, id, stdio=stdio)
+
+    async def pause(self, id: str) -> None:
+        await self.run("pause", id)
+
+    async def resume(self, id: str) -> None:
+        await self.run("resume", id)
+
+    async def update(self, id: str, resources_json: bytes) -> None:
+        await self.run("update", "--resources", "-", id, input=resources_json)
+
     async def start(self, id: str) -> None:
         await self.run("start", id)
 

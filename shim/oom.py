@@ -1,0 +1,292 @@
+"""OOM watching for containers' memory cgroups (the Go shim's pkg/oom v1/v2 watchers).
+
+``OOMWatcher.add(key, pid, on_oom)`` resolves the process's memory cgroup once and
+calls ``on_oom(key)`` (synchronously, from the watcher's task) for every OOM event:
+
+* cgroup v1 (and hybrid hosts): an eventfd registered through
+  ``cgroup.event_control`` against ``memory.oom_control``. The kernel also signals
+  it when the cgroup is removed; like containerd we then check whether the cgroup
+  still exists, and stop watching (without calling ``on_oom``) if it does not.
+* cgroup v2: ``memory.events`` is watched with inotify (IN_MODIFY, via ctypes; a
+  poll every ``poll_interval`` seconds if inotify is unavailable). ``on_oom`` is
+  called whenever its ``oom_kill`` count (``oom`` on kernels without ``oom_kill``)
+  rises above the last non-zero value seen, starting from 0 as containerd does.
+  Watching stops when ``memory.events`` disappears or ``cgroup.events`` says
+  ``populated 0`` after an event.
+
+Registration (eventfd / inotify watch) happens synchronously in ``add``, so errors
+(no memory cgroup, cgroup already gone) are raised to the caller and no event
+between ``add`` and the watching task starting is lost. Each watched cgroup is then
+a task in the nursery that ``run()`` owns; ``add`` before ``run`` starts is queued.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import trio
+
+from shim import cgroups
+
+log = logging.getLogger("shim.oom")
+
+OnOOM = Callable[[str], None]
+
+# <sys/inotify.h>
+IN_MODIFY = 0x00000002
+IN_DELETE_SELF = 0x00000400
+IN_IGNORED = 0x00008000
+_IN_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len
+
+_libc: ctypes.CDLL | None = None
+
+
+def _inotify_watch(path: str) -> int:
+    """A non-blocking inotify fd watching ``path`` for IN_MODIFY/IN_DELETE_SELF."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    wd = _libc.inotify_add_watch(fd, os.fsencode(path), IN_MODIFY | IN_DELETE_SELF)
+    if wd < 0:
+        e = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(e, f"inotify_add_watch {path}: {os.strerror(e)}", path)
+    return fd
+
+
+def _drain_inotify(fd: int) -> int:
+    """Read all pending inotify events; return the OR of their masks."""
+    mask = 0
+    while True:
+        try:
+            buf = os.read(fd, 4096)
+        except BlockingIOError:
+            return mask
+        if not buf:
+            return mask
+        off = 0
+        while off + _IN_EVENT.size <= len(buf):
+            _, m, _, length = _IN_EVENT.unpack_from(buf, off)
+            mask |= m
+            off += _IN_EVENT.size + length
+
+
+def register_v1_oom_eventfd(memory_dir: str) -> int:
+    """Arm an OOM notification on a v1 memory cgroup; returns the (non-blocking) eventfd."""
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        ofd = os.open(os.path.join(memory_dir, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ctl = os.open(os.path.join(memory_dir, "cgroup.event_control"), os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(ctl, f"{efd} {ofd}".encode())
+            finally:
+                os.close(ctl)
+        finally:
+            os.close(ofd)  # the kernel holds its own reference once registered
+    except BaseException:
+        os.close(efd)
+        raise
+    return efd
+
+
+def read_oom_kill_count(memory_events: str) -> int | None:
+    """``oom_kill`` (or ``oom``) from a v2 memory.events file; None if unreadable."""
+    try:
+        with open(memory_events) as f:
+            kv = cgroups.parse_kv(f.read())
+    except OSError:
+        return None
+    return kv.get("oom_kill", kv.get("oom", 0))
+
+
+def _cgroup_v2_empty(cgroup_dir: str) -> bool:
+    try:
+        with open(os.path.join(cgroup_dir, "cgroup.events")) as f:
+            kv = cgroups.parse_kv(f.read())
+    except OSError:
+        return False
+    return kv.get("populated") == 0
+
+
+@dataclass(eq=False)
+class _Watch:
+    key: str
+    version: Literal[1, 2]
+    memory_dir: str
+    on_oom: OnOOM
+    fd: int | None  # eventfd (v1), inotify fd (v2), or None (v2 polling)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    closed: bool = False
+
+    def close(self) -> None:
+        if not self.closed and self.fd is not None:
+            os.close(self.fd)
+        self.closed = True
+
+
+class OOMWatcher:
+    def __init__(
+        self,
+        *,
+        root: str = cgroups.CGROUP_ROOT,
+        proc: str = cgroups.PROC,
+        mountinfo: str = cgroups.MOUNTINFO,
+        mode: cgroups.Mode | None = None,
+        poll_interval: float = 0.5,
+        recheck_interval: float = 5.0,
+        use_inotify: bool = True,
+    ) -> None:
+        self.root = root
+        self.proc = proc
+        self.mountinfo = mountinfo
+        self.mode = mode
+        self.poll_interval = poll_interval
+        self.recheck_interval = recheck_interval  # v2 inotify: re-read even without events
+        self.use_inotify = use_inotify
+        self._watches: dict[str, _Watch] = {}
+        self._pending: list[_Watch] = []
+        self._nursery: trio.Nursery | None = None
+        self._finished = False
+
+    # --- public API -------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own the per-container tasks until cancelled."""
+        if self._nursery is not None or self._finished:
+            raise RuntimeError("OOMWatcher.run() called twice")
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                pending, self._pending = self._pending, []
+                for w in pending:
+                    if self._watches.get(w.key) is w:
+                        nursery.start_soon(self._watch, w)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._finished = True
+            self._nursery = None
+            for w in list(self._watches.values()) + self._pending:
+                w.close()
+            self._watches.clear()
+            self._pending.clear()
+
+    def add(self, key: str, pid: int, on_oom: OnOOM) -> None:
+        """Watch ``pid``'s memory cgroup; ``on_oom(key)`` on each OOM. Replaces ``key``.
+
+        Raises OSError if the cgroup cannot be found or armed (e.g. process gone).
+        """
+        cg = cgroups.container_cgroup(
+            pid, root=self.root, proc=self.proc, mountinfo=self.mountinfo, mode=self.mode
+        )
+        memory_dir = cg.memory_dir
+        if memory_dir is None:
+            raise FileNotFoundError(errno.ENOENT, f"process {pid} is in no memory cgroup")
+        self.add_cgroup(key, memory_dir, cg.version, on_oom)
+
+    def add_cgroup(self, key: str, memory_dir: str, version: Literal[1, 2], on_oom: OnOOM) -> None:
+        """Like :meth:`add`, for a known memory cgroup directory (v1 memory dir or v2 dir)."""
+        if self._finished:
+            raise RuntimeError("OOMWatcher is no longer running")
+        if version == 1:
+            fd: int | None = register_v1_oom_eventfd(memory_dir)
+        else:
+            events = os.path.join(memory_dir, "memory.events")
+            if not os.path.isfile(events):
+                raise FileNotFoundError(errno.ENOENT, "no memory.events", events)
+            fd = None
+            if self.use_inotify:
+                try:
+                    fd = _inotify_watch(events)
+                except (OSError, AttributeError) as e:  # AttributeError: no libc symbol
+                    log.warning("inotify unavailable (%s); polling %s", e, events)
+        w = _Watch(key=key, version=version, memory_dir=memory_dir, on_oom=on_oom, fd=fd)
+        self.remove(key)
+        self._watches[key] = w
+        if self._nursery is not None:
+            self._nursery.start_soon(self._watch, w)
+        else:
+            self._pending.append(w)
+
+    def remove(self, key: str) -> None:
+        """Stop watching ``key`` (no-op if unknown)."""
+        w = self._watches.pop(key, None)
+        if w is None:
+            return
+        w.scope.cancel()
+        if w in self._pending:  # never started: nobody else will close it
+            self._pending.remove(w)
+            w.close()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._watches
+
+    # --- per-cgroup tasks ---------------------------------------------------------
+
+    async def _watch(self, w: _Watch) -> None:
+        try:
+            with w.scope:
+                if w.version == 1:
+                    await self._watch_v1(w)
+                else:
+                    await self._watch_v2(w)
+        except Exception:
+            log.exception("OOM watch for %s failed", w.key)
+        finally:
+            w.close()
+            if self._watches.get(w.key) is w:
+                del self._watches[w.key]
+
+    def _fire(self, w: _Watch) -> None:
+        if self._watches.get(w.key) is not w:
+            return
+        try:
+            w.on_oom(w.key)
+        except Exception:
+            log.exception("on_oom callback for %s failed", w.key)
+
+    async def _watch_v1(self, w: _Watch) -> None:
+        assert w.fd is not None
+        oom_control = os.path.join(w.memory_dir, "memory.oom_control")
+        while True:
+            await trio.lowlevel.wait_readable(w.fd)
+            try:
+                os.read(w.fd, 8)
+            except BlockingIOError:
+                continue
+            if not os.path.exists(oom_control):
+                log.debug("memory cgroup of %s removed; stop watching", w.key)
+                return
+            self._fire(w)
+
+    async def _watch_v2(self, w: _Watch) -> None:
+        events = os.path.join(w.memory_dir, "memory.events")
+        last = 0
+        while True:
+            gone = False
+            if w.fd is not None:
+                with trio.move_on_after(self.recheck_interval):
+                    await trio.lowlevel.wait_readable(w.fd)
+                gone = bool(_drain_inotify(w.fd) & (IN_IGNORED | IN_DELETE_SELF))
+            else:
+                await trio.sleep(self.poll_interval)
+            count = read_oom_kill_count(events)
+            if count is None:
+                return  # cgroup removed
+            if count > last:
+                self._fire(w)
+            if count > 0:
+                last = count
+            if gone or _cgroup_v2_empty(w.memory_dir):
+                return

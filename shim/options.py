@@ -12,11 +12,13 @@ import os
 from dataclasses import asdict, dataclass, fields
 
 from .bundle import write_atomic
+from .errors import InvalidArgument
 
 RUNC_ROOT = "/run/containerd/runc"
 OPTIONS_FILE = "options.json"
 RUNTIME_FILE = "runtime"
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
+RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 
 
 @dataclass
@@ -30,6 +32,8 @@ class RuncOptions:
     io_uid: int = 0
     io_gid: int = 0
     criu_path: str = ""
+    criu_image_path: str = ""
+    criu_work_path: str = ""
 
     @property
     def binary(self) -> str:
@@ -61,20 +65,53 @@ def type_name(type_url: str) -> str:
 
 
 def from_any(type_url: str, value: bytes) -> RuncOptions:
-    """Decode CreateTaskRequest.options; unknown or empty → defaults."""
-    if not type_url or type_name(type_url) != RUNC_OPTIONS_TYPE:
-        return RuncOptions()
-    from .proto import runc_options_pb2
+    """Decode CreateTaskRequest.options; empty or unknown types → defaults.
 
-    msg = runc_options_pb2.Options.FromString(value)
-    return RuncOptions(
-        binary_name=msg.binary_name,
-        root=msg.root,
-        systemd_cgroup=msg.systemd_cgroup,
-        no_pivot_root=msg.no_pivot_root,
-        no_new_keyring=msg.no_new_keyring,
-        shim_cgroup=msg.shim_cgroup,
-        io_uid=msg.io_uid,
-        io_gid=msg.io_gid,
-        criu_path=msg.criu_path,
-    )
+    CRI sends ``runtimeoptions.v1.Options`` (a TOML file path or body) for
+    runtime types it does not know, ours included; its TOML uses the Go field
+    names of runc's Options (BinaryName, SystemdCgroup, ...).
+    """
+    name = type_name(type_url) if type_url else ""
+    if name == RUNC_OPTIONS_TYPE:
+        from .proto import runc_options_pb2
+
+        msg = runc_options_pb2.Options.FromString(value)
+        return RuncOptions(**{f.name: getattr(msg, f.name) for f in fields(RuncOptions)})
+    if name == RUNTIME_OPTIONS_TYPE:
+        from .proto import runtimeoptions_pb2
+
+        msg = runtimeoptions_pb2.Options.FromString(value)
+        body = msg.config_body
+        if not body and msg.config_path:
+            try:
+                with open(msg.config_path, "rb") as f:
+                    body = f.read()
+            except OSError as e:
+                raise InvalidArgument(f"runtime options config_path {msg.config_path}: {e.strerror}") from e
+        return from_toml(body.decode() if isinstance(body, bytes) else body)
+    return RuncOptions()
+
+
+def from_toml(text: str) -> RuncOptions:
+    """runc options from a CRI runtime options TOML (``BinaryName = "crun"`` or ``binary_name``)."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidArgument(f"runtime options TOML: {e}") from e
+    by_key = {_camel(f.name).lower(): f for f in fields(RuncOptions)}
+    by_key.update({f.name: f for f in fields(RuncOptions)})
+    values = {}
+    for key, value in data.items():
+        f = by_key.get(key) or by_key.get(key.lower())
+        if f is None:
+            continue  # options of later releases, or for other runtimes
+        if not isinstance(value, type(f.default)):
+            raise InvalidArgument(f"runtime options TOML: {key} must be {type(f.default).__name__}")
+        values[f.name] = value
+    return RuncOptions(**values)
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from shim.options import OPTIONS_FILE, RUNC_OPTIONS_TYPE, RUNC_ROOT, RUNTIME_FILE, RuncOptions, from_any, type_name
-from shim.proto import runc_options_pb2
+from shim.errors import InvalidArgument
+from shim.proto import runc_options_pb2, runtimeoptions_pb2
 
 FULL = RuncOptions(
     binary_name="/usr/bin/crun",
@@ -20,6 +21,7 @@ FULL = RuncOptions(
     io_uid=1000,
     io_gid=1001,
     criu_path="/usr/sbin/criu",
+    criu_image_path="/images",
 )
 
 
@@ -34,7 +36,7 @@ def encoded() -> bytes:
         io_uid=1000,
         io_gid=1001,
         criu_path="/usr/sbin/criu",
-        criu_image_path="/ignored",
+        criu_image_path="/images",
     ).SerializeToString()
 
 
@@ -56,7 +58,7 @@ def test_from_any_empty_value_is_defaults() -> None:
 
 @pytest.mark.parametrize(
     "type_url",
-    ["", "runtimeoptions.v1.Options", "type.googleapis.com/runtimeoptions.v1.Options", "containerd.runc.v2.Options"],
+    ["", "containerd.runc.v2.Options", "io.containerd.something.Else"],
 )
 def test_from_any_unknown_type_is_defaults(type_url: str) -> None:
     assert from_any(type_url, encoded()) == RuncOptions()
@@ -109,3 +111,43 @@ def test_read_ignores_unknown_keys(tmp_path: Path) -> None:
 def test_read_non_object_json_is_defaults(tmp_path: Path, text: str) -> None:
     (tmp_path / OPTIONS_FILE).write_text(text)
     assert RuncOptions.read(str(tmp_path)) == RuncOptions()
+
+
+RUNTIME_OPTIONS_TOML = """
+BinaryName = "/usr/bin/crun"
+SystemdCgroup = true
+Root = "/run/custom-runc"
+IoUid = 7
+SomethingNewer = "ignored"
+"""
+
+
+@pytest.mark.parametrize("type_url", ["runtimeoptions.v1.Options", "type.googleapis.com/runtimeoptions.v1.Options"])
+def test_cri_runtime_options_config_body_is_toml(type_url: str) -> None:
+    value = runtimeoptions_pb2.Options(type_url="x", config_body=RUNTIME_OPTIONS_TOML.encode()).SerializeToString()
+    assert from_any(type_url, value) == RuncOptions(
+        binary_name="/usr/bin/crun", systemd_cgroup=True, root="/run/custom-runc", io_uid=7
+    )
+
+
+def test_cri_runtime_options_config_path(tmp_path: Path) -> None:
+    path = tmp_path / "runc.toml"
+    path.write_text('binary_name = "crun"\nno_pivot_root = true\n')
+    value = runtimeoptions_pb2.Options(config_path=str(path)).SerializeToString()
+    assert from_any("runtimeoptions.v1.Options", value) == RuncOptions(binary_name="crun", no_pivot_root=True)
+
+
+def test_cri_runtime_options_errors_are_invalid_argument(tmp_path: Path) -> None:
+    missing = runtimeoptions_pb2.Options(config_path=str(tmp_path / "nope.toml")).SerializeToString()
+    with pytest.raises(InvalidArgument):
+        from_any("runtimeoptions.v1.Options", missing)
+    bad = runtimeoptions_pb2.Options(config_body=b"BinaryName = [").SerializeToString()
+    with pytest.raises(InvalidArgument):
+        from_any("runtimeoptions.v1.Options", bad)
+    wrong_type = runtimeoptions_pb2.Options(config_body=b"SystemdCgroup = 'yes'").SerializeToString()
+    with pytest.raises(InvalidArgument):
+        from_any("runtimeoptions.v1.Options", wrong_type)
+
+
+def test_cri_runtime_options_empty_is_defaults() -> None:
+    assert from_any("runtimeoptions.v1.Options", b"") == RuncOptions()

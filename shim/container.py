@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 from dataclasses import dataclass, field
@@ -60,6 +61,35 @@ class CreateRequest:
     rootfs: list[MountSpec] = field(default_factory=list)
     stdio: StdioPaths = field(default_factory=StdioPaths)
     options: RuncOptions = field(default_factory=RuncOptions)
+    checkpoint: str = ""  # restore from this criu image at Start
+    parent_checkpoint: str = ""
+
+
+@dataclass
+class CheckpointRequest:
+    """CheckpointTaskRequest with its containerd.runc.v1.CheckpointOptions."""
+
+    path: str
+    exit: bool = False
+    open_tcp: bool = False
+    external_unix_sockets: bool = False
+    terminal: bool = False
+    file_locks: bool = False
+    empty_namespaces: list[str] = field(default_factory=list)
+    cgroups_mode: str = ""
+    work_path: str = ""
+
+    def runc_flags(self) -> list[str]:
+        flags = [] if self.exit else ["--leave-running"]
+        flags += ["--tcp-established"] if self.open_tcp else []
+        flags += ["--ext-unix-sk"] if self.external_unix_sockets else []
+        flags += ["--shell-job"] if self.terminal else []
+        flags += ["--file-locks"] if self.file_locks else []
+        for ns in self.empty_namespaces:
+            flags += ["--empty-ns", ns]
+        if self.cgroups_mode:
+            flags += ["--manage-cgroups-mode", self.cgroups_mode]
+        return flags
 
 
 @dataclass
@@ -75,6 +105,23 @@ class Context:
 
 def _gone(error: RuncError) -> bool:
     return any(text in error.detail.lower() for text in _GONE)
+
+
+def _criu_log_tail(work: str, name: str, lines: int = 15) -> str:
+    """The end of criu's log, which says why a dump or restore failed."""
+    try:
+        with open(os.path.join(work, name), errors="replace") as f:
+            tail = f.read().splitlines()[-lines:]
+    except OSError:
+        return ""
+    return f"\ncriu {name} ({work}):\n" + "\n".join(tail)
+
+
+def _keep_copy(source: str, target: str) -> None:
+    try:
+        shutil.copyfile(source, target)
+    except OSError:
+        pass
 
 
 def shares_pid_namespace(bundle: str) -> bool:
@@ -108,6 +155,7 @@ class Container:
                 root=request.options.runc_root(ctx.namespace),
                 log_path=os.path.join(request.bundle, RUNC_LOG),
                 systemd_cgroup=request.options.systemd_cgroup,
+                criu=request.options.criu_path,
                 thp_original=ctx.thp_original,
             ),
             ctx.reaper,
@@ -130,6 +178,10 @@ class Container:
             self._mount_rootfs()
             init.io = self._new_io(req.stdio)
             req.options.write(self.bundle)
+            if req.checkpoint:
+                # Like the Go shim: a restore happens at Start; Create only prepares.
+                self._publish_create(0)
+                return 0
             pid_file = os.path.join(self.bundle, INIT_PID_FILE)
             with self.ctx.reaper.hold():
                 await self.runc.create(
@@ -150,6 +202,12 @@ class Container:
                 raise ShimError(f"OCI runtime create failed: {e.detail}") from e
             raise
         init.pid = watch.pid
+        self._publish_create(init.pid)
+        self.ctx.nursery.start_soon(self._monitor, init, watch)
+        return init.pid
+
+    def _publish_create(self, pid: int) -> None:
+        req = self.request
         self.ctx.events.publish(
             ev.TASK_CREATE,
             events_pb2.TaskCreate(
@@ -159,11 +217,10 @@ class Container:
                 io=events_pb2.TaskIO(
                     stdin=req.stdio.stdin, stdout=req.stdio.stdout, stderr=req.stdio.stderr, terminal=req.stdio.terminal
                 ),
-                pid=init.pid,
+                checkpoint=req.checkpoint,
+                pid=pid,
             ),
         )
-        self.ctx.nursery.start_soon(self._monitor, init, watch)
-        return init.pid
 
     def _watch_pid_file(self, pid_file: str) -> Watch:
         """Call inside a reaper hold: the process may already have exited."""
@@ -221,7 +278,10 @@ class Container:
         self.init.lifecycle.check(Op.START)
         self._start_done = trio.Event()
         try:
-            await self.runc.start(self.id)
+            if self.request.checkpoint:
+                await self._restore()
+            else:
+                await self.runc.start(self.id)
             self.init.lifecycle.apply(Op.START)
             self.ctx.events.publish(ev.TASK_START, events_pb2.TaskStart(container_id=self.id, pid=self.init.pid))
         except RuncError as e:
@@ -229,6 +289,57 @@ class Container:
         finally:
             self._start_done.set()
         return self.init.pid
+
+    def _criu_work_dir(self, requested: str) -> tuple[str, bool]:
+        """(work dir, whether it is ours to remove): containerd's ``work`` link, as the Go shim uses."""
+        if requested:
+            return requested, False
+        base = os.path.join(self.bundle, "work")
+        return os.path.join(base if os.path.isdir(base) else self.bundle, "criu-work"), True
+
+    async def _restore(self) -> None:
+        req, init = self.request, self.init
+        assert init.io is not None
+        work, _ = self._criu_work_dir(req.options.criu_work_path)
+        pid_file = os.path.join(self.bundle, INIT_PID_FILE)
+        try:
+            with self.ctx.reaper.hold():
+                await self.runc.restore(
+                    self.id,
+                    self.bundle,
+                    req.checkpoint,
+                    work,
+                    pid_file,
+                    init.io.runc_stdio(),
+                    parent_path=req.parent_checkpoint,
+                    no_pivot=req.options.no_pivot_root,
+                    console_socket=init.io.console_socket,
+                )
+                watch = self._watch_pid_file(pid_file)
+        except RuncError as e:
+            raise ShimError(f"OCI runtime restore failed: {e.detail}{_criu_log_tail(work, 'restore.log')}") from e
+        init.io.close_child_ends()
+        await init.io.start(self.ctx.nursery)
+        init.pid = watch.pid
+        self.ctx.nursery.start_soon(self._monitor, init, watch)
+
+    async def checkpoint(self, request: CheckpointRequest) -> None:
+        self.init.lifecycle.check(Op.CHECKPOINT)
+        if not request.path:
+            raise InvalidArgument("checkpoint path is empty")
+        work, ours = self._criu_work_dir(request.work_path)
+        try:
+            await self.runc.checkpoint(self.id, request.path, work, request.runc_flags())
+        except RuncError as e:
+            _keep_copy(os.path.join(work, "dump.log"), os.path.join(self.bundle, "criu-dump.log"))
+            tail = _criu_log_tail(work, "dump.log")
+            raise ShimError(f"checkpoint failed: {e.detail}{tail}\n(kept as {self.bundle}/criu-dump.log)") from e
+        finally:
+            if ours:
+                shutil.rmtree(work, ignore_errors=True)
+        self.ctx.events.publish(
+            ev.TASK_CHECKPOINTED, events_pb2.TaskCheckpointed(container_id=self.id, checkpoint=request.path)
+        )
 
     async def _start_exec(self, process: Process) -> int:
         process.lifecycle.check(Op.START)

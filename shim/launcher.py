@@ -1,8 +1,10 @@
 """The ``start`` action: bind the shim's socket, start the shim, print its address.
 
 This runs on every container start, so it imports nothing heavy (no trio,
-no protobuf) and prints nothing on stderr: containerd 1.6 reads stdout and
-stderr together as the address.
+no protobuf) and prints nothing on stderr: containerd reads stdout and
+stderr together as its answer. What containerd sends and expects differs
+per release (plain address, JSON, or the 2.3 bootstrap protobuf); that is
+shim.bootstrap's business.
 
 Order matters for THP: the launcher disables THP for itself first, so the
 shim it spawns has it disabled from its first page; the original value
@@ -18,20 +20,21 @@ import socket
 import subprocess
 import sys
 
+from .bootstrap import DEFAULT_SOCKET_DIR, parse_start_input, render_start_output
 from .bundle import ADDRESS_FILE, write_atomic
 from .cli import Flags
 from .config import CONFIG_ENV, ShimConfig
 from .thp import disable_for_self
 
-SOCKET_DIR = "/run/containerd/s"
+SOCKET_DIR = DEFAULT_SOCKET_DIR  # containerd 2.3+ may name another (BootstrapParams.socket_dir)
 LISTEN_FD = 3
 SPAWN = "from shim.daemon import run_from_env; run_from_env()"
 
 
-def socket_path(containerd_address: str, namespace: str, group_id: str) -> str:
-    """Same address the Go shim derives: sha256 of join(address, namespace, id)."""
+def socket_path(containerd_address: str, namespace: str, group_id: str, socket_dir: str = SOCKET_DIR) -> str:
+    """Same address the Go shim derives: <socket_dir>/sha256(join(address, namespace, id))."""
     digest = hashlib.sha256(os.path.join(containerd_address, namespace, group_id).encode()).hexdigest()
-    return os.path.join(SOCKET_DIR, digest)
+    return os.path.join(socket_dir, digest)
 
 
 def _accepts(path: str) -> bool:
@@ -67,7 +70,7 @@ def bind(path: str) -> socket.socket | None:
 
 
 def _read_stdin() -> bytes:
-    """containerd writes the runtime options (an Any) on stdin; drain it."""
+    """containerd writes the runtime options (an Any) or, 2.3+, a BootstrapParams on stdin."""
     try:
         if os.isatty(0):
             return b""
@@ -111,22 +114,22 @@ def spawn(config: ShimConfig, sock: socket.socket) -> int:
 
 def start(flags: Flags) -> int:
     bundle = flags.bundle or os.getcwd()
-    _read_stdin()
+    given = parse_start_input(_read_stdin(), flags, os.environ)
     thp_original = disable_for_self()
-    path = socket_path(flags.address, flags.namespace, flags.id)
+    path = socket_path(given.grpc_address, given.namespace, given.instance_id, given.socket_directory)
     address = "unix://" + path
     sock = bind(path)
     if sock is not None:
         config = ShimConfig(
-            namespace=flags.namespace,
-            id=flags.id,
+            namespace=given.namespace,
+            id=given.instance_id,
             bundle=bundle,
-            address=flags.address,
-            publish_binary=flags.publish_binary,
-            ttrpc_address=os.environ.get("TTRPC_ADDRESS", ""),
+            address=given.grpc_address,
+            publish_binary=given.containerd_binary,
+            ttrpc_address=given.ttrpc_address,
             socket_path=path,
             listen_fd=LISTEN_FD,
-            debug=flags.debug,
+            debug=given.debug,
             thp_original=thp_original,
         )
         try:
@@ -138,6 +141,6 @@ def start(flags: Flags) -> int:
             sock.close()
         _oom_score_above_parent(pid)
     write_atomic(os.path.join(bundle, ADDRESS_FILE), address)
-    sys.stdout.write(address)
+    sys.stdout.buffer.write(render_start_output(address, given))
     sys.stdout.flush()
     return 0

@@ -37,6 +37,7 @@ class Op(enum.Enum):
     RESUME = "resume"
     EXEC = "exec"
     UPDATE = "update"
+    CHECKPOINT = "checkpoint"
     EXIT = "exit"
 
 
@@ -51,6 +52,7 @@ TRANSITIONS: dict[Op, dict[State, State | None]] = {
     O.RESUME: {S.PAUSED: S.RUNNING},
     O.EXEC: {S.CREATED: None, S.RUNNING: None},
     O.UPDATE: {S.CREATED: None, S.RUNNING: None, S.PAUSED: None},
+    O.CHECKPOINT: {S.RUNNING: None, S.PAUSED: None},
     O.EXIT: {S.CREATED: S.STOPPED, S.RUNNING: S.STOPPED, S.PAUSED: S.STOPPED},
 }
 

@@ -16,10 +16,10 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from . import events as ev
-from .container import Container, Context, CreateRequest
+from .container import CheckpointRequest, Container, Context, CreateRequest
 from .errors import AlreadyExists, NotFound, ShimError
 from .mount import MountSpec
-from .options import from_any
+from .options import from_any, type_name
 from .process import Process, State
 from .proto import runc_options_pb2, shim_pb2, task_types_pb2
 from .stdio import StdioPaths
@@ -30,6 +30,7 @@ log = logging.getLogger("shim.service")
 SERVICE_V2 = "containerd.task.v2.Task"
 SERVICE_V3 = "containerd.task.v3.Task"
 PROCESS_DETAILS_TYPE = "containerd.runc.v1.ProcessDetails"
+CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
 
 _STATUS = {
     State.CREATED: task_types_pb2.CREATED,
@@ -68,6 +69,7 @@ class TaskService:
             ("Pause", S.PauseRequest, self.pause),
             ("Resume", S.ResumeRequest, self.resume),
             ("Update", S.UpdateTaskRequest, self.update),
+            ("Checkpoint", S.CheckpointTaskRequest, self.checkpoint),
             ("Connect", S.ConnectRequest, self.connect),
             ("Shutdown", S.ShutdownRequest, self.shutdown),
         ]
@@ -89,14 +91,14 @@ class TaskService:
     async def create(self, req: shim_pb2.CreateTaskRequest, _: CallContext) -> shim_pb2.CreateTaskResponse:
         if req.id in self.containers:
             raise AlreadyExists(f"container {req.id}: already exists")
-        if req.checkpoint:
-            raise ShimError("restore from checkpoint is not supported yet")
         request = CreateRequest(
             id=req.id,
             bundle=req.bundle,
             rootfs=[MountSpec(m.type, m.source, list(m.options)) for m in req.rootfs],
             stdio=StdioPaths(req.stdin, req.stdout, req.stderr, req.terminal),
             options=from_any(req.options.type_url, req.options.value),
+            checkpoint=req.checkpoint,
+            parent_checkpoint=req.parent_checkpoint,
         )
         container = Container(request, self.ctx)
         self.containers[req.id] = container  # reserve the id while runc works
@@ -185,6 +187,24 @@ class TaskService:
 
     async def update(self, req: shim_pb2.UpdateTaskRequest, _: CallContext) -> empty_pb2.Empty:
         await self._container(req.id).update(req.resources.value)
+        return empty_pb2.Empty()
+
+    async def checkpoint(self, req: shim_pb2.CheckpointTaskRequest, _: CallContext) -> empty_pb2.Empty:
+        request = CheckpointRequest(path=req.path)
+        if req.options.value and type_name(req.options.type_url) == CHECKPOINT_OPTIONS_TYPE:
+            opts = runc_options_pb2.CheckpointOptions.FromString(req.options.value)
+            request = CheckpointRequest(
+                path=req.path,
+                exit=opts.exit,
+                open_tcp=opts.open_tcp,
+                external_unix_sockets=opts.external_unix_sockets,
+                terminal=opts.terminal,
+                file_locks=opts.file_locks,
+                empty_namespaces=list(opts.empty_namespaces),
+                cgroups_mode=opts.cgroups_mode,
+                work_path=opts.work_path,
+            )
+        await self._container(req.id).checkpoint(request)
         return empty_pb2.Empty()
 
     async def connect(self, req: shim_pb2.ConnectRequest, _: CallContext) -> shim_pb2.ConnectResponse:

@@ -30,6 +30,7 @@ EXPECTED: dict[tuple[Op, State], State] = {
     **{(O.EXIT, s): S.STOPPED for s in LIVE},
     **{(op, s): s for op in (O.KILL, O.UPDATE) for s in LIVE},
     **{(O.EXEC, s): s for s in (S.CREATED, S.RUNNING)},
+    **{(O.CHECKPOINT, s): s for s in (S.RUNNING, S.PAUSED)},
 }
 
 ALL_PAIRS = list(itertools.product(Op, State))

@@ -140,6 +140,32 @@ class Runc:
             args += ["--console-socket", console_socket]
         await self.run(*args, id, stdio=stdio)
 
+    async def checkpoint(self, id: str, image_path: str, work_path: str, flags: list[str]) -> None:
+        await self.run("checkpoint", "--image-path", image_path, "--work-path", work_path, *flags, id)
+
+    async def restore(
+        self,
+        id: str,
+        bundle: str,
+        image_path: str,
+        work_path: str,
+        pid_file: str,
+        stdio: Stdio,
+        *,
+        parent_path: str = "",
+        no_pivot: bool = False,
+        console_socket: str | None = None,
+    ) -> None:
+        args = ["restore", "--detach", "--no-subreaper", "--bundle", bundle, "--pid-file", pid_file]
+        args += ["--image-path", image_path, "--work-path", work_path]
+        if parent_path:
+            args += ["--parent-path", parent_path]
+        if no_pivot:
+            args.append("--no-pivot")
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        await self.run(*args, id, stdio=stdio)
+
     async def pause(self, id: str) -> None:
         await self.run("pause", id)
 

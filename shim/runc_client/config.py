@@ -26,6 +26,7 @@ class RuncConfig:
     root: str = "/run/containerd/runc/default"
     log_path: str | None = None
     systemd_cgroup: bool = False
+    criu: str = ""
     thp_original: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -35,6 +36,8 @@ class RuncConfig:
             args += ["--log", self.log_path, "--log-format", "json"]
         if self.systemd_cgroup:
             args.append("--systemd-cgroup")
+        if self.criu:
+            args += ["--criu", self.criu]
         return args
 
 

@@ -1,0 +1,351 @@
+"""The ``start`` action's conversation with containerd, for every release line.
+
+Pure (no I/O, no trio, no protobuf import): the launcher runs on every
+container start, so the few protobuf fields involved are decoded and encoded
+by hand here; ``tests/test_bootstrap.py`` checks the hand codec against the
+module generated from ``shim/proto/bootstrap.proto``. Table and sources:
+``shim/proto/BOOTSTRAP.md``. Every release runs
+``<shim> -namespace NS -address GRPC -publish-binary BIN -id ID [-debug] start``
+with the bundle as cwd and reads the answer from combined stdout+stderr, so
+nothing may ever go to stderr. What differs:
+
+containerd 1.6 (runtime/v2/shim/util.go ``Command``, runtime/v2/binary.go ``Start``)
+    env: TTRPC_ADDRESS (no MAX_SHIM_VERSION). stdin: the runtime options as a
+    protobuf ``Any``, or nothing. Answer: the plain address; containerd
+    ``strings.TrimSpace``\\ s it and dials it.
+
+containerd 1.7 (runtime/v2/shim/util.go, runtime/v2/shim.go ``parseStartResponse``)
+    env adds MAX_SHIM_VERSION=2, GRPC_ADDRESS, NAMESPACE; stdin as 1.6.
+    containerd accepts JSON ``{"version":2,"address":…,"protocol":"ttrpc"}``;
+    anything that is not JSON (or version < 2) is a plain ttrpc address;
+    version > 2 is rejected. (The 1.7 Go shim prints the plain address; it
+    never reads MAX_SHIM_VERSION.) We answer JSON version 2.
+
+containerd 2.0–2.2 (pkg/shim/util.go, core/runtime/v2/shim.go)
+    env and stdin exactly as 1.7 — MAX_SHIM_VERSION is still the constant 2.
+    ``CurrentShimVersion = 3``: versions up to 3 accepted, a plain address or
+    version < 2 becomes version 2, served through the v2 task API bridge
+    (core/runtime/v2/bridge.go). Answer: JSON version 2. (The 2.x Go shim always
+    prints version 3; version 3 also tells containerd the shim implements the
+    sandbox/streaming API and cleans up grouped containers itself,
+    core/runtime/v2/shim_manager.go ``supportSandboxAPIVersion``, so we claim 3
+    only if containerd's MAX_SHIM_VERSION says 3 — no release does yet.)
+
+containerd 2.3 (pkg/shim/util.go ``Command``, api/runtime/bootstrap/v1/bootstrap.proto)
+    flags and env as before, but stdin is a protobuf ``BootstrapParams``; the
+    runtime options travel as one of its ``extensions``; ``socket_dir`` (set by
+    2.3 to its configured or default directory) replaces /run/containerd/s.
+    An old-style ``Any`` can also decode as ``BootstrapParams`` (fields 1 and 2
+    are strings in both), so, like pkg/shim/compat.go ``parseBootstrapParams``
+    on containerd main, stdin counts as BootstrapParams only when it decodes
+    and its instance_id and namespace equal -id and -namespace. Answer: a
+    protobuf ``BootstrapResult`` (version, address, protocol "ttrpc"), which
+    2.3 decodes first (core/runtime/v2/shim.go ``parseStartResponse``; 2.3.0–2.3.4
+    trim whitespace off it first: it starts with 0x08 and ends in "ttrpc", so
+    trimming cannot hurt it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TYPE_CHECKING = False  # importing typing would cost the launcher ~3 ms
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from .cli import Flags
+
+DEFAULT_SOCKET_DIR = "/run/containerd/s"
+PROTOCOL = "ttrpc"
+RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
+LOG_LEVEL_DEBUG = -4  # bootstrap.proto LogLevel; the Go shim logs debug at <= DEBUG
+#: The highest task API version we will claim (containerd.task.v3.Task).
+MAX_VERSION = 3
+
+
+@dataclass(frozen=True)
+class RawAny:
+    """A ``google.protobuf.Any`` as bytes: type URL and serialized message."""
+
+    type_url: str
+    value: bytes
+
+    @property
+    def type_name(self) -> str:
+        return self.type_url.rsplit("/", 1)[-1]
+
+
+@dataclass
+class StartInput:
+    """Everything containerd told the ``start`` action, whichever release it is."""
+
+    instance_id: str
+    namespace: str
+    grpc_address: str  # containerd's gRPC socket: part of the socket hash
+    ttrpc_address: str  # where events go
+    containerd_binary: str  # -publish-binary
+    debug: bool
+    #: containerd's MAX_SHIM_VERSION (0 = not sent: containerd 1.6).
+    max_shim_version: int = 0
+    #: True when stdin was a BootstrapParams for this instance (containerd 2.3+).
+    bootstrap: bool = False
+    log_level: int = 0  # bootstrap LogLevel numbering (INFO 0, DEBUG -4)
+    containerd_version: str = ""  # 2.3+ only
+    socket_dir: str | None = None  # 2.3+: where to put the socket; None = default
+    #: The runtime options (legacy stdin, or the bootstrap extension holding them).
+    options_any: RawAny | None = None
+    extensions: list[RawAny] = field(default_factory=list)
+
+    @property
+    def version(self) -> int:
+        """The task API version we answer with; 0 = plain address (1.6)."""
+        if self.max_shim_version >= MAX_VERSION:
+            return MAX_VERSION
+        if self.max_shim_version >= 2 or self.bootstrap:
+            return 2
+        return 0
+
+    @property
+    def socket_directory(self) -> str:
+        return self.socket_dir or DEFAULT_SOCKET_DIR
+
+
+# -- the protobuf wire format, just what these messages need --------------------
+
+
+class Malformed(ValueError):
+    pass
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    for i in range(pos, min(pos + 10, len(buf))):
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            if i - pos == 9 and b > 1:
+                raise Malformed("varint overflows 64 bits")
+            return value, i + 1
+        shift += 7
+    raise Malformed("truncated or over-long varint")
+
+
+def _skip(buf: bytes, pos: int, wire: int) -> int:
+    """Position after one field value of wire type ``wire`` (not a group)."""
+    if wire == 0:
+        return _varint(buf, pos)[1]
+    if wire == 1 or wire == 5:
+        end = pos + (8 if wire == 1 else 4)
+    elif wire == 2:
+        length, pos = _varint(buf, pos)
+        end = pos + length
+    else:
+        raise Malformed(f"invalid wire type {wire}")
+    if end > len(buf):
+        raise Malformed("truncated field")
+    return end
+
+
+def _key(buf: bytes, pos: int) -> tuple[int, int, int]:
+    key, pos = _varint(buf, pos)
+    number, wire = key >> 3, key & 7
+    if number == 0 or number > 0x1FFFFFFF:
+        raise Malformed("invalid field number")
+    return number, wire, pos
+
+
+def _skip_group(buf: bytes, pos: int, number: int) -> int:
+    """Position after the (unknown) group ``number`` that starts at ``pos``."""
+    open_groups = [number]
+    while open_groups:
+        if pos >= len(buf):
+            raise Malformed("unterminated group")
+        number, wire, pos = _key(buf, pos)
+        if wire == 3:
+            open_groups.append(number)
+        elif wire == 4:
+            if open_groups.pop() != number:
+                raise Malformed("mismatched end group")
+        else:
+            pos = _skip(buf, pos, wire)
+    return pos
+
+
+def _fields(buf: bytes) -> list[tuple[int, int, object]]:
+    """The fields of one message: [(number, wire type, int | bytes)], groups skipped.
+
+    Fails where protobuf's decoders fail: bad wire type, field number 0,
+    truncation, unbalanced groups.
+    """
+    out: list[tuple[int, int, object]] = []
+    pos = 0
+    while pos < len(buf):
+        number, wire, pos = _key(buf, pos)
+        if wire == 3:
+            pos = _skip_group(buf, pos, number)
+            continue
+        if wire == 4:
+            raise Malformed("end group outside a group")
+        if wire == 2:
+            length, start = _varint(buf, pos)
+            pos = start + length
+            if pos > len(buf):
+                raise Malformed("truncated field")
+            value: object = buf[start:pos]
+        elif wire == 0:
+            value, pos = _varint(buf, pos)
+        else:
+            start, pos = pos, _skip(buf, pos, wire)
+            value = int.from_bytes(buf[start:pos], "little")
+        out.append((number, wire, value))
+    return out
+
+
+def _text(value: object) -> str:
+    try:
+        return bytes(value).decode("utf-8")  # proto3 strings must be valid UTF-8
+    except UnicodeDecodeError:
+        raise Malformed("string field is not valid UTF-8") from None
+
+
+def decode_any(buf: bytes) -> RawAny:
+    """google.protobuf.Any: type_url = 1 (string), value = 2 (bytes)."""
+    type_url, value = "", b""
+    for number, wire, v in _fields(buf):
+        if wire != 2:
+            continue  # a known field with another wire type is an unknown field
+        if number == 1:
+            type_url = _text(v)
+        elif number == 2:
+            value = bytes(v)
+    return RawAny(type_url, value)
+
+
+def _int32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
+_PARAM_STRINGS = {
+    1: "instance_id",
+    2: "namespace",
+    4: "containerd_version",
+    5: "containerd_ttrpc_address",
+    6: "containerd_grpc_address",
+    7: "containerd_binary",
+    9: "socket_dir",
+}
+
+
+def decode_bootstrap_params(buf: bytes) -> dict:
+    """containerd.runtime.bootstrap.v1.BootstrapParams -> dict of its set fields;
+    ``extensions`` is a list of RawAny. Raises Malformed where protobuf would."""
+    out: dict = {"extensions": []}
+    for number, wire, v in _fields(buf):
+        if wire == 2 and number in _PARAM_STRINGS:
+            out[_PARAM_STRINGS[number]] = _text(v)
+        elif wire == 0 and number == 3:
+            out["log_level"] = _int32(v)
+        elif wire == 2 and number == 8:
+            # Extension { Any value = 1 }; repeated occurrences of a message field merge.
+            any_bytes = b"".join(bytes(x) for n, w, x in _fields(bytes(v)) if n == 1 and w == 2)
+            out["extensions"].append(decode_any(any_bytes))
+    return out
+
+
+def _encode_varint(value: int) -> bytes:
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_bootstrap_result(version: int, address: str, protocol: str = PROTOCOL) -> bytes:
+    """containerd.runtime.bootstrap.v1.BootstrapResult, as protobuf serializes it:
+    version = 1 (int32), address = 2, protocol = 3; no capabilities, no metadata."""
+    out = bytearray()
+    if version:
+        out += b"\x08" + _encode_varint(version)
+    for tag, text in ((b"\x12", address), (b"\x1a", protocol)):
+        if text:
+            data = text.encode()
+            out += tag + _encode_varint(len(data)) + data
+    return bytes(out)
+
+
+# -- the two entry points ---------------------------------------------------------
+
+
+def _max_shim_version(env: Mapping[str, str]) -> int:
+    try:
+        return max(0, int(env.get("MAX_SHIM_VERSION", "").strip()))
+    except ValueError:
+        return 0
+
+
+def _runtime_options(extensions: list[RawAny]) -> RawAny | None:
+    """The runc options extension (what the Go shim's FindExtension looks up),
+    else the first extension (CRI's runtimeoptions.v1.Options, say)."""
+    for ext in extensions:
+        if ext.type_name == RUNC_OPTIONS_TYPE:
+            return ext
+    return extensions[0] if extensions else None
+
+
+def parse_start_input(stdin: bytes, flags: "Flags", env: Mapping[str, str]) -> StartInput:
+    """What containerd sent: flags, environment and stdin, of any release. Never raises
+    for bad stdin: unreadable options are ignored, as the Go shims ignore them."""
+    si = StartInput(
+        instance_id=flags.id,
+        namespace=flags.namespace,
+        grpc_address=flags.address,
+        ttrpc_address=env.get("TTRPC_ADDRESS", ""),
+        containerd_binary=flags.publish_binary,
+        debug=flags.debug,
+        max_shim_version=_max_shim_version(env),
+    )
+    if not stdin:
+        return si
+    try:
+        params = decode_bootstrap_params(stdin)
+    except Malformed:
+        params = None
+    if (
+        params is not None
+        and params.get("instance_id", "") == flags.id
+        and params.get("namespace", "") == flags.namespace
+    ):
+        si.bootstrap = True
+        si.log_level = params.get("log_level", 0)
+        si.debug = si.log_level <= LOG_LEVEL_DEBUG
+        si.containerd_version = params.get("containerd_version", "")
+        si.grpc_address = params.get("containerd_grpc_address") or si.grpc_address
+        si.ttrpc_address = params.get("containerd_ttrpc_address") or si.ttrpc_address
+        si.containerd_binary = params.get("containerd_binary") or si.containerd_binary
+        si.socket_dir = params.get("socket_dir") or None
+        si.extensions = params["extensions"]
+        si.options_any = _runtime_options(si.extensions)
+        return si
+    try:
+        si.options_any = decode_any(stdin)
+    except Malformed:
+        pass
+    return si
+
+
+def render_start_output(address: str, start_input: StartInput) -> bytes:
+    """The bytes to print on stdout for ``address`` (``unix:///…``)."""
+    version = start_input.version
+    if start_input.bootstrap:
+        return encode_bootstrap_result(version, address)
+    if version >= 2:
+        import json  # already loaded by the launcher (shim.config); not on 1.6's path
+
+        # Go's encoding/json: struct field order, no spaces.
+        return json.dumps(
+            {"version": version, "address": address, "protocol": PROTOCOL}, separators=(",", ":")
+        ).encode()
+    return address.encode()

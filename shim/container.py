@@ -26,9 +26,11 @@ import trio
 from google.protobuf.message import Message
 
 from . import events as ev
+from .cgroups import ContainerCgroup, container_cgroup
 from .bundle import CONFIG_FILE, INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ShimError
 from .mount import MountSpec, mount_all, unmount_all
+from .oom import OOMWatcher
 from .options import RuncOptions
 from .process import Op, Process, State
 from .proto import events_pb2, mount_pb2
@@ -101,6 +103,7 @@ class Context:
     events: Publisher
     nursery: trio.Nursery  # owns process monitors and IO copiers
     thp_original: int = 0
+    oom: OOMWatcher | None = None
 
 
 def _gone(error: RuncError) -> bool:
@@ -162,6 +165,7 @@ class Container:
         )
         self.init = Process(request.id, stdio=request.stdio)
         self.execs: dict[str, Process] = {}
+        self.cgroup: ContainerCgroup | None = None
         self._mounted = False
         self._start_done = trio.Event()
         self._start_done.set()
@@ -203,8 +207,29 @@ class Container:
             raise
         init.pid = watch.pid
         self._publish_create(init.pid)
+        self._track_cgroup(init.pid)
         self.ctx.nursery.start_soon(self._monitor, init, watch)
         return init.pid
+
+    def _track_cgroup(self, pid: int) -> None:
+        """Find the task's cgroup once (for Stats) and watch it for OOM kills."""
+        try:
+            self.cgroup = container_cgroup(pid)
+            if self.ctx.oom is not None:
+                self.ctx.oom.add(self.id, pid, self._on_oom)
+        except (OSError, ValueError) as e:
+            log.warning("%s: cgroup of pid %d: %s (no stats/OOM events)", self.id, pid, e)
+
+    def _on_oom(self, _key: str) -> None:
+        self.ctx.events.publish(ev.TASK_OOM, events_pb2.TaskOOM(container_id=self.id))
+
+    def stats(self) -> Message:
+        if self.cgroup is None:
+            raise NotFound(f"cgroup of {self.id} does not exist")
+        try:
+            return self.cgroup.metrics_any()
+        except (OSError, ValueError) as e:
+            raise ShimError(f"reading cgroup stats of {self.id}: {e}") from e
 
     def _publish_create(self, pid: int) -> None:
         req = self.request
@@ -321,6 +346,7 @@ class Container:
         init.io.close_child_ends()
         await init.io.start(self.ctx.nursery)
         init.pid = watch.pid
+        self._track_cgroup(init.pid)
         self.ctx.nursery.start_soon(self._monitor, init, watch)
 
     async def checkpoint(self, request: CheckpointRequest) -> None:
@@ -412,6 +438,8 @@ class Container:
             with trio.move_on_after(CREATED_DELETE_WAIT):
                 await init.wait()
         self._release()
+        if self.ctx.oom is not None:
+            self.ctx.oom.remove(self.id)
         exit = init.exit
         self.ctx.events.publish(
             ev.TASK_DELETE,
@@ -484,6 +512,8 @@ class Container:
         io = process.io
         if io is not None and not await io.wait_output(OUTPUT_DRAIN_TIMEOUT):
             log.warning("%s: output still pending %.0fs after exit", self.id, OUTPUT_DRAIN_TIMEOUT)
+        if self.ctx.oom is not None:
+            self.ctx.oom.check_now(self.id)  # /tasks/oom before the exit it caused
         if process.set_exited(exit.status, exit.timestamp) and process.exit_reported:
             self.ctx.events.publish(
                 ev.TASK_EXIT,

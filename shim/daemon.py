@@ -25,6 +25,7 @@ from .config import CONFIG_ENV, ShimConfig
 from .container import Context
 from .events import EventPublisher
 from .logs import setup_logging
+from .oom import OOMWatcher
 from .reaper import Reaper
 from .service import TaskService
 from .thp import set_child_subreaper
@@ -38,12 +39,14 @@ EVENT_DRAIN_TIMEOUT = 5.0
 async def serve(listener: socket.socket, config: ShimConfig) -> None:
     reaper = Reaper()
     publisher = EventPublisher(config.ttrpc_address, config.namespace)
+    oom = OOMWatcher()
     server = Server()
     async with trio.open_nursery() as nursery:
         await nursery.start(reaper.run)
+        await nursery.start(oom.run)
         nursery.start_soon(publisher.run)
         async with trio.open_nursery() as processes:
-            ctx = Context(config.namespace, reaper, publisher, processes, config.thp_original)
+            ctx = Context(config.namespace, reaper, publisher, processes, config.thp_original, oom)
             service = TaskService(ctx, version=__version__)
             service.register(server)
             async with trio.open_nursery() as serving:

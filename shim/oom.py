@@ -128,6 +128,7 @@ class _Watch:
     fd: int | None  # eventfd (v1), inotify fd (v2), or None (v2 polling)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     closed: bool = False
+    last_count: int = 0  # v2: oom_kill count already reported
 
     def close(self) -> None:
         if not self.closed and self.fd is not None:
@@ -232,6 +233,36 @@ class OOMWatcher:
     def __contains__(self, key: str) -> bool:
         return key in self._watches
 
+    def check_now(self, key: str) -> None:
+        """Report an OOM the kernel has signalled but the watch task has not read yet.
+
+        The task service calls this right before publishing an exit, so that
+        /tasks/oom always precedes the /tasks/exit of the process it killed.
+        """
+        w = self._watches.get(key)
+        if w is None or w.closed:
+            return
+        if w.version == 1:
+            assert w.fd is not None
+            try:
+                os.read(w.fd, 8)
+            except BlockingIOError:
+                return
+            if os.path.exists(os.path.join(w.memory_dir, "memory.oom_control")):
+                self._fire(w)
+        else:
+            self._check_v2(w)
+
+    def _check_v2(self, w: _Watch) -> bool:
+        """Fire if memory.events' oom_kill grew; False once the cgroup is gone."""
+        count = read_oom_kill_count(os.path.join(w.memory_dir, "memory.events"))
+        if count is None:
+            return False
+        if count > w.last_count:
+            w.last_count = count
+            self._fire(w)
+        return True
+
     # --- per-cgroup tasks ---------------------------------------------------------
 
     async def _watch(self, w: _Watch) -> None:
@@ -271,8 +302,6 @@ class OOMWatcher:
             self._fire(w)
 
     async def _watch_v2(self, w: _Watch) -> None:
-        events = os.path.join(w.memory_dir, "memory.events")
-        last = 0
         while True:
             gone = False
             if w.fd is not None:
@@ -281,12 +310,7 @@ class OOMWatcher:
                 gone = bool(_drain_inotify(w.fd) & (IN_IGNORED | IN_DELETE_SELF))
             else:
                 await trio.sleep(self.poll_interval)
-            count = read_oom_kill_count(events)
-            if count is None:
+            if not self._check_v2(w):
                 return  # cgroup removed
-            if count > last:
-                self._fire(w)
-            if count > 0:
-                last = count
             if gone or _cgroup_v2_empty(w.memory_dir):
                 return

@@ -70,6 +70,7 @@ class TaskService:
             ("Resume", S.ResumeRequest, self.resume),
             ("Update", S.UpdateTaskRequest, self.update),
             ("Checkpoint", S.CheckpointTaskRequest, self.checkpoint),
+            ("Stats", S.StatsRequest, self.stats),
             ("Connect", S.ConnectRequest, self.connect),
             ("Shutdown", S.ShutdownRequest, self.shutdown),
         ]
@@ -206,6 +207,9 @@ class TaskService:
             )
         await self._container(req.id).checkpoint(request)
         return empty_pb2.Empty()
+
+    async def stats(self, req: shim_pb2.StatsRequest, _: CallContext) -> shim_pb2.StatsResponse:
+        return shim_pb2.StatsResponse(stats=self._container(req.id).stats())
 
     async def connect(self, req: shim_pb2.ConnectRequest, _: CallContext) -> shim_pb2.ConnectResponse:
         container = self.containers.get(req.id)

@@ -11,8 +11,8 @@ nothing may ever go to stderr. What differs:
 
 containerd 1.6 (runtime/v2/shim/util.go ``Command``, runtime/v2/binary.go ``Start``)
     env: TTRPC_ADDRESS (no MAX_SHIM_VERSION). stdin: the runtime options as a
-    protobuf ``Any``, or nothing. Answer: the plain address; containerd
-    ``strings.TrimSpace``\\ s it and dials it.
+    protobuf ``Any``, or nothing. Answer: the plain address, which containerd
+    trims (``strings.TrimSpace``) and dials.
 
 containerd 1.7 (runtime/v2/shim/util.go, runtime/v2/shim.go ``parseStartResponse``)
     env adds MAX_SHIM_VERSION=2, GRPC_ADDRESS, NAMESPACE; stdin as 1.6.
@@ -38,11 +38,13 @@ containerd 2.3 (pkg/shim/util.go ``Command``, api/runtime/bootstrap/v1/bootstrap
     An old-style ``Any`` can also decode as ``BootstrapParams`` (fields 1 and 2
     are strings in both), so, like pkg/shim/compat.go ``parseBootstrapParams``
     on containerd main, stdin counts as BootstrapParams only when it decodes
-    and its instance_id and namespace equal -id and -namespace. Answer: a
-    protobuf ``BootstrapResult`` (version, address, protocol "ttrpc"), which
-    2.3 decodes first (core/runtime/v2/shim.go ``parseStartResponse``; 2.3.0–2.3.4
-    trim whitespace off it first: it starts with 0x08 and ends in "ttrpc", so
-    trimming cannot hurt it).
+    and its instance_id and namespace equal -id and -namespace (2.3.0–2.3.4
+    Go shims took any stdin that decoded). Answer: a protobuf
+    ``BootstrapResult`` (version, address, protocol "ttrpc"), which 2.3 decodes
+    before trying JSON (core/runtime/v2/shim.go ``parseStartResponse``;
+    2.3.0–2.3.4 binary.go trims whitespace off it first: it starts with 0x08
+    and ends in "ttrpc", so trimming cannot hurt it). Its version follows the
+    same rule as above: 2.3 still sends MAX_SHIM_VERSION=2, so 2.
 """
 
 from __future__ import annotations

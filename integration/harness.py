@@ -56,6 +56,13 @@ CTR_FIFO_DIR = RUN_CONTAINERD / "fifo"
 RUNC_ROOT = RUN_CONTAINERD / "runc"
 CGROUP_V1_ROOT = Path("/sys/fs/cgroup")
 
+#: ``SHIM_RUNC_BINARY=crun``: every ``ctr run`` / ``ctr containers create`` that
+#: ``Containerd.ctr``/``ctr_popen`` runs with ``--runtime <ours>`` gets
+#: ``--runtime-config-path`` (a TOML ``BinaryName = "crun"``), and ``ctr run
+#: --runtime io.containerd.runc.v2`` gets ``--runc-binary crun`` (the Go shim
+#: ignores the TOML), so a whole suite can run on another OCI runtime binary.
+RUNC_BINARY_ENV = "SHIM_RUNC_BINARY"
+
 T = TypeVar("T")
 
 
@@ -101,7 +108,11 @@ def read_cmdline(pid: int) -> list[str] | None:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return None
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a] or []
+    args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    if len(args) == 1 and " " in args[0]:
+        # A process that set its title (our forked shims) shows one string.
+        args = args[0].split()
+    return args
 
 
 def read_status(pid: int) -> dict[str, str]:
@@ -642,6 +653,27 @@ disabled_plugins = [
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def template_pid(self) -> int | None:
+        """The warm shim template serving this containerd (one per -address), if any."""
+        from shim import template as shim_template
+
+        path = shim_template.socket_path(self.address)
+        try:
+            pid = int(Path(path + ".pid").read_text())
+        except (OSError, ValueError):
+            return None
+        argv = read_cmdline(pid) or []
+        return pid if path in argv else None
+
+    def stop_template(self, timeout: float = 5.0) -> int | None:
+        """End the template this containerd's shims started (it would idle out later)."""
+        pid = self.template_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            wait_for(lambda: not pid_alive(pid), timeout=timeout, message=f"template {pid} to exit")
+        return pid
+
     def stop(self, timeout: float = 15.0, remove_containers: bool = True) -> Leftovers:
         """Stop containerd and clean up everything this instance created.
 
@@ -676,6 +708,9 @@ disabled_plugins = [
                 self.proc.wait(timeout=timeout)
         if self.proc is not None:
             related.discard(self.proc.pid)
+        template_pid = self.stop_template()
+        if template_pid is not None:
+            related.discard(template_pid)
         # containerd may have died: also take ids from our bundle dir.  Only
         # these ids are touched in the shared host paths (/run/containerd,
         # cgroups), so a concurrent harness instance is left alone.
@@ -836,7 +871,45 @@ disabled_plugins = [
 
     # -- ctr ------------------------------------------------------------------
     def ctr_argv(self, *args: str) -> list[str]:
-        return ["ctr", "--address", self.address, "-n", self.namespace, *args]
+        return ["ctr", "--address", self.address, "-n", self.namespace,
+                *self._with_runc_binary(list(args))]
+
+    def runtime_config(self, binary: str) -> Path:
+        """A runtime options TOML (``BinaryName = BINARY``) for ``--runtime-config-path``."""
+        path = self._need_dir() / f"runtime-{os.path.basename(binary)}.toml"
+        path.write_text(f"BinaryName = {json.dumps(binary)}\n")
+        return path
+
+    def runc_binary_args(self, runtime: str, binary: str) -> list[str]:
+        """ctr flags that make ``ctr run --runtime RUNTIME`` use OCI runtime ``binary``."""
+        if runtime == GO_RUNTIME:
+            return ["--runc-binary", binary]
+        return ["--runtime-config-path", str(self.runtime_config(binary))]
+
+    def _with_runc_binary(self, args: list[str]) -> list[str]:
+        """Apply ``$SHIM_RUNC_BINARY`` (see RUNC_BINARY_ENV) to a ``run``/``containers create``."""
+        binary = os.environ.get(RUNC_BINARY_ENV, "")
+        if not binary:
+            return args
+        if args[:1] == ["run"]:
+            head = 1
+        elif len(args) >= 2 and args[0] in ("containers", "container", "c") and args[1] == "create":
+            head = 2
+        else:
+            return args
+        runtime = None
+        for i, a in enumerate(args):
+            if a.startswith(("--runtime-config-path", "--runc-binary")):
+                return args  # the caller chose already
+            if a == "--runtime" and i + 1 < len(args):
+                runtime = args[i + 1]
+            elif a.startswith("--runtime="):
+                runtime = a.split("=", 1)[1]
+            if runtime is not None:
+                break
+        if runtime == PY_RUNTIME or (runtime == GO_RUNTIME and head == 1):
+            return args[:head] + self.runc_binary_args(runtime, binary) + args[head:]
+        return args
 
     def ctr(self, *args: str, check: bool = True, input: str | bytes | None = None,
             timeout: float | None = 60, text: bool = True) -> subprocess.CompletedProcess:

@@ -387,6 +387,9 @@ class Lab:
     async def run_start(self, id: str, bundle: Path, ttrpc_address: str | None = None) -> subprocess.CompletedProcess:
         env = {**os.environ, "TTRPC_ADDRESS": self.events_path if ttrpc_address is None else ttrpc_address}
         env.pop("SHIM_CONFIG", None)
+        # Each lab plays a containerd of its own (a unique -address), which would
+        # otherwise leave a warm template per test behind; the template has its own tests.
+        env["SHIM_PY_TEMPLATE"] = "0"
         self.socket_paths.add(socket_path_for(self.containerd_address, NAMESPACE, id))
         try:
             with trio.fail_after(30):

@@ -17,12 +17,12 @@ import errno
 import hashlib
 import os
 import socket
-import subprocess
 import sys
 
 from .bootstrap import DEFAULT_SOCKET_DIR, parse_start_input, render_start_output
 from .bundle import ADDRESS_FILE, write_atomic
 from .cli import Flags
+from . import template
 from .config import CONFIG_ENV, ShimConfig
 from .thp import disable_for_self
 
@@ -92,6 +92,8 @@ def _oom_score_above_parent(pid: int) -> None:
 
 def spawn(config: ShimConfig, sock: socket.socket) -> int:
     """Exec a fresh interpreter running the shim, with the listener as fd 3."""
+    import subprocess
+
     if sock.fileno() != LISTEN_FD:
         os.dup2(sock.fileno(), LISTEN_FD)  # the launcher is about to exit: clobbering fd 3 is fine
     # The flags after -c only label the process for ps, like the Go shim's
@@ -110,6 +112,20 @@ def spawn(config: ShimConfig, sock: socket.socket) -> int:
     )
     proc.returncode = 0  # never waited for: it outlives us
     return proc.pid
+
+
+def _start_shim(config: ShimConfig, sock: socket.socket) -> int:
+    """Fork the shim from the warm template if there is one, else spawn it (and a template)."""
+    if not template.enabled():
+        return spawn(config, sock)
+    template_path = template.socket_path(config.address)
+    pid, template_alive = template.request_fork(template_path, config, sock)
+    if pid is not None:
+        return pid
+    pid = spawn(config, sock)
+    if not template_alive:
+        template.spawn_template(template_path)
+    return pid
 
 
 def start(flags: Flags) -> int:
@@ -133,7 +149,7 @@ def start(flags: Flags) -> int:
             thp_original=thp_original,
         )
         try:
-            pid = spawn(config, sock)
+            pid = _start_shim(config, sock)
         except BaseException:
             os.unlink(path)
             raise

@@ -1,0 +1,263 @@
+"""The warm template: one pre-imported process per containerd that forks shims.
+
+A shim exec'd from scratch spends ~150 ms of CPU importing trio and protobuf
+and keeps ~15 MB of private memory. Instead, the first ``start`` also spawns
+a template that imports everything once, collects and freezes its heap
+(``gc.freeze``: the GC no longer touches those objects, so their pages stay
+shared after fork) and waits on a root-only socket. Later ``start``s send it
+the shim's listening socket (SCM_RIGHTS) and config; it forks a shim.
+
+The shim is a grandchild (fork, setsid, fork): the template never has it as
+a child, so a template crash or exit touches no running shim, and the
+template has nothing to reap but the short-lived middle process.
+
+Correctness never depends on the template. The launcher falls back to
+spawning a shim itself when the template is missing, refuses, or does not
+answer before the request's deadline; the template refuses any request whose
+deadline has passed, so the two can never both start a shim for one socket.
+The socket name carries a fingerprint of the installed code, so an upgrade
+gets a new template and the old one idles out.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+
+from .config import ShimConfig
+
+SOCKET_DIR = "/run/containerd/s"
+ENV_DISABLE = "SHIM_PY_TEMPLATE"  # "0": never use or start a template
+IDLE_TIMEOUT = 600.0  # seconds without a request before the template exits
+REQUEST_TIMEOUT = 2.0  # the launcher waits this long, plus a margin, for a pid
+ANSWER_MARGIN = 1.0
+MAX_MESSAGE = 1 << 20
+LISTEN_FD = 3
+MAIN = "from shim.template import main; main()"
+
+
+def enabled(environ: dict[str, str] | os._Environ = os.environ) -> bool:
+    return environ.get(ENV_DISABLE, "1") != "0"
+
+
+def fingerprint() -> str:
+    """Which code a template runs: the interpreter, the package path and its files' mtimes."""
+    package = os.path.dirname(os.path.realpath(__file__))
+    h = hashlib.sha256(f"{os.path.realpath(sys.prefix)}\0{package}".encode())
+    for dirpath, dirnames, filenames in os.walk(package):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                st = os.stat(os.path.join(dirpath, name))
+                h.update(f"{name}\0{st.st_mtime_ns}\0{st.st_size}\0".encode())
+    return h.hexdigest()
+
+
+def socket_path(containerd_address: str) -> str:
+    """One template per containerd (its -address) and per installed version."""
+    digest = hashlib.sha256(f"{fingerprint()}\0{containerd_address}".encode()).hexdigest()[:32]
+    return os.path.join(SOCKET_DIR, f"py-template-{digest}")
+
+
+# -- launcher side --------------------------------------------------------------
+
+
+def request_fork(path: str, config: ShimConfig, listener: socket.socket) -> tuple[int | None, bool]:
+    """Ask the template at path to fork a shim.
+
+    Returns (shim pid or None to fall back, whether a template is there at all).
+    """
+    deadline = time.monotonic() + REQUEST_TIMEOUT
+    request = json.dumps({"config": config.to_json(), "env": dict(os.environ), "deadline": deadline}).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+        conn.settimeout(REQUEST_TIMEOUT + ANSWER_MARGIN)
+        try:
+            conn.connect(path)
+        except OSError:
+            return None, False
+        try:
+            socket.send_fds(conn, [request], [listener.fileno()])
+            answer = json.loads(conn.recv(4096) or b"{}")
+        except (OSError, ValueError):
+            return None, True
+    pid = answer.get("pid")
+    return (pid if isinstance(pid, int) and pid > 0 else None), True
+
+
+def spawn_template(path: str) -> None:
+    """Start a template in the background for the next start (not waited for)."""
+    import subprocess
+
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-c", MAIN, path],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+        start_new_session=True,
+    )
+    proc.returncode = 0  # it outlives us
+
+
+# -- template side ---------------------------------------------------------------
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    import struct
+
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[2]
+
+
+def _bind(path: str) -> socket.socket | None:
+    """Listen at path; None when a live template already does."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.bind(path)
+    except OSError:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(path)
+            sock.close()
+            return None  # another template won the race
+        except OSError:
+            os.unlink(path)
+            sock.bind(path)
+        finally:
+            probe.close()
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    return sock
+
+
+def _set_title(config: ShimConfig) -> None:
+    """Show the shim in ps as the Go shim's re-exec would look."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(f"containerd-shim-runc-v2-py -namespace {config.namespace} -id {config.id} -address {config.address}")
+
+
+def _become_shim(config: ShimConfig, env: dict[str, str], listener_fd: int) -> None:
+    """In the forked grandchild: turn into the shim, never return."""
+    code = 1
+    try:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if listener_fd != LISTEN_FD:
+            os.dup2(listener_fd, LISTEN_FD)
+        os.closerange(LISTEN_FD + 1, 1 << 16)  # the template's sockets and anything else
+        _set_title(config)  # before the environment changes: setproctitle reuses its memory
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(config.bundle)
+        from .daemon import main
+
+        code = main(config)
+    finally:
+        os._exit(code)
+
+
+def fork_shim(config: ShimConfig, env: dict[str, str], listener_fd: int) -> int:
+    """Fork, setsid, fork: the shim is orphaned at once, never our child."""
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(r)
+            os.setsid()
+            shim = os.fork()
+            if shim == 0:
+                os.close(w)
+                _become_shim(config, env, listener_fd)
+            os.write(w, str(shim).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        os.waitpid(middle, 0)
+        data = os.read(r, 32)
+    finally:
+        os.close(r)
+    return int(data) if data else 0
+
+
+def _serve_one(conn: socket.socket) -> None:
+    conn.settimeout(REQUEST_TIMEOUT)
+    if _peer_uid(conn) != os.getuid():
+        return
+    message, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 1)
+    try:
+        if len(fds) != 1:
+            return
+        request = json.loads(message)
+        if time.monotonic() > request["deadline"]:
+            conn.send(b'{"error": "deadline passed"}')
+            return  # the launcher has fallen back (or is about to)
+        pid = fork_shim(ShimConfig.from_json(request["config"]), request["env"], fds[0])
+        conn.send(json.dumps({"pid": pid}).encode())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _warm_up() -> None:
+    """Import and initialise everything a shim uses, so children share it."""
+    import setproctitle  # noqa: F401
+    import trio
+
+    from . import daemon  # noqa: F401  (pulls in the whole shim)
+
+    trio.run(trio.sleep, 0)
+    gc.collect()
+    gc.freeze()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    sys.exit(0)  # unwinds through main's cleanup
+
+
+def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    path = sys.argv[1]
+    sock = _bind(path)
+    if sock is None:
+        return
+    pid_file = path + ".pid"
+    inode = os.stat(path).st_ino
+    try:
+        with open(pid_file, "w") as f:
+            f.write(str(os.getpid()))
+        _warm_up()
+        sock.settimeout(IDLE_TIMEOUT)
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except socket.timeout:
+                break
+            with conn:
+                try:
+                    _serve_one(conn)
+                except (OSError, ValueError, KeyError):
+                    pass
+    finally:
+        # Remove the socket only if it is still ours (not a successor's).
+        try:
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+        except OSError:
+            pass
+        try:
+            os.unlink(pid_file)
+        except OSError:
+            pass
+        sock.close()

@@ -394,8 +394,6 @@ async def test_close_io_during_start_keeps_written_data(lab: Lab, fifos) -> None
     await finish(shim, cid)
 
 
-@pytest.mark.xfail(strict=True, reason="ResizePty of a not yet started process fails (FailedPrecondition "
-                   "'process has no io'); Go's Resize is a no-op while there is no console")
 async def test_resize_pty_before_start_is_a_no_op(lab: Lab) -> None:
     await lab.start_sink()
     shim, cid, bundle, _ = await running_task(lab, "resize")

@@ -487,9 +487,8 @@ class Container:
 
     def resize_pty(self, exec_id: str, width: int, height: int) -> None:
         process = self.process(exec_id)
-        if process.io is None:
-            raise FailedPrecondition("process has no io")
-        process.io.resize(width, height)
+        if process.io is not None:  # not started yet: nothing to resize (the Go shim agrees)
+            process.io.resize(width, height)
 
     async def pids(self) -> list[tuple[int, str]]:
         """(pid, exec id or "") for every process in the container."""

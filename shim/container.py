@@ -434,7 +434,7 @@ class Container:
             if not _gone(e):
                 raise
         init.lifecycle.apply(Op.DELETE)
-        if was_created:
+        if was_created and init.pid:  # a restore that never ran has no process to wait for
             with trio.move_on_after(CREATED_DELETE_WAIT):
                 await init.wait()
         self._release()

@@ -1,0 +1,231 @@
+"""OOM events and task metrics, through containerd 1.6 + ctr.
+
+They target our Python shim (runtime ``io.containerd.runc.v2-py``); to check
+the tests themselves against the reference Go shim:
+
+    SHIM_RUNTIME=io.containerd.runc.v2 .venv/bin/python -m pytest integration/test_oom_stats.py -q
+
+On this cgroup v1 (hybrid) host ``ctr task metrics`` gets
+``io.containerd.cgroups.v1.Metrics``; the table shows
+memory.usage_in_bytes/limit_in_bytes/stat.cache, cpuacct.usage(_percpu) and
+pids.current/limit, ``--format json`` the whole message (protobuf JSON names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from integration.harness import GO_RUNTIME, PY_RUNTIME, PY_SHIM_BINARY, wait_for
+
+RUNTIME = os.environ.get("SHIM_RUNTIME", PY_RUNTIME)
+IS_GO_SHIM = RUNTIME == GO_RUNTIME
+
+OOM_LIMIT = 32 * 1024 * 1024
+METRICS_LIMIT = 64 * 1024 * 1024
+OOM_REPEATS = 5
+
+
+@pytest.fixture(autouse=True)
+def _shim_installed(containerd):
+    if RUNTIME == PY_RUNTIME and shutil.which(PY_SHIM_BINARY, path=containerd.env["PATH"]) is None:
+        pytest.fail(f"{PY_SHIM_BINARY} not found on containerd's PATH ({containerd.env['PATH']})")
+
+
+# -- ctr events in the background ------------------------------------------------
+
+# "2026-11-25 10:58:52.129651712 +0000 UTC shimtest /tasks/oom {...}"
+EVENT_LINE_RE = re.compile(r"^\S+ \S+ \S+ \S+ (?P<ns>\S+) (?P<topic>/\S+) ?(?P<body>.*)$")
+
+
+@dataclass
+class Event:
+    namespace: str
+    topic: str
+    body: dict
+
+
+class EventStream:
+    """``ctr events`` (a Popen, ended by its pid) with its lines parsed as they arrive."""
+
+    def __init__(self, containerd) -> None:
+        self.containerd = containerd
+        self.events: list[Event] = []
+        self._lock = threading.Lock()
+        self.proc = containerd.ctr_popen("events", text=True, bufsize=1)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        try:
+            self._ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            m = EVENT_LINE_RE.match(line.rstrip("\n"))
+            if not m:
+                continue
+            try:
+                body = json.loads(m["body"]) if m["body"] else {}
+            except ValueError:
+                body = {"raw": m["body"]}
+            with self._lock:
+                self.events.append(Event(m["ns"], m["topic"], body))
+
+    def _ready(self) -> None:
+        """Wait until the subscription is live: a namespace label we set shows up.
+
+        The label is set again (new value) every half second: one set before
+        ``ctr events`` has subscribed is never delivered.
+        """
+        ns = self.containerd.namespace
+        tokens: set[str] = set()
+        last = [0.0]
+
+        def seen() -> bool:
+            if any(e.topic == "/namespaces/update" and e.body.get("labels", {}).get("shimtest-probe") in tokens
+                   for e in self.snapshot()):
+                return True
+            if time.monotonic() - last[0] >= 0.5:
+                token = f"oom{os.getpid()}-{time.monotonic_ns()}"
+                tokens.add(token)
+                self.containerd.ctr("namespaces", "label", ns, f"shimtest-probe={token}")
+                last[0] = time.monotonic()
+            return False
+
+        try:
+            wait_for(seen, timeout=15, message=lambda: f"ctr events to see our probe ({self.proc.poll()=})")
+        finally:
+            self.containerd.ctr("namespaces", "label", ns, "shimtest-probe=", check=False)
+
+    def snapshot(self) -> list[Event]:
+        with self._lock:
+            return list(self.events)
+
+    def tasks(self, cid: str) -> list[Event]:
+        return [e for e in self.snapshot()
+                if e.topic.startswith("/tasks/") and e.body.get("container_id") == cid]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, 9)
+        self.proc.communicate(timeout=10)
+        self._reader.join(timeout=5)
+
+
+@pytest.fixture
+def events(containerd):
+    stream = EventStream(containerd)
+    try:
+        yield stream
+    finally:
+        stream.close()
+
+
+# -- helpers -----------------------------------------------------------------------
+
+def task_status(containerd, cid) -> str | None:
+    t = containerd.tasks().get(cid)
+    return t["status"] if t else None
+
+
+def wait_status(containerd, cid, status, timeout=10.0):
+    wait_for(lambda: task_status(containerd, cid) == status, timeout=timeout,
+             message=lambda: f"task {cid} to be {status} (is {task_status(containerd, cid)})")
+
+
+def metrics_table(containerd, cid) -> dict[str, str]:
+    """``ctr task metrics ID`` (table): {metric: value}."""
+    r = containerd.ctr("task", "metrics", cid, check=False)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "METRIC" in r.stdout, r.stdout
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["METRIC", "VALUE"])
+    out = {}
+    for line in lines[start + 1:]:
+        name, _, value = line.strip().partition(" ")
+        if name:
+            out[name] = value.strip()
+    return out
+
+
+def metrics_json(containerd, cid) -> dict:
+    r = containerd.ctr("task", "metrics", "--format", "json", cid, check=False)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+# -- OOM -----------------------------------------------------------------------------
+
+def test_oom_event_precedes_exit_every_time(containerd, image, new_cid, events):
+    for attempt in range(OOM_REPEATS):
+        cid = new_cid(f"oom{attempt}")
+        r = containerd.ctr("run", "--rm", "--runtime", RUNTIME, "--memory-limit", str(OOM_LIMIT),
+                           image, cid, "sh", "-c", "tail /dev/zero", check=False, timeout=120)
+        assert r.returncode == 137, (attempt, r.stdout, r.stderr)
+        got = wait_for(
+            lambda: (lambda ev: ev if any(e.topic == "/tasks/delete" for e in ev) else None)(events.tasks(cid)),
+            timeout=10, message=lambda: f"/tasks/delete of {cid}; have {[e.topic for e in events.tasks(cid)]}")
+        topics = [e.topic for e in got]
+        assert "/tasks/oom" in topics, (attempt, topics)
+        exits = [i for i, t in enumerate(topics) if t == "/tasks/exit"]
+        assert len(exits) == 1, (attempt, topics)
+        assert topics.index("/tasks/oom") < exits[0], f"attempt {attempt}: /tasks/oom after /tasks/exit: {topics}"
+        assert got[exits[0]].body["exit_status"] == 137, got[exits[0]].body
+        assert cid not in containerd.containers()
+
+
+# -- metrics ----------------------------------------------------------------------------
+
+def test_metrics_of_running_task(containerd, image, cid):
+    containerd.ctr("run", "-d", "--runtime", RUNTIME, image, cid, "sleep", "300")
+    wait_status(containerd, cid, "RUNNING")
+
+    table = metrics_table(containerd, cid)
+    assert int(table["memory.usage_in_bytes"]) > 0, table
+    assert int(table["cpuacct.usage"]) > 0, table
+    assert table["cpuacct.usage_percpu"].startswith("["), table
+    assert int(table["pids.current"]) >= 1, table
+
+    data = metrics_json(containerd, cid)
+    # v1 Metrics (io.containerd.cgroups.v1.Metrics) in protobuf JSON names
+    assert {"pids", "cpu", "memory", "blkio"} <= set(data), data
+    assert data["pids"]["current"] >= 1
+    assert data["cpu"]["usage"]["total"] > 0 and data["cpu"]["usage"]["per_cpu"]
+    memory = data["memory"]
+    assert memory["usage"]["usage"] > 0 and memory["usage"]["limit"] > 0
+    assert {"usage", "swap", "kernel", "kernel_tcp"} <= set(memory), memory
+    assert "hierarchical_memory_limit" in memory, memory
+
+
+def test_metrics_show_memory_limit_and_survive_stop(containerd, image, cid):
+    containerd.ctr("run", "-d", "--runtime", RUNTIME, "--memory-limit", str(METRICS_LIMIT),
+                   image, cid, "sleep", "300")
+    wait_status(containerd, cid, "RUNNING")
+    table = metrics_table(containerd, cid)
+    assert int(table["memory.limit_in_bytes"]) == METRICS_LIMIT, table
+    data = metrics_json(containerd, cid)
+    assert data["memory"]["usage"]["limit"] == METRICS_LIMIT
+    assert data["memory"]["hierarchical_memory_limit"] == METRICS_LIMIT
+
+    containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
+    wait_status(containerd, cid, "STOPPED")
+    # Stopped but not deleted: the cgroup is still there (runc delete has not run),
+    # and the Go shim keeps answering from it; so do we.
+    table = metrics_table(containerd, cid)
+    assert int(table["pids.current"]) == 0, table
+    assert int(table["memory.limit_in_bytes"]) == METRICS_LIMIT, table
+    data = metrics_json(containerd, cid)
+    assert data["memory"]["usage"]["limit"] == METRICS_LIMIT
+    assert not data["pids"].get("current"), data["pids"]
+
+    containerd.ctr("task", "rm", cid)
+    containerd.ctr("containers", "rm", cid)

@@ -170,8 +170,11 @@ class Container:
         self._start_done = trio.Event()
         self._start_done.set()
 
-    def _new_io(self, stdio: StdioPaths) -> ProcessIO:
-        return ProcessIO(stdio)
+    def _new_io(self, stdio: StdioPaths, exec_id: str = "") -> ProcessIO:
+        options = self.request.options
+        return ProcessIO(
+            stdio, id=exec_id or self.id, namespace=self.ctx.namespace, uid=options.io_uid, gid=options.io_gid
+        )
 
     # -- create -----------------------------------------------------------
 
@@ -375,7 +378,7 @@ class Container:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(process.spec)
-            process.io = self._new_io(process.stdio)
+            process.io = self._new_io(process.stdio, process.exec_id)
             with self.ctx.reaper.hold():
                 await self.runc.exec(
                     self.id, spec_path, pid_file, process.io.runc_stdio(), console_socket=process.io.console_socket

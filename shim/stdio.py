@@ -41,6 +41,7 @@ import fcntl
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -49,7 +50,6 @@ import struct
 import tempfile
 import termios
 from dataclasses import dataclass
-from typing import Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import trio
@@ -135,12 +135,6 @@ def output_target(paths: StdioPaths) -> StdioTarget:
     return parse_stdio(paths.stdout or paths.stderr)
 
 
-class ExitWatcher(Protocol):
-    """The reaper, as far as logger binaries need it."""
-
-    def watch(self, pid: int): ...
-
-
 def _open_fifo(path: str, flags: int) -> int:
     try:
         return os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -160,9 +154,26 @@ class _Sink:
 
 @dataclass
 class _Logger:
+    """A logger binary: our child, reaped by the shim's reaper like any other.
+
+    We only ever look at it through a pidfd, which does not reap and cannot
+    reach a recycled pid.
+    """
+
     pid: int
-    watch: object  # reaper Watch: .exit, async .wait()
+    pidfd: int
     ready: int | None  # read end of the fd-5 pipe until the logger is ready
+
+    def exited(self) -> bool:
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def signal(self, signum: int) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, signum)
+        except ProcessLookupError:
+            pass
 
 
 class ProcessIO:
@@ -170,9 +181,7 @@ class ProcessIO:
 
     ``id`` and ``namespace`` are given to logger binaries (CONTAINER_ID,
     CONTAINER_NAMESPACE; Go passes the exec id for exec processes); ``uid``
-    and ``gid`` own the pipes handed to the container (IoUid/IoGid);
-    ``reaper`` (anything with ``watch(pid)``) is needed for ``binary://``:
-    the logger is our child, and its exit comes from the reaper.
+    and ``gid`` own the pipes handed to the container (IoUid/IoGid).
     """
 
     #: Path runc must be given as --console-socket (terminal processes only).
@@ -186,14 +195,12 @@ class ProcessIO:
         namespace: str = "",
         uid: int = 0,
         gid: int = 0,
-        reaper: ExitWatcher | None = None,
     ) -> None:
         self.paths = paths
         self.id = id
         self.namespace = namespace
         self.uid = uid
         self.gid = gid
-        self._reaper = reaper
         self._fds: set[int] = set()  # everything we own, closed by close()
         self._child: list[int | None] = [None, None, None]
         self._stdin_fifo: int | None = None  # read end of the stdin fifo
@@ -310,8 +317,6 @@ class ProcessIO:
         self.console_socket = path
 
     def _start_logger(self, target: StdioTarget, out_r: int, err_r: int) -> None:
-        if self._reaper is None:
-            raise ShimError("binary:// logging needs the reaper")
         ready_r, ready_w = self._pipe()
         high: list[int] = []
         try:
@@ -330,8 +335,6 @@ class ProcessIO:
                 file_actions=actions,
                 setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
             )
-            # No checkpoint between spawn and watch: the reaper cannot have run.
-            watch = self._reaper.watch(pid)
         except OSError as e:
             raise ShimError(f"failed to start binary process {target.path}: {e.strerror}") from e
         finally:
@@ -340,7 +343,12 @@ class ProcessIO:
             # The logger holds its own copies (binaryIO.CloseAfterStart).
             for fd in (out_r, err_r, ready_w):
                 self._close(fd)
-        self._logger = _Logger(pid, watch, ready_r)
+        try:
+            pidfd = os.pidfd_open(pid)  # no checkpoint since the spawn: not reaped yet
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            raise
+        self._logger = _Logger(pid, pidfd, ready_r)
 
     # -- what runc needs ------------------------------------------------------
 
@@ -454,7 +462,7 @@ class ProcessIO:
                 try:
                     data = self._read(src)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(src)
+                    await self._wait_readable(src)
                     continue
                 if not data:
                     break
@@ -509,7 +517,7 @@ class ProcessIO:
         with trio.CancelScope() as scope:
             self._console_wake = scope
             try:
-                await trio.lowlevel.wait_readable(master)
+                await self._wait_readable(master)
             finally:
                 self._console_wake = None
 
@@ -518,7 +526,7 @@ class ProcessIO:
         if self._console_stop_deadline is None:
             self._console_stop_deadline = trio.current_time() + CONSOLE_SETTLE
         with trio.move_on_at(self._console_stop_deadline):
-            await trio.lowlevel.wait_readable(master)
+            await self._wait_readable(master)
             return True
         return False
 
@@ -530,7 +538,7 @@ class ProcessIO:
     async def _copy_stdin(self, fifo: int, dst: int | None) -> None:
         try:
             while dst is not None:
-                await trio.lowlevel.wait_readable(fifo)
+                await self._wait_readable(fifo)
                 try:
                     data = self._read(fifo)
                 except BlockingIOError:
@@ -582,12 +590,17 @@ class ProcessIO:
     async def _sink_drain(self, sink: _Sink) -> None:
         """The last writer of a fifo gives its reader time to take the rest."""
         if sink.users == 1 and sink.kind == "fifo" and sink.fd in self._fds and not sink.broken:
-            await _wait_drained(sink.fd)
+            await _wait_drained(sink.fd, lambda: sink.fd in self._fds)
 
     def _sink_release(self, sink: _Sink) -> None:
         sink.users -= 1
         if sink.users <= 0:
             self._close(sink.fd)
+
+    async def _wait_readable(self, fd: int) -> None:
+        if fd not in self._fds:
+            raise trio.ClosedResourceError("closed")
+        await trio.lowlevel.wait_readable(fd)
 
     def _read(self, fd: int) -> bytes:
         if fd not in self._fds:
@@ -602,6 +615,8 @@ class ProcessIO:
             try:
                 n = os.write(fd, view)
             except BlockingIOError:
+                if fd not in self._fds:
+                    raise trio.ClosedResourceError("closed") from None
                 await trio.lowlevel.wait_writable(fd)
                 continue
             view = view[n:]
@@ -661,32 +676,30 @@ class ProcessIO:
     def _stop_logger(self) -> None:
         """Go's binaryIO.Close: pipes closed, SIGTERM, SIGKILL after 12s."""
         logger, self._logger = self._logger, None
-        if logger is None or logger.watch.exit is not None:
+        if logger is None:
             return
-        _signal(logger.pid, signal.SIGTERM)
-        if self._nursery is not None:
-            try:
-                self._nursery.start_soon(_reap_logger, logger)
-                return
-            except RuntimeError:
-                pass  # the shim is shutting down
-        _signal(logger.pid, signal.SIGKILL)
+        if not logger.exited():
+            logger.signal(signal.SIGTERM)
+            if self._nursery is not None:
+                try:
+                    self._nursery.start_soon(_stop_logger_later, logger)
+                    return
+                except RuntimeError:
+                    pass  # the shim is shutting down
+            logger.signal(signal.SIGKILL)
+        os.close(logger.pidfd)
 
 
-async def _reap_logger(logger: _Logger) -> None:
-    with trio.move_on_after(LOGGER_TERM_TIMEOUT):
-        await logger.watch.wait()
-        return
-    if logger.watch.exit is None:  # not reaped yet, so the pid is still its own
-        log.warning("logger binary %d still running %.0fs after SIGTERM, killing it", logger.pid, LOGGER_TERM_TIMEOUT)
-        _signal(logger.pid, signal.SIGKILL)
-
-
-def _signal(pid: int, signum: int) -> None:
+async def _stop_logger_later(logger: _Logger) -> None:
     try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
+        with trio.move_on_after(LOGGER_TERM_TIMEOUT):
+            await trio.lowlevel.wait_readable(logger.pidfd)
+            return
+        log.warning("logger binary %d still running %.0fs after SIGTERM, killing it", logger.pid, LOGGER_TERM_TIMEOUT)
+        logger.signal(signal.SIGKILL)
+    finally:
+        _notify_closing(logger.pidfd)
+        os.close(logger.pidfd)
 
 
 async def _receive_fd(conn: socket.socket) -> int:
@@ -723,7 +736,7 @@ def _unread(fd: int) -> int:
     return buf[0]
 
 
-async def _wait_drained(fifo: int) -> None:
+async def _wait_drained(fifo: int, alive=lambda: True) -> None:
     """Give a reading client the chance to take the fifo's last bytes.
 
     Clients such as ctr stop reading as soon as they learn of the exit, so
@@ -734,6 +747,8 @@ async def _wait_drained(fifo: int) -> None:
     stalled = 0
     while last and stalled < DRAIN_STALL_POLLS:
         await trio.sleep(DRAIN_POLL)
+        if not alive():
+            return
         now = _unread(fifo)
         stalled = stalled + 1 if now >= last else 0
         last = now

@@ -1,0 +1,613 @@
+"""shim.stdio: URI parsing, fifos, terminals via a real console socket, file:// and binary:// logs.
+
+Nothing here needs root except the IoUid/IoGid chown test. runc is simulated:
+for a terminal the test connects to ``io.console_socket`` and sends a pty
+master from ``os.openpty()`` with SCM_RIGHTS, as ``runc create
+--console-socket`` does.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import termios
+import textwrap
+import time
+import tty
+
+import pytest
+import trio
+
+from shim import stdio as stdio_mod
+from shim.errors import InvalidArgument, ShimError
+from shim.stdio import ProcessIO, StdioPaths, StdioTarget, parse_stdio
+
+# --- parsing -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("", StdioTarget("fifo", "")),
+        ("/run/containerd/fifo/1/c-stdout", StdioTarget("fifo", "/run/containerd/fifo/1/c-stdout")),
+        ("/odd/path?with#chars", StdioTarget("fifo", "/odd/path?with#chars")),
+        ("fifo:///run/x/stdout", StdioTarget("fifo", "/run/x/stdout")),
+        ("file:///var/log/c/out.log", StdioTarget("file", "/var/log/c/out.log")),
+        ("FILE:///a%20b/out.log", StdioTarget("file", "/a b/out.log")),
+        ("binary:///usr/bin/logger", StdioTarget("binary", "/usr/bin/logger")),
+        (
+            "binary:///usr/bin/logger?level=debug&tag=a+b&flag&level=again",
+            StdioTarget("binary", "/usr/bin/logger", ("level", "debug", "tag", "a b", "flag", "")),
+        ),
+    ],
+)
+def test_parse_stdio(uri: str, expected: StdioTarget) -> None:
+    assert parse_stdio(uri) == expected
+
+
+def test_unknown_scheme_is_an_unknown_error() -> None:
+    with pytest.raises(ShimError, match="unknown STDIO scheme syslog") as info:
+        parse_stdio("syslog://localhost")
+    assert type(info.value) is ShimError  # Go returns a plain error: gRPC Unknown
+    with pytest.raises(ShimError, match="unknown STDIO scheme"):
+        ProcessIO(StdioPaths(stdout="tcp://1.2.3.4:5"))
+
+
+def test_uri_without_path_is_invalid() -> None:
+    with pytest.raises(InvalidArgument):
+        parse_stdio("file://")
+
+
+def test_stdin_must_be_a_fifo(tmp_path) -> None:
+    with pytest.raises(InvalidArgument):
+        ProcessIO(StdioPaths(stdin=f"file://{tmp_path}/in"))
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+def mkfifo(path) -> str:
+    os.mkfifo(path)
+    return str(path)
+
+
+async def read_until(fd: int, expected: bytes, timeout: float = 5.0) -> bytes:
+    """Read a non-blocking fd until ``expected`` was seen (or EOF/EIO)."""
+    got = b""
+    with trio.move_on_after(timeout):
+        while expected not in got:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                await trio.sleep(0.01)
+                continue
+            except OSError as e:
+                if e.errno == errno.EIO:
+                    break
+                raise
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+async def read_to_eof(fd: int, timeout: float = 5.0) -> bytes:
+    got = b""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                await trio.sleep(0.01)
+                continue
+            except OSError as e:
+                if e.errno == errno.EIO:
+                    return got
+                raise
+            if not chunk:
+                return got
+            got += chunk
+
+
+def nonblocking(fd: int) -> int:
+    os.set_blocking(fd, False)
+    return fd
+
+
+def send_master(path: str, master: int, name: bytes = b"/dev/pts/7") -> None:
+    """What runc does with --console-socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        socket.send_fds(s, [name], [master])
+
+
+def winsize(fd: int) -> tuple[int, int]:
+    rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+    return rows, cols
+
+
+# --- fifos ------------------------------------------------------------------------
+
+
+async def test_fifo_copy_and_close_stdin_keeps_data(tmp_path) -> None:
+    """CloseIO right after the client's last write loses nothing (Go: the
+    shim holds a writer on the stdin fifo until CloseIO)."""
+    fin, fout = mkfifo(tmp_path / "in"), mkfifo(tmp_path / "out")
+    client_out = os.open(fout, os.O_RDONLY | os.O_NONBLOCK)
+    io = ProcessIO(StdioPaths(stdin=fin, stdout=fout))
+    client_in = os.open(fin, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        child = io.runc_stdio()
+        assert child.stderr is None
+        c_in, c_out = os.dup(child.stdin), os.dup(child.stdout)
+        io.close_child_ends()
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            os.write(client_in, b"abc")
+            os.close(client_in)
+            io.close_stdin()
+            nonblocking(c_in)
+            assert await read_to_eof(c_in) == b"abc"
+            os.write(c_out, b"hello\n")
+            os.close(c_out)
+            assert await io.wait_output(5)
+            assert await read_until(client_out, b"hello\n") == b"hello\n"
+            io.close()
+        os.close(c_in)
+    finally:
+        io.close()
+        os.close(client_out)
+
+
+async def test_client_detaching_does_not_end_stdin(tmp_path) -> None:
+    fin = mkfifo(tmp_path / "in")
+    io = ProcessIO(StdioPaths(stdin=fin))
+    client_in = os.open(fin, os.O_WRONLY | os.O_NONBLOCK)
+    c_in = nonblocking(os.dup(io.runc_stdio().stdin))
+    io.close_child_ends()
+    try:
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            os.write(client_in, b"x")
+            os.close(client_in)  # the client went away, no CloseIO
+            assert await read_until(c_in, b"x", timeout=2) == b"x"
+            await trio.sleep(0.2)
+            with pytest.raises(BlockingIOError):  # no EOF
+                os.read(c_in, 10)
+            # a new client attaches and writes
+            again = os.open(fin, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(again, b"y")
+            assert await read_until(c_in, b"y", timeout=2) == b"y"
+            os.close(again)
+            io.close_stdin()
+            assert await read_to_eof(c_in) == b""
+            io.close()
+    finally:
+        io.close()
+        os.close(c_in)
+
+
+def test_resize_without_terminal_is_a_noop(tmp_path) -> None:
+    io = ProcessIO(StdioPaths(stdout=mkfifo(tmp_path / "out")))
+    try:
+        assert io.console_socket is None
+        io.resize(80, 24)
+    finally:
+        io.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_io_uid_gid_own_the_container_ends(tmp_path) -> None:
+    paths = StdioPaths(stdin=mkfifo(tmp_path / "in"), stdout=mkfifo(tmp_path / "out"), stderr=mkfifo(tmp_path / "err"))
+    io = ProcessIO(paths, uid=1234, gid=5678)
+    try:
+        for fd in io.runc_stdio().__dict__.values():
+            st = os.fstat(fd)
+            assert (st.st_uid, st.st_gid) == (1234, 5678)
+    finally:
+        io.close()
+
+
+# --- terminals ----------------------------------------------------------------------
+
+
+async def test_terminal_copies_both_ways_and_resizes(tmp_path) -> None:
+    fin, fout = mkfifo(tmp_path / "in"), mkfifo(tmp_path / "out")
+    client_out = os.open(fout, os.O_RDONLY | os.O_NONBLOCK)
+    io = ProcessIO(StdioPaths(stdin=fin, stdout=fout, terminal=True))
+    client_in = os.open(fin, os.O_WRONLY | os.O_NONBLOCK)
+    sock = io.console_socket
+    assert sock and len(sock) < 108 and stat.S_ISSOCK(os.stat(sock).st_mode)
+    assert io.runc_stdio().__dict__ == {"stdin": None, "stdout": None, "stderr": None}
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    try:
+        send_master(sock, master)
+        os.close(master)  # runc's copy
+        io.close_child_ends()
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            assert not os.path.exists(os.path.dirname(sock))  # socket and its dir removed
+
+            io.resize(101, 33)
+            assert winsize(slave) == (33, 101)
+
+            os.write(client_in, b"typed\n")
+            nonblocking(slave)
+            assert await read_until(slave, b"typed\n") == b"typed\n"
+
+            os.write(slave, b"printed\n")
+            assert await read_until(client_out, b"printed\n") == b"printed\n"
+
+            os.close(slave)  # the process and everything holding the pty exits: EIO = EOF
+            slave = -1
+            assert await io.wait_output(5)
+            io.close()
+    finally:
+        io.close()
+        for fd in (client_in, client_out, slave):
+            if fd >= 0:
+                os.close(fd)
+
+
+async def test_terminal_output_after_exit_is_drained(tmp_path) -> None:
+    """A process that writes a lot and exits: everything reaches the fifo."""
+    fout = mkfifo(tmp_path / "out")
+    client_out = os.open(fout, os.O_RDONLY | os.O_NONBLOCK)
+    io = ProcessIO(StdioPaths(stdout=fout, terminal=True))
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    payload = b"".join(b"line %06d\n" % i for i in range(20000))  # 240 KB, more than any buffer
+    try:
+        send_master(io.console_socket, master)
+        os.close(master)
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            got = bytearray()
+
+            async def client() -> None:
+                got.extend(await read_until(client_out, b"line 019999\n", timeout=10))
+
+            nursery.start_soon(client)
+            await trio.to_thread.run_sync(os.write, slave, payload)  # blocking writes
+            os.close(slave)
+            slave = -1
+            assert await io.wait_output(10)
+        assert bytes(got) == payload
+    finally:
+        io.close()
+        os.close(client_out)
+        if slave >= 0:
+            os.close(slave)
+
+
+async def test_terminal_exit_with_slave_still_open_stops_copying(tmp_path) -> None:
+    """A background process keeps the pty open: the exit does not wait for it."""
+    fout = mkfifo(tmp_path / "out")
+    client_out = os.open(fout, os.O_RDONLY | os.O_NONBLOCK)
+    io = ProcessIO(StdioPaths(stdout=fout, terminal=True))
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    try:
+        send_master(io.console_socket, master)
+        os.close(master)
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            os.write(slave, b"last words\n")
+            start = trio.current_time()
+            assert await io.wait_output(3)
+            assert trio.current_time() - start < 1
+            assert await read_until(client_out, b"last words\n") == b"last words\n"
+            io.resize(50, 20)  # the master stays usable until close()
+            assert winsize(slave) == (20, 50)
+            io.close()
+    finally:
+        io.close()
+        os.close(client_out)
+        os.close(slave)
+
+
+async def test_terminal_close_stdin_hangs_up(tmp_path) -> None:
+    """Go: stdin over (CloseIO + clients gone) → console shut down and closed."""
+    fin, fout = mkfifo(tmp_path / "in"), mkfifo(tmp_path / "out")
+    client_out = os.open(fout, os.O_RDONLY | os.O_NONBLOCK)
+    io = ProcessIO(StdioPaths(stdin=fin, stdout=fout, terminal=True))
+    client_in = os.open(fin, os.O_WRONLY | os.O_NONBLOCK)
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    nonblocking(slave)
+    try:
+        send_master(io.console_socket, master)
+        os.close(master)
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            os.write(client_in, b"bye\n")
+            assert await read_until(slave, b"bye\n") == b"bye\n"
+            os.close(client_in)
+            client_in = -1
+            await trio.sleep(0.1)
+            assert not io._hangup  # clients gone, but no CloseIO yet
+            io.close_stdin()
+            with trio.fail_after(5):
+                while True:  # the slave sees the hangup: EOF or EIO
+                    try:
+                        if os.read(slave, 100) == b"":
+                            break
+                    except BlockingIOError:
+                        await trio.sleep(0.01)
+                    except OSError as e:
+                        assert e.errno == errno.EIO
+                        break
+            assert await io.wait_output(5)
+            io.close()
+    finally:
+        io.close()
+        for fd in (client_in, client_out, slave):
+            if fd >= 0:
+                os.close(fd)
+
+
+async def test_console_socket_removed_on_close_without_start() -> None:
+    io = ProcessIO(StdioPaths(terminal=True))
+    path = io.console_socket
+    assert path and os.path.exists(path)
+    io.close()
+    assert not os.path.exists(os.path.dirname(path))
+
+
+async def test_console_socket_honours_xdg_runtime_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    io = ProcessIO(StdioPaths(terminal=True))
+    try:
+        assert os.path.dirname(os.path.dirname(io.console_socket)) == str(tmp_path)
+        assert stat.S_IMODE(os.stat(io.console_socket).st_mode) == 0o755 | stat.S_ISVTX
+    finally:
+        io.close()
+
+
+# --- file:// -----------------------------------------------------------------------------
+
+
+async def test_file_uri_appends_stdout_and_stderr(tmp_path) -> None:
+    log_path = tmp_path / "new" / "dir" / "out.log"
+    uri = f"file://{log_path}"
+    io = ProcessIO(StdioPaths(stdout=uri, stderr=uri))
+    try:
+        assert oct(stat.S_IMODE(os.stat(log_path.parent).st_mode) | 0o022) == oct(0o755 | 0o022)
+        mode = stat.S_IMODE(os.stat(log_path).st_mode)
+        assert mode == 0o644 & ~_umask()
+        child = io.runc_stdio()
+        out, err = os.dup(child.stdout), os.dup(child.stderr)
+        io.close_child_ends()
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            os.write(out, b"to stdout\n")
+            with trio.fail_after(5):
+                while b"to stdout\n" not in log_path.read_bytes():
+                    await trio.sleep(0.01)
+            os.write(err, b"to stderr\n")
+            os.close(out)
+            os.close(err)
+            assert await io.wait_output(5)
+            io.close()
+        assert log_path.read_bytes() == b"to stdout\nto stderr\n"
+    finally:
+        io.close()
+
+    # a second process appends to the same file
+    io = ProcessIO(StdioPaths(stdout=uri))
+    try:
+        assert io.runc_stdio().stderr is None
+        out = os.dup(io.runc_stdio().stdout)
+        io.close_child_ends()
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            os.write(out, b"again\n")
+            os.close(out)
+            assert await io.wait_output(5)
+            io.close()
+        assert log_path.read_bytes() == b"to stdout\nto stderr\nagain\n"
+    finally:
+        io.close()
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+async def test_file_uri_with_terminal(tmp_path) -> None:
+    log_path = tmp_path / "tty.log"
+    io = ProcessIO(StdioPaths(stdout=f"file://{log_path}", terminal=True))
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    try:
+        send_master(io.console_socket, master)
+        os.close(master)
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            os.write(slave, b"from the tty\n")
+            os.close(slave)
+            slave = -1
+            assert await io.wait_output(5)
+            io.close()
+        assert log_path.read_bytes() == b"from the tty\n"
+    finally:
+        io.close()
+        if slave >= 0:
+            os.close(slave)
+
+
+# --- binary:// -------------------------------------------------------------------------------
+
+LOGGER = textwrap.dedent(
+    """\
+    #!{python} -I
+    # Test logger: fd 3 → DIR/stdout, fd 4 → DIR/stderr, argv and env → DIR/info.
+    import os, selectors, signal, sys, time
+    args = sys.argv[1:]
+    opts = dict(zip(args[::2], args[1::2]))
+    d = opts["dir"]
+    if "hang" in opts:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(os.path.join(d, "info"), "w") as f:
+        f.write(repr((args, dict(os.environ), os.getpid())))
+    time.sleep(float(opts.get("delay", "0")))
+    os.close(5)  # ready
+    files = {{3: open(os.path.join(d, "stdout"), "wb"), 4: open(os.path.join(d, "stderr"), "wb")}}
+    sel = selectors.DefaultSelector()
+    for fd in files:
+        sel.register(fd, selectors.EVENT_READ)
+    while sel.get_map():
+        for key, _ in sel.select():
+            data = os.read(key.fd, 65536)
+            if data:
+                files[key.fd].write(data)
+                files[key.fd].flush()
+            else:
+                sel.unregister(key.fd)
+    for f in files.values():
+        f.close()
+    if "hang" in opts:
+        time.sleep(60)
+    """
+)
+
+
+@pytest.fixture
+def logger(tmp_path) -> str:
+    path = tmp_path / "logger.py"
+    path.write_text(LOGGER.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)
+
+
+def pid_gone(pid: int) -> bool:
+    """Exited (a zombie counts: the shim's reaper collects it, not ProcessIO)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def wait_pid_gone(pid: int, timeout: float) -> None:
+    with trio.fail_after(timeout):
+        while not pid_gone(pid):
+            await trio.sleep(0.02)
+
+
+def reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+async def test_binary_logger_gets_output_args_and_env(tmp_path, logger) -> None:
+    out_dir = tmp_path / "logs"
+    out_dir.mkdir()
+    uri = f"binary://{logger}?dir={out_dir}&delay=0.3"
+    paths = StdioPaths(stdin=mkfifo(tmp_path / "in"), stdout=uri, stderr=uri)
+    io = ProcessIO(paths, id="c1", namespace="ns1")
+    pid = io._logger.pid
+    try:
+        child = io.runc_stdio()
+        assert child.stdin is None  # Go: no stdin with a logger binary
+        out, err = os.dup(child.stdout), os.dup(child.stderr)
+        io.close_child_ends()
+        async with trio.open_nursery() as nursery:
+            start = trio.current_time()
+            await io.start(nursery)  # returns once the logger closed fd 5
+            assert trio.current_time() - start >= 0.25
+            os.write(out, b"o1\n")
+            os.write(err, b"e1\n")
+            os.close(out)
+            os.close(err)
+            assert await io.wait_output(1)  # nothing for the shim to copy
+            await wait_pid_gone(pid, 5)  # EOF on fd 3 and 4: the logger exits by itself
+            io.close()
+        assert (out_dir / "stdout").read_bytes() == b"o1\n"
+        assert (out_dir / "stderr").read_bytes() == b"e1\n"
+        args, env, _ = eval((out_dir / "info").read_text())
+        assert args == ["dir", str(out_dir), "delay", "0.3"]
+        # only these two (Python itself may add LC_CTYPE, PEP 538)
+        assert {k: v for k, v in env.items() if k != "LC_CTYPE"} == {"CONTAINER_ID": "c1", "CONTAINER_NAMESPACE": "ns1"}
+    finally:
+        io.close()
+        reap(pid)
+
+
+async def test_binary_logger_with_terminal(tmp_path, logger) -> None:
+    out_dir = tmp_path / "logs"
+    out_dir.mkdir()
+    io = ProcessIO(StdioPaths(stdout=f"binary://{logger}?dir={out_dir}", terminal=True), id="c2", namespace="ns")
+    pid = io._logger.pid
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    try:
+        send_master(io.console_socket, master)
+        os.close(master)
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            os.write(slave, b"tty out\n")
+            os.close(slave)
+            slave = -1
+            assert await io.wait_output(5)
+            await wait_pid_gone(pid, 5)
+            io.close()
+        assert (out_dir / "stdout").read_bytes() == b"tty out\n"
+        assert (out_dir / "stderr").read_bytes() == b""
+    finally:
+        io.close()
+        reap(pid)
+        if slave >= 0:
+            os.close(slave)
+
+
+async def test_binary_logger_killed_after_term_timeout(tmp_path, logger, monkeypatch) -> None:
+    monkeypatch.setattr(stdio_mod, "LOGGER_TERM_TIMEOUT", 0.5)
+    out_dir = tmp_path / "logs"
+    out_dir.mkdir()
+    uri = f"binary://{logger}?dir={out_dir}&hang=1"
+    io = ProcessIO(StdioPaths(stdout=uri, stderr=uri), id="c3", namespace="ns")
+    pid = io._logger.pid
+    try:
+        io.close_child_ends()
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            await trio.sleep(0.3)
+            assert not pid_gone(pid)  # ignores SIGTERM, sleeps after EOF
+            io.close()  # SIGTERM now, SIGKILL after the timeout
+            await trio.sleep(0.2)
+            assert not pid_gone(pid)
+            await wait_pid_gone(pid, 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    finally:
+        io.close()
+        reap(pid)
+
+
+def test_missing_logger_binary_fails_create(tmp_path) -> None:
+    with pytest.raises(ShimError, match="failed to start binary process"):
+        ProcessIO(StdioPaths(stdout=f"binary://{tmp_path}/nope"))
+
+
+async def test_logger_closed_before_start_is_killed(tmp_path, logger) -> None:
+    out_dir = tmp_path / "logs"
+    out_dir.mkdir()
+    io = ProcessIO(StdioPaths(stdout=f"binary://{logger}?dir={out_dir}&hang=1"))
+    pid = io._logger.pid
+    try:
+        io.close()  # failed create: no nursery, SIGKILL at once
+        await wait_pid_gone(pid, 3)
+    finally:
+        reap(pid)

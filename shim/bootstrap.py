@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 DEFAULT_SOCKET_DIR = "/run/containerd/s"
 PROTOCOL = "ttrpc"
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
+RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 LOG_LEVEL_DEBUG = -4  # bootstrap.proto LogLevel; the Go shim logs debug at <= DEBUG
 #: The highest task API version we will claim (containerd.task.v3.Task).
 MAX_VERSION = 3
@@ -295,6 +296,31 @@ def _runtime_options(extensions: list[RawAny]) -> RawAny | None:
         if ext.type_name == RUNC_OPTIONS_TYPE:
             return ext
     return extensions[0] if extensions else None
+
+
+def shim_cgroup(options: RawAny | None) -> str:
+    """Options.shim_cgroup (field 3) from the runtime options, without protobuf.
+
+    CRI's runtimeoptions.v1.Options carries it as ``ShimCgroup`` in TOML.
+    """
+    if options is None:
+        return ""
+    try:
+        if options.type_name == RUNC_OPTIONS_TYPE:
+            for number, wire, value in _fields(options.value):
+                if number == 3 and wire == 2:
+                    return _text(value)
+        elif options.type_name == RUNTIME_OPTIONS_TYPE:
+            from .errors import ShimError
+            from .options import from_any  # rare (CRI): TOML parsing is worth its import here
+
+            try:
+                return from_any(options.type_url, options.value).shim_cgroup
+            except ShimError:
+                return ""
+    except (Malformed, ValueError):
+        return ""
+    return ""
 
 
 def parse_start_input(stdin: bytes, flags: "Flags", env: Mapping[str, str]) -> StartInput:

@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     if flags.action == "start":
         from .launcher import start
 
-        sys.exit(start(flags))
+        try:
+            sys.exit(start(flags))
+        except OSError as e:  # containerd shows this text as the start failure
+            print(f"start failed: {e}", file=sys.stderr)
+            sys.exit(1)
     if flags.action == "delete":
         from .cleanup import delete
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import signal
 import socket
 import sys
 
-from .bootstrap import DEFAULT_SOCKET_DIR, parse_start_input, render_start_output
+from .bootstrap import DEFAULT_SOCKET_DIR, parse_start_input, render_start_output, shim_cgroup
 from .bundle import ADDRESS_FILE, write_atomic
 from .cli import Flags
 from . import template
@@ -90,6 +91,34 @@ def _oom_score_above_parent(pid: int) -> None:
         pass
 
 
+def join_cgroup(pid: int, path: str, root: str = "/sys/fs/cgroup") -> None:
+    """Move the shim into Options.shim_cgroup, as the Go shim's start does.
+
+    cgroup v2: <root>/<path>/cgroup.procs. v1 (also hybrid): every mounted
+    hierarchy that has <path>; at least one must. Like Go, a missing cgroup
+    fails the start rather than leaving the shim somewhere unexpected.
+    """
+    rel = path.lstrip("/")
+    if os.path.exists(os.path.join(root, "cgroup.controllers")):
+        targets = [os.path.join(root, rel)]
+    else:
+        targets = [
+            os.path.join(entry.path, rel)
+            for entry in os.scandir(root)
+            if entry.is_dir() and entry.name != "unified" and os.path.isdir(os.path.join(entry.path, rel))
+        ]
+    joined = 0
+    for target in targets:
+        try:
+            with open(os.path.join(target, "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+            joined += 1
+        except FileNotFoundError:
+            continue
+    if not joined:
+        raise FileNotFoundError(f"shim cgroup {path} does not exist under {root}")
+
+
 def spawn(config: ShimConfig, sock: socket.socket) -> int:
     """Exec a fresh interpreter running the shim, with the listener as fd 3."""
     import subprocess
@@ -156,6 +185,13 @@ def start(flags: Flags) -> int:
         finally:
             sock.close()
         _oom_score_above_parent(pid)
+        cgroup = shim_cgroup(given.options_any)
+        if cgroup:
+            try:
+                join_cgroup(pid, cgroup)
+            except OSError:
+                os.kill(pid, signal.SIGKILL)  # a shim outside its cgroup must not serve
+                raise
     write_atomic(os.path.join(bundle, ADDRESS_FILE), address)
     sys.stdout.buffer.write(render_start_output(address, given))
     sys.stdout.flush()

@@ -343,6 +343,139 @@ def _cgroup_v1_controllers() -> list[Path]:
 
 
 # --------------------------------------------------------------------------
+# crun on a hybrid cgroup host: hugetlb on cgroup v1
+# --------------------------------------------------------------------------
+#
+# crun 1.8 refuses a hybrid cgroup host while any controller is left on the
+# cgroup v2 (unified) hierarchy ("cgroups in hybrid mode not supported, drop
+# all controllers from cgroupv2"); on this VM that is hugetlb, which has no v1
+# mount.  ``hugetlb_on_v1()`` mounts it on v1 (only if it is not mounted
+# already and crun would refuse) and undoes exactly that afterwards.
+
+CGROUP_UNIFIED = CGROUP_V1_ROOT / "unified"
+HUGETLB_V1 = CGROUP_V1_ROOT / "hugetlb"
+CRUN_HYBRID_ERROR = "cgroups in hybrid mode not supported"
+
+
+def hugetlb_mounted() -> bool:
+    return os.path.ismount(HUGETLB_V1)
+
+
+def v2_controllers() -> list[str]:
+    """Controllers enabled on the hybrid host's unified hierarchy (what crun objects to)."""
+    try:
+        return (CGROUP_UNIFIED / "cgroup.controllers").read_text().split()
+    except OSError:
+        return []
+
+
+def hybrid_host() -> bool:
+    return os.path.ismount(CGROUP_UNIFIED) and not (CGROUP_V1_ROOT / "cgroup.controllers").exists()
+
+
+def crun_refuses_host() -> bool:
+    """crun would refuse this host: hybrid, with hugetlb still on cgroup v2 and not on v1."""
+    return hybrid_host() and not hugetlb_mounted() and "hugetlb" in v2_controllers()
+
+
+def hugetlb_cgroup_count() -> int | None:
+    """num_cgroups of hugetlb's hierarchy (/proc/cgroups), dying ones included."""
+    for line in Path("/proc/cgroups").read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0] == "hugetlb":
+            return int(fields[2])
+    return None
+
+
+def _remove_empty_cgroups(root: Path) -> list[str]:
+    """rmdir every cgroup below ``root``, leaves first; return those still there (busy)."""
+    dirs = sorted((Path(d) for d, _, _ in os.walk(root) if Path(d) != root),
+                  key=lambda p: len(p.parts), reverse=True)
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    return [str(d) for d in dirs if d.exists()]
+
+
+def _mount_hugetlb() -> None:
+    subprocess.run(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", str(HUGETLB_V1)],
+                   check=True, capture_output=True, text=True)
+
+
+def _umount_hugetlb() -> None:
+    subprocess.run(["umount", str(HUGETLB_V1)], check=True, capture_output=True, text=True)
+
+
+def release_hugetlb_v1(timeout: float = 60.0) -> list[str]:
+    """Unmount our hugetlb v1 mount so that its hierarchy really goes; return problems.
+
+    The kernel destroys an unmounted v1 hierarchy only if it had no child
+    cgroups at umount, dying ones included; otherwise it lingers (hugetlb stays
+    off cgroup v2, its cgroups unreachable). While mounted, every runc/crun
+    container on the host (other test sessions too) gets a hugetlb cgroup, so:
+    remove the empty ones, wait until the kernel has released them and none is
+    busy, unmount; if one slipped in meanwhile, mount again and repeat.
+    """
+    deadline = time.monotonic() + timeout
+    busy: list[str] = []
+    while True:
+        busy = _remove_empty_cgroups(HUGETLB_V1)
+        if not busy and hugetlb_cgroup_count() == 1:
+            _umount_hugetlb()
+            with contextlib.suppress(TimeoutError):
+                wait_for(lambda: "hugetlb" in v2_controllers(), timeout=2, interval=0.05,
+                         message="hugetlb back on cgroup v2")
+                return []
+            _mount_hugetlb()  # a cgroup appeared between the check and the umount
+            continue
+        if time.monotonic() >= deadline:
+            _umount_hugetlb()
+            return [f"hugetlb v1 hierarchy left behind: busy cgroups {busy}, "
+                    f"{hugetlb_cgroup_count()} cgroups in /proc/cgroups"]
+        time.sleep(0.1)
+
+
+class HugetlbMountError(RuntimeError):
+    """hugetlb could not be mounted on cgroup v1 (callers typically skip)."""
+
+
+@contextlib.contextmanager
+def hugetlb_on_v1(release_timeout: float = 60.0):
+    """hugetlb on cgroup v1 at /sys/fs/cgroup/hugetlb for the ``with`` block, if crun needs it.
+
+    Yields True if it mounted, False if nothing was needed (already a mount,
+    or not a hybrid host with hugetlb on v2).  Mounted only then; undone at
+    exit by ``release_hugetlb_v1``, and the directory removed if we created
+    it.  Raises ``HugetlbMountError`` if the mount fails (nothing left
+    behind), ``AssertionError`` at exit if the hierarchy could not be released.
+    """
+    if hugetlb_mounted() or not crun_refuses_host():
+        yield False
+        return
+    created_dir = not HUGETLB_V1.exists()
+    HUGETLB_V1.mkdir(exist_ok=True)
+    try:
+        _mount_hugetlb()
+    except subprocess.CalledProcessError as e:
+        if created_dir:
+            HUGETLB_V1.rmdir()
+        raise HugetlbMountError(f"cannot mount hugetlb on cgroup v1: {e.stderr.strip()}") from None
+    try:
+        yield True
+    finally:
+        problems = release_hugetlb_v1(release_timeout)
+        if created_dir:
+            with contextlib.suppress(OSError):
+                HUGETLB_V1.rmdir()
+        assert not problems, problems
+
+
+def oci_runtime_binary() -> str:
+    """The OCI runtime that ``ctr run --runtime <ours>`` uses in this session ($SHIM_RUNC_BINARY or runc)."""
+    return os.environ.get(RUNC_BINARY_ENV, "") or "runc"
+
+
+# --------------------------------------------------------------------------
 # the busybox image
 # --------------------------------------------------------------------------
 
@@ -507,8 +640,10 @@ class Containerd:
     """A private containerd (never the default socket) in ``/tmp/ctrd-XXXX``."""
 
     def __init__(self, log_level: str = "debug", namespace: str = NAMESPACE,
-                 extra_config: str = "", tmp_parent: str = "/tmp") -> None:
+                 extra_config: str = "", tmp_parent: str = "/tmp",
+                 extra_env: dict[str, str] | None = None) -> None:
         self.log_level = log_level
+        self.extra_env = dict(extra_env or {})  # containerd's env, so also the shims' env
         self._namespace = namespace
         self.extra_config = extra_config
         self.tmp_parent = tmp_parent
@@ -570,6 +705,7 @@ class Containerd:
         env = {k: v for k, v in os.environ.items()
                if k not in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "PYTHONPATH")}
         env["PATH"] = os.pathsep.join([str(PROJECT_BIN), str(VENV_BIN), SYSTEM_PATH])
+        env.update(self.extra_env)
         return env
 
     # -- lifecycle ----------------------------------------------------------

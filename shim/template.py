@@ -211,11 +211,11 @@ def _serve_one(conn: socket.socket) -> None:
 def _warm_up() -> None:
     """Import and initialise everything a shim uses, so children share it."""
     import setproctitle  # noqa: F401
-    import trio
 
     from . import daemon  # noqa: F401  (pulls in the whole shim)
+    from .warmup import warm_up
 
-    trio.run(trio.sleep, 0)
+    warm_up()
     gc.collect()
     gc.freeze()
 

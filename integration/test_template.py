@@ -1,0 +1,110 @@
+"""The warm template (shim/template.py): shims forked from it, and every way it can fail.
+
+Correctness must never depend on the template: when it is missing, killed,
+stopped or disabled, containers still start (the launcher spawns the shim),
+and running shims are never affected, since they are not its children.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from integration.harness import PY_RUNTIME, Containerd, pid_alive, read_cmdline, read_status, shim_pids, wait_for
+
+RUNTIME = os.environ.get("SHIM_RUNTIME", PY_RUNTIME)
+pytestmark = pytest.mark.skipif(RUNTIME != PY_RUNTIME, reason="the template is this shim's own")
+
+
+def run_detached(containerd: Containerd, image: str, cid: str) -> int:
+    containerd.ctr("run", "-d", "--runtime", RUNTIME, image, cid, "sleep", "120")
+    [shim] = wait_for(lambda: shim_pids(cid, address=containerd.address), message=f"shim of {cid}")
+    return shim
+
+
+def remove(containerd: Containerd, cid: str) -> None:
+    containerd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+    wait_for(lambda: containerd.tasks().get(cid, {}).get("status") in (None, "STOPPED"), message=f"{cid} stopped")
+    containerd.ctr("task", "rm", cid, check=False)
+    containerd.ctr("c", "rm", cid, check=False)
+
+
+def forked(pid: int) -> bool:
+    """A forked shim carries the Go-style title; an exec'd one runs `python -c ... run_from_env`."""
+    argv = read_cmdline(pid) or []
+    return bool(argv) and argv[0] == "containerd-shim-runc-v2-py"
+
+
+def exec_works(containerd: Containerd, cid: str) -> bool:
+    r = containerd.ctr("task", "exec", "--exec-id", f"probe{time.monotonic_ns()}", cid, "echo", "alive", check=False)
+    return r.returncode == 0 and r.stdout == "alive\n"
+
+
+def test_shims_fork_from_the_template(containerd, image, new_cid):
+    first, second = new_cid("a"), new_cid("b")
+    run_detached(containerd, image, first)
+    template = wait_for(containerd.template_pid, message="a template")
+    shim = run_detached(containerd, image, second)
+    assert forked(shim), read_cmdline(shim)
+    assert read_status(shim)["PPid"] != str(template), "the shim must not be the template's child"
+    assert read_status(shim)["THP_enabled"] == "0"
+    assert read_status(template)["THP_enabled"] == "0"
+    assert exec_works(containerd, second)
+    remove(containerd, second)
+    wait_for(lambda: not pid_alive(shim), timeout=5, message="forked shim exit")
+    remove(containerd, first)
+
+
+def test_killing_the_template_touches_no_shim_and_starts_still_work(containerd, image, new_cid):
+    before, after = new_cid("before"), new_cid("after")
+    run_detached(containerd, image, new_cid("warm"))
+    template = wait_for(containerd.template_pid, message="a template")
+    shim = run_detached(containerd, image, before)
+    os.kill(template, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(template), message="template gone")
+    assert pid_alive(shim)
+    assert exec_works(containerd, before)
+    run_detached(containerd, image, after)  # falls back to spawning, and brings a new template
+    assert exec_works(containerd, after)
+    replacement = wait_for(containerd.template_pid, message="a new template")
+    assert replacement != template
+    remove(containerd, before)
+    remove(containerd, after)
+
+
+def test_a_stopped_template_cannot_cause_two_shims(containerd, image, new_cid):
+    run_detached(containerd, image, new_cid("warm"))
+    template = wait_for(containerd.template_pid, message="a template")
+    cid = new_cid("stopped")
+    os.kill(template, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        containerd.ctr("run", "-d", "--runtime", RUNTIME, image, cid, "sleep", "120")
+        assert time.monotonic() - started >= 2.0  # the launcher waited for the template, then fell back
+    finally:
+        os.kill(template, signal.SIGCONT)
+    time.sleep(1.0)  # give the resumed template its chance to (wrongly) fork a second shim
+    shims = shim_pids(cid, address=containerd.address)
+    assert len(shims) == 1, shims
+    assert not forked(shims[0])
+    assert exec_works(containerd, cid)
+    remove(containerd, cid)
+
+
+def test_disabled_template_spawns_every_shim(image):
+    with Containerd(log_level="info", extra_env={"SHIM_PY_TEMPLATE": "0"}) as containerd:
+        tar = containerd.dir / "busybox.tar"
+        from integration.harness import build_busybox_image
+
+        build_busybox_image(tar, image)
+        containerd.import_image(tar)
+        ids = [f"notemplate-{os.getpid()}-{i}" for i in range(2)]
+        shims = [run_detached(containerd, image, cid) for cid in ids]
+        assert containerd.template_pid() is None
+        assert not any(forked(pid) for pid in shims)
+        for cid in ids:
+            assert exec_works(containerd, cid)
+            remove(containerd, cid)

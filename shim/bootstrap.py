@@ -49,7 +49,8 @@ containerd 2.3 (pkg/shim/util.go ``Command``, api/runtime/bootstrap/v1/bootstrap
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from .record import Factory, record
+from .wire import bytes_field, varint_field
 
 TYPE_CHECKING = False  # importing typing would cost the launcher ~3 ms
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ LOG_LEVEL_DEBUG = -4  # bootstrap.proto LogLevel; the Go shim logs debug at <= D
 MAX_VERSION = 3
 
 
-@dataclass(frozen=True)
+@record
 class RawAny:
     """A ``google.protobuf.Any`` as bytes: type URL and serialized message."""
 
@@ -78,7 +79,7 @@ class RawAny:
         return self.type_url.rsplit("/", 1)[-1]
 
 
-@dataclass
+@record
 class StartInput:
     """Everything containerd told the ``start`` action, whichever release it is."""
 
@@ -97,7 +98,7 @@ class StartInput:
     socket_dir: str | None = None  # 2.3+: where to put the socket; None = default
     #: The runtime options (legacy stdin, or the bootstrap extension holding them).
     options_any: RawAny | None = None
-    extensions: list[RawAny] = field(default_factory=list)
+    extensions: list[RawAny] = Factory(list)
 
     @property
     def version(self) -> int:
@@ -256,27 +257,10 @@ def decode_bootstrap_params(buf: bytes) -> dict:
     return out
 
 
-def _encode_varint(value: int) -> bytes:
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def encode_bootstrap_result(version: int, address: str, protocol: str = PROTOCOL) -> bytes:
     """containerd.runtime.bootstrap.v1.BootstrapResult, as protobuf serializes it:
     version = 1 (int32), address = 2, protocol = 3; no capabilities, no metadata."""
-    out = bytearray()
-    if version:
-        out += b"\x08" + _encode_varint(version)
-    for tag, text in ((b"\x12", address), (b"\x1a", protocol)):
-        if text:
-            data = text.encode()
-            out += tag + _encode_varint(len(data)) + data
-    return bytes(out)
+    return varint_field(1, version) + bytes_field(2, address.encode()) + bytes_field(3, protocol.encode())
 
 
 # -- the two entry points ---------------------------------------------------------

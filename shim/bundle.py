@@ -8,7 +8,6 @@ Writes are atomic (temp + rename) so a reader never sees half a file.
 
 from __future__ import annotations
 
-import json
 import os
 
 ADDRESS_FILE = "address"
@@ -33,6 +32,8 @@ def read_pid_file(path: str) -> int:
 
 def read_annotations(bundle: str) -> dict[str, str]:
     """The OCI spec's annotations (grouping keys live there); {} if unreadable."""
+    import json  # off the start path until grouping needs it
+
     try:
         with open(os.path.join(bundle, CONFIG_FILE)) as f:
             return dict(json.load(f).get("annotations") or {})

@@ -1,20 +1,19 @@
 """What the launcher hands to the long-lived shim process.
 
-Plain data, serialisable to one JSON argument, so a shim can be started by
-exec (JSON in the environment) or, later, forked from a warm template that
+Plain data, serialisable to one Python literal, so a shim can be started by
+exec (a literal in the environment) or, later, forked from a warm template that
 receives the same JSON over a socket.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from .record import as_dict, record
 
-#: Environment variable carrying the JSON config from launcher to shim.
+#: Environment variable carrying the config from launcher to shim.
 CONFIG_ENV = "SHIM_CONFIG"
 
 
-@dataclass
+@record
 class ShimConfig:
     namespace: str
     id: str
@@ -27,9 +26,12 @@ class ShimConfig:
     debug: bool = False
     thp_original: int = 0
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
+    def encode(self) -> str:
+        """A Python literal: the launcher writes it without importing json (~7 ms)."""
+        return repr(as_dict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "ShimConfig":
-        return cls(**json.loads(text))
+    def decode(cls, text: str) -> "ShimConfig":
+        import ast
+
+        return cls(**ast.literal_eval(text))

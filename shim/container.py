@@ -190,6 +190,7 @@ class Container:
                 self._publish_create(0)
                 return 0
             pid_file = os.path.join(self.bundle, INIT_PID_FILE)
+            log.debug("%s: runc create", self.id)
             with self.ctx.reaper.hold():
                 await self.runc.create(
                     self.id,
@@ -209,6 +210,7 @@ class Container:
                 raise ShimError(f"OCI runtime create failed: {e.detail}") from e
             raise
         init.pid = watch.pid
+        log.debug("%s: created, init pid %d", self.id, init.pid)
         self._publish_create(init.pid)
         self._track_cgroup(init.pid)
         self.ctx.nursery.start_soon(self._monitor, init, watch)

@@ -51,6 +51,7 @@ async def serve(listener: socket.socket, config: ShimConfig) -> None:
             service.register(server)
             async with trio.open_nursery() as serving:
                 serving.start_soon(server.serve, trio.socket.from_stdlib_socket(listener))
+                log.debug("serving")
                 await service.shutdown_requested.wait()
                 log.info("shutting down")
                 server.close()
@@ -62,6 +63,7 @@ async def serve(listener: socket.socket, config: ShimConfig) -> None:
 
 def main(config: ShimConfig) -> int:
     setup_logging(config.bundle, config.debug)
+    log.debug("shim %s starting (pid %d)", config.id, os.getpid())
     set_child_subreaper()
     os.chdir(config.bundle)
     listener = socket.socket(fileno=config.listen_fd)
@@ -86,4 +88,4 @@ def _remove_socket(path: str) -> None:
 def run_from_env() -> None:
     """Entry for the exec'd shim; the config is taken out of the environment
     so runc and containers do not inherit it."""
-    sys.exit(main(ShimConfig.from_json(os.environ.pop(CONFIG_ENV))))
+    sys.exit(main(ShimConfig.decode(os.environ.pop(CONFIG_ENV))))

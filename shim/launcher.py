@@ -131,7 +131,7 @@ def spawn(config: ShimConfig, sock: socket.socket) -> int:
     argv += ["-address", config.address]
     proc = subprocess.Popen(
         argv,
-        env={**os.environ, CONFIG_ENV: config.to_json()},
+        env={**os.environ, CONFIG_ENV: config.encode()},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

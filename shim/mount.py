@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from dataclasses import dataclass, field
+from .record import Factory, record
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -75,16 +75,16 @@ _PROPAGATION_OPTIONS: dict[str, int] = {
 }
 
 
-@dataclass(frozen=True)
+@record
 class MountSpec:
     """One mount as containerd describes it (containerd.types.Mount)."""
 
     type: str
     source: str
-    options: list[str] = field(default_factory=list)
+    options: list[str] = Factory(list)
 
 
-@dataclass(frozen=True)
+@record
 class ParsedOptions:
     flags: int
     propagation: int

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from .record import as_dict, field_names, record
 
 from .bundle import write_atomic
 from .errors import InvalidArgument
@@ -21,7 +21,7 @@ RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
 RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 
 
-@dataclass
+@record
 class RuncOptions:
     binary_name: str = ""
     root: str = ""
@@ -43,7 +43,7 @@ class RuncOptions:
         return os.path.join(self.root or RUNC_ROOT, namespace)
 
     def write(self, bundle: str) -> None:
-        write_atomic(os.path.join(bundle, OPTIONS_FILE), json.dumps(asdict(self)))
+        write_atomic(os.path.join(bundle, OPTIONS_FILE), json.dumps(as_dict(self)))
         write_atomic(os.path.join(bundle, RUNTIME_FILE), self.binary)
 
     @classmethod
@@ -56,7 +56,7 @@ class RuncOptions:
             return cls()
         if not isinstance(data, dict):
             return cls()
-        known = {f.name for f in fields(cls)}
+        known = set(field_names(cls))
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -76,7 +76,7 @@ def from_any(type_url: str, value: bytes) -> RuncOptions:
         from .proto import runc_options_pb2
 
         msg = runc_options_pb2.Options.FromString(value)
-        return RuncOptions(**{f.name: getattr(msg, f.name) for f in fields(RuncOptions)})
+        return RuncOptions(**{name: getattr(msg, name) for name in field_names(RuncOptions)})
     if name == RUNTIME_OPTIONS_TYPE:
         from .proto import runtimeoptions_pb2
 
@@ -100,16 +100,18 @@ def from_toml(text: str) -> RuncOptions:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InvalidArgument(f"runtime options TOML: {e}") from e
-    by_key = {_camel(f.name).lower(): f for f in fields(RuncOptions)}
-    by_key.update({f.name: f for f in fields(RuncOptions)})
+    defaults = RuncOptions()
+    by_key = {_camel(name).lower(): name for name in field_names(RuncOptions)}
+    by_key.update({name: name for name in field_names(RuncOptions)})
     values = {}
     for key, value in data.items():
-        f = by_key.get(key) or by_key.get(key.lower())
-        if f is None:
+        name = by_key.get(key) or by_key.get(key.lower())
+        if name is None:
             continue  # options of later releases, or for other runtimes
-        if not isinstance(value, type(f.default)):
-            raise InvalidArgument(f"runtime options TOML: {key} must be {type(f.default).__name__}")
-        values[f.name] = value
+        expected = type(getattr(defaults, name))
+        if not isinstance(value, expected):
+            raise InvalidArgument(f"runtime options TOML: {key} must be {expected.__name__}")
+        values[name] = value
     return RuncOptions(**values)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import os
 import socket
 import sys
@@ -73,7 +72,7 @@ def request_fork(path: str, config: ShimConfig, listener: socket.socket) -> tupl
     Returns (shim pid or None to fall back, whether a template is there at all).
     """
     deadline = time.monotonic() + REQUEST_TIMEOUT
-    request = json.dumps({"config": config.to_json(), "env": dict(os.environ), "deadline": deadline}).encode()
+    request = repr({"config": config.encode(), "env": dict(os.environ), "deadline": deadline}).encode()
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
         conn.settimeout(REQUEST_TIMEOUT + ANSWER_MARGIN)
         try:
@@ -82,11 +81,11 @@ def request_fork(path: str, config: ShimConfig, listener: socket.socket) -> tupl
             return None, False
         try:
             socket.send_fds(conn, [request], [listener.fileno()])
-            answer = json.loads(conn.recv(4096) or b"{}")
-        except (OSError, ValueError):
+            answer = conn.recv(64)
+        except OSError:
             return None, True
-    pid = answer.get("pid")
-    return (pid if isinstance(pid, int) and pid > 0 else None), True
+    pid = int(answer) if answer.isdigit() else 0  # anything else: the template refused
+    return (pid if pid > 0 else None), True
 
 
 def spawn_template(path: str) -> None:
@@ -190,6 +189,8 @@ def fork_shim(config: ShimConfig, env: dict[str, str], listener_fd: int) -> int:
 
 
 def _serve_one(conn: socket.socket) -> None:
+    import ast
+
     conn.settimeout(REQUEST_TIMEOUT)
     if _peer_uid(conn) != os.getuid():
         return
@@ -197,12 +198,12 @@ def _serve_one(conn: socket.socket) -> None:
     try:
         if len(fds) != 1:
             return
-        request = json.loads(message)
+        request = ast.literal_eval(message.decode())
         if time.monotonic() > request["deadline"]:
-            conn.send(b'{"error": "deadline passed"}')
+            conn.send(b"late")
             return  # the launcher has fallen back (or is about to)
-        pid = fork_shim(ShimConfig.from_json(request["config"]), request["env"], fds[0])
-        conn.send(json.dumps({"pid": pid}).encode())
+        pid = fork_shim(ShimConfig.decode(request["config"]), request["env"], fds[0])
+        conn.send(str(pid).encode())
     finally:
         for fd in fds:
             os.close(fd)
@@ -247,7 +248,7 @@ def main() -> None:
             with conn:
                 try:
                     _serve_one(conn)
-                except (OSError, ValueError, KeyError):
+                except (OSError, ValueError, KeyError, SyntaxError):
                     pass
     finally:
         # Remove the socket only if it is still ours (not a successor's).

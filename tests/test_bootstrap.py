@@ -381,3 +381,14 @@ def test_launcher_import_stays_lean() -> None:
     probe = "import sys, shim.launcher; print(sorted(m for m in sys.modules if m.split('.')[0] in ('google', 'trio', 'typing')))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_wire_delete_response_matches_protobuf() -> None:
+    from shim import wire
+    from shim.proto import shim_pb2
+
+    for pid, status, ns in [(0, 0, 0), (1234, 137, 1_764_000_000_123_456_789), (2**31, 255, 5)]:
+        expected = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
+        if ns:
+            expected.exited_at.FromNanoseconds(ns)
+        assert wire.delete_response(pid, status, ns) == expected.SerializeToString()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from ..record import Factory, record
 
 from ..errors import ShimError
 
@@ -20,7 +20,7 @@ class RuncError(ShimError):
         self.detail = detail
 
 
-@dataclass
+@record
 class RuncConfig:
     binary: str = "runc"
     root: str = "/run/containerd/runc/default"
@@ -28,7 +28,7 @@ class RuncConfig:
     systemd_cgroup: bool = False
     criu: str = ""
     thp_original: int = 0
-    extra_env: dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = Factory(dict)
 
     def global_args(self) -> list[str]:
         args = [self.binary, "--root", self.root]
@@ -41,7 +41,7 @@ class RuncConfig:
         return args
 
 
-@dataclass
+@record
 class Stdio:
     """File descriptors runc passes to the container (None → /dev/null)."""
 

@@ -374,12 +374,21 @@ def test_socket_path_takes_a_directory() -> None:
     assert socket_path(GRPC, NS, CID, "/tmp/sd") == f"/tmp/sd/{digest}"
 
 
-def test_launcher_import_stays_lean() -> None:
+HEAVY = ("google", "trio", "typing", "dataclasses", "json", "subprocess", "inspect", "signal")
+
+
+@pytest.mark.parametrize("entry, allowed", [("shim.launcher", ()), ("shim.cleanup", ("json",))])
+def test_start_and_delete_paths_stay_lean(entry: str, allowed: tuple[str, ...]) -> None:
+    """Each of these runs in a fresh interpreter per container: no heavy imports.
+
+    (delete reads the bundle's options.json, so json is allowed there.)
+    """
     import subprocess
     import sys
 
-    probe = "import sys, shim.launcher; print(sorted(m for m in sys.modules if m.split('.')[0] in ('google', 'trio', 'typing')))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    heavy = tuple(m for m in HEAVY if m not in allowed)
+    probe = f"import sys, shim.cli, {entry}; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}))"
+    out = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 

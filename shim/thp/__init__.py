@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import signal
 
 PR_SET_PDEATHSIG = 1
+SIGKILL = 9  # signal.SIGKILL on Linux; the signal module costs ~4 ms to import on the start path
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_THP_DISABLE = 41
 PR_GET_THP_DISABLE = 42
@@ -71,6 +71,6 @@ def runc_preexec(original: int):
 
     def preexec() -> None:
         _prctl(PR_SET_THP_DISABLE, 1 if original else 0, 0, 0, 0)
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
 
     return preexec

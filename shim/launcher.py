@@ -14,17 +14,19 @@ travels in the config and is restored for runc (see shim.thp).
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-import socket
 import sys
 
 from .bootstrap import DEFAULT_SOCKET_DIR, parse_start_input, render_start_output, shim_cgroup
 from .bundle import ADDRESS_FILE, write_atomic
 from .cli import Flags
-from . import template
+from . import lean, template
 from .config import CONFIG_ENV, ShimConfig
 from .thp import disable_for_self
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    import _socket
 
 SOCKET_DIR = DEFAULT_SOCKET_DIR  # containerd 2.3+ may name another (BootstrapParams.socket_dir)
 LISTEN_FD = 3
@@ -33,23 +35,25 @@ SPAWN = "from shim.daemon import run_from_env; run_from_env()"
 
 def socket_path(containerd_address: str, namespace: str, group_id: str, socket_dir: str = SOCKET_DIR) -> str:
     """Same address the Go shim derives: <socket_dir>/sha256(join(address, namespace, id))."""
-    digest = hashlib.sha256(os.path.join(containerd_address, namespace, group_id).encode()).hexdigest()
+    digest = lean.sha256_hex(os.path.join(containerd_address, namespace, group_id).encode())
     return os.path.join(socket_dir, digest)
 
 
 def _accepts(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-            return True
-        except OSError:
-            return False
+    probe = lean.unix_socket()
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
-def bind(path: str) -> socket.socket | None:
+def bind(path: str) -> _socket.socket | None:
     """Listen on path (mode 0600); None if a live shim already serves it."""
     os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = lean.unix_socket()
     try:
         try:
             sock.bind(path)
@@ -118,7 +122,7 @@ def join_cgroup(pid: int, path: str, root: str = "/sys/fs/cgroup") -> None:
         raise FileNotFoundError(f"shim cgroup {path} does not exist under {root}")
 
 
-def spawn(config: ShimConfig, sock: socket.socket) -> int:
+def spawn(config: ShimConfig, sock: _socket.socket) -> int:
     """Exec a fresh interpreter running the shim, with the listener as fd 3."""
     import subprocess
 
@@ -142,7 +146,7 @@ def spawn(config: ShimConfig, sock: socket.socket) -> int:
     return proc.pid
 
 
-def _start_shim(config: ShimConfig, sock: socket.socket) -> int:
+def _start_shim(config: ShimConfig, sock: _socket.socket) -> int:
     """Fork the shim from the warm template if there is one, else spawn it (and a template)."""
     if not template.enabled():
         return spawn(config, sock)

@@ -22,13 +22,18 @@ gets a new template and the old one idles out.
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
-import socket
 import sys
 import time
 
+from . import lean
+
 from .config import ShimConfig
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    import _socket
+    import socket
 
 SOCKET_DIR = "/run/containerd/s"
 ENV_DISABLE = "SHIM_PY_TEMPLATE"  # "0": never use or start a template
@@ -47,7 +52,7 @@ def enabled(environ: dict[str, str] | os._Environ = os.environ) -> bool:
 def fingerprint() -> str:
     """Which code a template runs: the interpreter, the package path and its files' mtimes."""
     package = os.path.dirname(os.path.realpath(__file__))
-    h = hashlib.sha256(f"{os.path.realpath(sys.prefix)}\0{package}".encode())
+    h = lean.sha256(f"{os.path.realpath(sys.prefix)}\0{package}".encode())
     for dirpath, dirnames, filenames in os.walk(package):
         dirnames[:] = [d for d in dirnames if d != "__pycache__"]
         for name in sorted(filenames):
@@ -59,31 +64,34 @@ def fingerprint() -> str:
 
 def socket_path(containerd_address: str) -> str:
     """One template per containerd (its -address) and per installed version."""
-    digest = hashlib.sha256(f"{fingerprint()}\0{containerd_address}".encode()).hexdigest()[:32]
+    digest = lean.sha256_hex(f"{fingerprint()}\0{containerd_address}".encode())[:32]
     return os.path.join(SOCKET_DIR, f"py-template-{digest}")
 
 
 # -- launcher side --------------------------------------------------------------
 
 
-def request_fork(path: str, config: ShimConfig, listener: socket.socket) -> tuple[int | None, bool]:
+def request_fork(path: str, config: ShimConfig, listener: _socket.socket) -> tuple[int | None, bool]:
     """Ask the template at path to fork a shim.
 
     Returns (shim pid or None to fall back, whether a template is there at all).
     """
     deadline = time.monotonic() + REQUEST_TIMEOUT
     request = repr({"config": config.encode(), "env": dict(os.environ), "deadline": deadline}).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+    conn = lean.unix_socket(lean.SOCK_SEQPACKET)
+    try:
         conn.settimeout(REQUEST_TIMEOUT + ANSWER_MARGIN)
         try:
             conn.connect(path)
         except OSError:
             return None, False
         try:
-            socket.send_fds(conn, [request], [listener.fileno()])
+            lean.send_fds(conn, request, [listener.fileno()])
             answer = conn.recv(64)
         except OSError:
             return None, True
+    finally:
+        conn.close()
     pid = int(answer) if answer.isdigit() else 0  # anything else: the template refused
     return (pid if pid > 0 else None), True
 
@@ -107,28 +115,41 @@ def spawn_template(path: str) -> None:
 
 
 def _peer_uid(conn: socket.socket) -> int:
+    import socket
     import struct
 
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[2]
 
 
-def _bind(path: str) -> socket.socket | None:
-    """Listen at path; None when a live template already does."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def _claim(path: str) -> int | None:
+    """Hold <path>.lock for our lifetime; None if another template holds it.
+
+    Only the lock holder may remove a stale socket and bind, so two templates
+    started at once can never both end up running (the kernel drops the lock
+    when its holder dies, however it dies).
+    """
+    import fcntl
+
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        sock.bind(path)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            probe.connect(path)
-            sock.close()
-            return None  # another template won the race
-        except OSError:
-            os.unlink(path)
-            sock.bind(path)
-        finally:
-            probe.close()
+        os.close(fd)
+        return None
+    return fd
+
+
+def _bind(path: str) -> socket.socket:
+    """Listen at path, replacing a dead template's socket (we hold the lock)."""
+    import socket
+
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.bind(path)
     os.chmod(path, 0o600)
     sock.listen(64)
     return sock
@@ -190,6 +211,7 @@ def fork_shim(config: ShimConfig, env: dict[str, str], listener_fd: int) -> int:
 
 def _serve_one(conn: socket.socket) -> None:
     import ast
+    import socket
 
     conn.settimeout(REQUEST_TIMEOUT)
     if _peer_uid(conn) != os.getuid():
@@ -230,9 +252,9 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     path = sys.argv[1]
+    if _claim(path) is None:
+        return  # another template serves this containerd
     sock = _bind(path)
-    if sock is None:
-        return
     pid_file = path + ".pid"
     inode = os.stat(path).st_ino
     try:
@@ -243,7 +265,7 @@ def main() -> None:
         while True:
             try:
                 conn, _ = sock.accept()
-            except socket.timeout:
+            except TimeoutError:  # idle for IDLE_TIMEOUT
                 break
             with conn:
                 try:
@@ -257,8 +279,9 @@ def main() -> None:
                 os.unlink(path)
         except OSError:
             pass
-        try:
-            os.unlink(pid_file)
-        except OSError:
-            pass
+        for leftover in (pid_file, path + ".lock"):  # a successor locks a new file
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass
         sock.close()

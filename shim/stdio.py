@@ -60,6 +60,8 @@ from .runc_client.config import Stdio
 log = logging.getLogger("shim.stdio")
 
 CHUNK = 1 << 16
+SPLICE_CHUNK = 1 << 20
+SPLICE_FLAGS = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
 DRAIN_POLL = 0.01
 DRAIN_STALL_POLLS = 10  # no progress for this many polls: nobody is reading
 #: How long start() waits for runc's connection on the console socket. runc
@@ -458,6 +460,8 @@ class ProcessIO:
 
     async def _copy_output(self, src: int, sink: _Sink) -> None:
         try:
+            if sink.kind in ("fifo", "pipe"):
+                await self._splice_output(src, sink)  # returns early only if the sink broke
             while True:
                 try:
                     data = self._read(src)
@@ -476,6 +480,31 @@ class ProcessIO:
             self._close(src)
             self._sink_release(sink)
             self._output_finished()
+
+    async def _splice_output(self, src: int, sink: _Sink) -> None:
+        """Pipe to fifo/pipe inside the kernel (splice): no copy through Python.
+
+        Returns at EOF, or when the sink breaks (the caller then keeps
+        draining the source so the container never blocks).
+        """
+        while not sink.broken:
+            if src not in self._fds or sink.fd not in self._fds:
+                raise trio.ClosedResourceError("closed")
+            try:
+                n = os.splice(src, sink.fd, SPLICE_CHUNK, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                # Either side may be the one that would block: empty source or full sink.
+                if _unread(src):
+                    await trio.lowlevel.wait_writable(sink.fd)
+                else:
+                    await self._wait_readable(src)
+                continue
+            except OSError as e:
+                sink.broken = True
+                log.warning("output %s (%s) broken, dropping output: %s", sink.kind, self.id, e)
+                return
+            if n == 0:
+                return
 
     async def _copy_console(self, master: int, sink: _Sink | None) -> None:
         """master → stdout until the last slave closed (EIO), or the process

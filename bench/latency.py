@@ -1,0 +1,164 @@
+"""Latency: ``ctr run --rm``, ``ctr task exec``, a burst of ``ctr run -d``, ttrpc State.
+
+Every comparison alternates the shims (go, python, then python, go, ...) so
+that drift on the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import trio
+
+from integration.harness import Containerd
+
+from .tasks import RUNTIMES, SHIMS, alternate, ctr_ok, interleaved, log, parallel, remove, run_detached, \
+    summary, wait_no_shims, wait_running
+
+TASK_SERVICE = "containerd.task.v2.Task"
+NAMESPACE_HEADER = "containerd-namespace-ttrpc"
+
+
+def run_rm_once(c: Containerd, ref: str, shim: str, cid: str) -> float:
+    t0 = time.perf_counter()
+    ctr_ok(c, "run", "--rm", "--runtime", RUNTIMES[shim], ref, cid, "/bin/true")
+    return time.perf_counter() - t0
+
+
+def run_rm(c: Containerd, ref: str, runs: int) -> dict:
+    """``ctr run --rm IMG ID /bin/true``: runs per shim, interleaved (1 warm-up each, not counted)."""
+    for shim in SHIMS:
+        run_rm_once(c, ref, shim, f"rm-warm-{shim}")
+    times: dict[str, list[float]] = {s: [] for s in SHIMS}
+    for i in range(runs):
+        for shim in alternate(i):
+            times[shim].append(run_rm_once(c, ref, shim, f"rm-{shim[:2]}-{i}"))
+    return {s: summary(t) for s, t in times.items()}
+
+
+def exec_latency(c: Containerd, ids: dict[str, str], runs: int) -> dict:
+    """``ctr task exec --exec-id X ID /bin/true`` against a running task per shim."""
+    def once(shim: str, exec_id: str) -> float:
+        t0 = time.perf_counter()
+        ctr_ok(c, "task", "exec", "--exec-id", exec_id, ids[shim], "/bin/true")
+        return time.perf_counter() - t0
+
+    out: dict = {}
+    times: dict[str, list[float]] = {s: [] for s in SHIMS}
+    errors: dict[str, str] = {}
+    for shim in SHIMS:  # warm-up; a shim that cannot exec is reported, not fatal
+        try:
+            once(shim, "warm")
+        except Exception as e:  # noqa: BLE001
+            errors[shim] = str(e)
+    for i in range(runs):
+        for shim in alternate(i):
+            if shim not in errors:
+                times[shim].append(once(shim, f"x{i}"))
+    for shim in SHIMS:
+        out[shim] = {"error": errors[shim]} if shim in errors else summary(times[shim])
+    return out
+
+
+def burst(c: Containerd, ref: str, n: int, reps: int) -> dict:
+    """Wall time of ``n`` concurrent ``ctr run -d`` (one thread each) per shim, then clean up."""
+    walls: dict[str, list[float]] = {s: [] for s in SHIMS}
+    per_call: dict[str, list[float]] = {s: [] for s in SHIMS}
+    for rep in range(reps):
+        for shim in alternate(rep):
+            plan = [(shim, f"burst-{shim[:2]}-{rep}-{i}") for i in range(n)]
+            ids = [cid for _, cid in plan]
+            wait_no_shims(c)
+            try:
+                t0 = time.perf_counter()
+                calls = parallel(lambda p: run_detached(c, ref, p[0], p[1]), plan, n)
+                walls[shim].append(time.perf_counter() - t0)
+                per_call[shim] += calls
+                wait_running(c, ids)
+            finally:
+                remove(c, ids, workers=4)
+            log(f"latency: burst of {n} ctr run -d, {shim}: {walls[shim][-1]:.2f} s")
+    return {s: {"concurrency": n, "reps": reps, "wall_s": walls[s],
+                "median_wall_s": statistics.median(walls[s]),
+                "per_call": summary(per_call[s])} for s in SHIMS}
+
+
+async def _state_calls(addresses: dict[str, tuple[str, str]], namespace: str, n: int, chunk: int) -> dict:
+    from shim.proto import shim_pb2
+    from shim.ttrpc import open_client
+
+    samples: dict[str, list[float]] = {s: [] for s in addresses}
+    status: dict[str, int] = {}
+    meta = [(NAMESPACE_HEADER, namespace)]  # as containerd sends it
+    async with open_client(addresses["go"][0]) as go, open_client(addresses["python"][0]) as py:
+        clients = {"go": go, "python": py}
+        payloads = {s: shim_pb2.StateRequest(id=cid).SerializeToString() for s, (_, cid) in addresses.items()}
+        for shim, client in clients.items():  # warm-up + sanity check
+            for _ in range(20):
+                reply = shim_pb2.StateResponse.FromString(
+                    await client.call(TASK_SERVICE, "State", payloads[shim], metadata=meta, timeout=10))
+            status[shim] = reply.status
+        done, k = 0, 0
+        while done < n:
+            m = min(chunk, n - done)
+            for shim in alternate(k):
+                client, payload, out = clients[shim], payloads[shim], samples[shim]
+                for _ in range(m):
+                    t0 = time.perf_counter()
+                    await client.call(TASK_SERVICE, "State", payload, metadata=meta, timeout=10)
+                    out.append(time.perf_counter() - t0)
+            done += m
+            k += 1
+    return {"samples": samples, "status": status}
+
+
+def ttrpc_state(c: Containerd, ids: dict[str, str], n: int, chunk: int = 50) -> dict:
+    """N direct ``Task/State`` round trips per shim over its ttrpc socket (our trio client)."""
+    addresses = {}
+    for shim, cid in ids.items():
+        addr = (c.bundle_dir / cid / "address").read_text().strip()
+        addresses[shim] = (addr, cid)
+    r = trio.run(_state_calls, addresses, c.namespace, n, chunk)
+    out = {}
+    for shim in SHIMS:
+        s = summary(r["samples"][shim])
+        s["address"] = addresses[shim][0]
+        s["task_status"] = r["status"][shim]  # 2 = RUNNING
+        out[shim] = s
+    return out
+
+
+def run(c: Containerd, ref: str, runs: int, burst_n: int, burst_reps: int, state_calls: int) -> dict:
+    out: dict = {}
+    log(f"latency: ctr run --rm /bin/true x{runs} per shim")
+    out["run_rm"] = run_rm(c, ref, runs)
+    _log_pair("run --rm", out["run_rm"])
+
+    plan = interleaved(1, "lat")
+    ids = {shim: cid for shim, cid in plan}
+    try:
+        for shim, cid in plan:
+            run_detached(c, ref, shim, cid)
+        wait_running(c, ids.values())
+        log(f"latency: ctr task exec /bin/true x{runs} per shim")
+        out["exec"] = exec_latency(c, ids, runs)
+        _log_pair("exec", out["exec"])
+        log(f"latency: ttrpc Task/State x{state_calls} per shim")
+        out["ttrpc_state"] = ttrpc_state(c, ids, state_calls)
+        _log_pair("State", out["ttrpc_state"])
+    finally:
+        remove(c, ids.values())
+        wait_no_shims(c)
+
+    log(f"latency: burst of {burst_n} concurrent ctr run -d, {burst_reps} rep(s) per shim")
+    out["burst"] = burst(c, ref, burst_n, burst_reps)
+    return out
+
+
+def _log_pair(name: str, d: dict) -> None:
+    parts = []
+    for s in SHIMS:
+        v = d.get(s, {})
+        parts.append(f"{s} {v['median_s'] * 1000:.2f} ms" if "median_s" in v else f"{s} error")
+    log(f"latency:   {name} median: " + ", ".join(parts))

@@ -1,0 +1,123 @@
+"""ctr helpers shared by the benchmarks: parallel runs, detached tasks, teardown."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, TypeVar
+
+from integration.harness import GO_RUNTIME, PY_RUNTIME, Containerd, wait_for
+
+from . import procs
+
+SHIMS = ("go", "python")
+RUNTIMES = {"go": GO_RUNTIME, "python": PY_RUNTIME}
+SLEEP_ARGV = ("sleep", "86400")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_t0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.monotonic() - _t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+class CtrFailed(RuntimeError):
+    pass
+
+
+def interleaved(n: int, prefix: str, shims: Iterable[str] = SHIMS) -> list[tuple[str, str]]:
+    """[(shim, id)] alternating shims: go-0, python-0, go-1, python-1, ..."""
+    shims = list(shims)
+    return [(s, f"{prefix}-{s[:2]}-{i}") for i in range(n) for s in shims]
+
+
+def alternate(i: int, shims: Iterable[str] = SHIMS) -> list[str]:
+    """Shim order for round ``i``: ABAB... becomes AB BA AB BA so neither always goes first."""
+    shims = list(shims)
+    return shims if i % 2 == 0 else shims[::-1]
+
+
+def parallel(fn: Callable[[T], R], items: Iterable[T], workers: int) -> list[R]:
+    """``[fn(x) for x in items]`` on ``workers`` threads, order kept.
+
+    The first exception (or a KeyboardInterrupt in the caller) cancels what has
+    not started yet; calls already running finish (ctr calls have timeouts).
+    """
+    items = list(items)
+    if not items:
+        return []
+    ex = ThreadPoolExecutor(max_workers=max(1, min(workers, len(items))))
+    try:
+        futures = [ex.submit(fn, x) for x in items]
+        return [f.result() for f in futures]
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def ctr_ok(c: Containerd, *args: str, timeout: float = 120) -> str:
+    r = c.ctr(*args, check=False, timeout=timeout)
+    if r.returncode != 0:
+        raise CtrFailed(f"ctr {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()[-500:]}")
+    return r.stdout
+
+
+def run_detached(c: Containerd, ref: str, shim: str, cid: str, argv: Iterable[str] = SLEEP_ARGV) -> float:
+    """``ctr run -d``; returns its wall time."""
+    t0 = time.perf_counter()
+    ctr_ok(c, "run", "-d", "--runtime", RUNTIMES[shim], ref, cid, *argv)
+    return time.perf_counter() - t0
+
+
+def wait_running(c: Containerd, ids: Iterable[str], timeout: float = 120) -> None:
+    ids = set(ids)
+
+    def not_running() -> set[str]:
+        tasks = c.tasks()
+        return {i for i in ids if tasks.get(i, {}).get("status") != "RUNNING"}
+
+    wait_for(lambda: not not_running(), timeout=timeout, interval=0.2,
+             message=lambda: f"tasks RUNNING (not yet: {sorted(not_running())[:10]})")
+
+
+def remove(c: Containerd, ids: Iterable[str], workers: int = 4) -> None:
+    """Kill + delete tasks and containers; then check they are gone."""
+    ids = sorted(set(ids))
+    if not ids:
+        return
+    tasks = c.tasks()
+    parallel(lambda i: c.ctr("task", "rm", "-f", i, check=False, timeout=60),
+             [i for i in ids if i in tasks], workers)
+    present = sorted(c.containers() & set(ids))
+    for k in range(0, len(present), 50):
+        c.ctr("containers", "rm", *present[k:k + 50], check=False, timeout=60)
+    # stragglers: the harness's slower but thorough path
+    left = (set(c.tasks()) | c.containers()) & set(ids)
+    for i in sorted(left):
+        c.remove_container(i)
+    left = (set(c.tasks()) | c.containers()) & set(ids)
+    if left:
+        raise CtrFailed(f"could not remove {sorted(left)}")
+
+
+def wait_no_shims(c: Containerd, timeout: float = 30) -> None:
+    """Every shim of our containerd has exited (the check between rounds).
+
+    A warm template (python) is not a shim: it outlives its tasks by design.
+    """
+    def alive() -> dict[str, list[int]]:
+        return {f: p for f, p in procs.family_pids(c.address, templates=False).items() if p}
+    wait_for(lambda: not alive(), timeout=timeout, interval=0.1,
+             message=lambda: f"shims to exit (left: {alive()})")
+
+
+def summary(samples: list[float]) -> dict:
+    """median/p90/min/max/mean of a list of seconds (plus the samples)."""
+    s = sorted(samples)
+    p90 = statistics.quantiles(s, n=10, method="inclusive")[8] if len(s) >= 2 else s[0]
+    return {"n": len(s), "median_s": statistics.median(s), "p90_s": p90,
+            "min_s": s[0], "max_s": s[-1], "mean_s": statistics.fmean(s), "samples_s": samples}

@@ -30,12 +30,32 @@ def read_pid_file(path: str) -> int:
         return int(f.read().strip())
 
 
-def read_annotations(bundle: str) -> dict[str, str]:
-    """The OCI spec's annotations (grouping keys live there); {} if unreadable."""
-    import json  # off the start path until grouping needs it
+#: Annotations that put containers in one shim, in the order the Go shim reads them.
+GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+
+
+def group_id(bundle: str, id: str) -> str:
+    """Which shim serves this container: its group's, else its own.
+
+    CRI puts a pod's containers (and its sandbox, whose sandbox-id is its own
+    id) in one group. The raw file is searched first, so the common case of no
+    grouping never pays for importing and running json on the start path.
+    """
+    try:
+        with open(os.path.join(bundle, CONFIG_FILE), "rb") as f:
+            raw = f.read()
+    except OSError:
+        return id
+    if not any(key.encode() in raw for key in GROUP_ANNOTATIONS):
+        return id
+    import json
 
     try:
-        with open(os.path.join(bundle, CONFIG_FILE)) as f:
-            return dict(json.load(f).get("annotations") or {})
-    except (OSError, ValueError, AttributeError):
-        return {}
+        annotations = json.loads(raw).get("annotations") or {}
+    except (ValueError, AttributeError):
+        return id
+    for key in GROUP_ANNOTATIONS:
+        value = annotations.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return id

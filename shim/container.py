@@ -381,6 +381,7 @@ class Container:
             with os.fdopen(fd, "wb") as f:
                 f.write(process.spec)
             process.io = self._new_io(process.stdio, process.exec_id)
+            log.debug("%s: runc exec %s", self.id, process.exec_id)
             with self.ctx.reaper.hold():
                 await self.runc.exec(
                     self.id, spec_path, pid_file, process.io.runc_stdio(), console_socket=process.io.console_socket
@@ -397,6 +398,7 @@ class Container:
         finally:
             os.unlink(spec_path)
         process.pid = watch.pid
+        log.debug("%s: exec %s started, pid %d", self.id, process.exec_id, process.pid)
         process.lifecycle.apply(Op.START)
         self.ctx.events.publish(
             ev.TASK_EXEC_STARTED,

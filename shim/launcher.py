@@ -18,7 +18,7 @@ import os
 import sys
 
 from .bootstrap import DEFAULT_SOCKET_DIR, parse_start_input, render_start_output, shim_cgroup
-from .bundle import ADDRESS_FILE, write_atomic
+from .bundle import ADDRESS_FILE, group_id, write_atomic
 from .cli import Flags
 from . import lean, template
 from .config import CONFIG_ENV, ShimConfig
@@ -164,7 +164,8 @@ def start(flags: Flags) -> int:
     bundle = flags.bundle or os.getcwd()
     given = parse_start_input(_read_stdin(), flags, os.environ)
     thp_original = disable_for_self()
-    path = socket_path(given.grpc_address, given.namespace, given.instance_id, given.socket_directory)
+    group = group_id(bundle, given.instance_id)
+    path = socket_path(given.grpc_address, given.namespace, group, given.socket_directory)
     address = "unix://" + path
     sock = bind(path)
     if sock is not None:

@@ -580,10 +580,15 @@ class ContainerCgroup:
             return CgroupV2(self.paths[""], self.root)
         return CgroupV1(self.paths, self.root, proc=self.proc)
 
-    def metrics_any(self) -> any_pb2.Any:
+    def metrics_any(self, network: list | None = None) -> any_pb2.Any:
+        """Metrics as containerd expects them; ``network`` (v1 NetworkStat) only fits v1's schema."""
         mgr = self.manager()
-        url = V2_TYPE_URL if isinstance(mgr, CgroupV2) else V1_TYPE_URL
-        return any_pb2.Any(type_url=url, value=mgr.metrics().SerializeToString())
+        metrics = mgr.metrics()
+        if isinstance(mgr, CgroupV2):
+            return any_pb2.Any(type_url=V2_TYPE_URL, value=metrics.SerializeToString())
+        if network:
+            metrics.network.extend(network)
+        return any_pb2.Any(type_url=V1_TYPE_URL, value=metrics.SerializeToString())
 
 
 def container_cgroup(

@@ -30,6 +30,7 @@ from .cgroups import ContainerCgroup, container_cgroup
 from .bundle import CONFIG_FILE, INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ShimError
 from .mount import MountSpec, mount_all, unmount_all
+from .netstats import network_stats
 from .oom import OOMWatcher
 from .options import RuncOptions
 from .process import Op, Process, State
@@ -232,7 +233,7 @@ class Container:
         if self.cgroup is None:
             raise NotFound(f"cgroup of {self.id} does not exist")
         try:
-            return self.cgroup.metrics_any()
+            return self.cgroup.metrics_any(network=network_stats(self.init.pid) if self.init.exit is None else [])
         except (OSError, ValueError) as e:
             raise ShimError(f"reading cgroup stats of {self.id}: {e}") from e
 

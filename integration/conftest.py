@@ -5,10 +5,13 @@ Fixtures:
   image       (session)  the image ref (``docker.io/library/busybox:shimtest``)
   cid         (function) a unique container id for this test; cleaned up afterwards
   new_cid     (function) factory ``new_cid(tag="") -> str`` for more ids, all cleaned up
+  crun_cgroups (session, autouse) with ``SHIM_RUNC_BINARY=crun`` only: hugetlb on cgroup v1
+              for the whole session (``harness.hugetlb_on_v1``), undone at the end
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -17,7 +20,13 @@ import sys
 
 import pytest
 
-from integration.harness import Containerd, build_busybox_image
+from integration.harness import (
+    RUNC_BINARY_ENV,
+    Containerd,
+    HugetlbMountError,
+    build_busybox_image,
+    hugetlb_on_v1,
+)
 
 _SKIP_REASON: str | None = None
 if os.geteuid() != 0:
@@ -26,6 +35,8 @@ elif shutil.which("containerd") is None or shutil.which("ctr") is None:
     _SKIP_REASON = "containerd/ctr not installed"
 elif shutil.which("runc") is None:
     _SKIP_REASON = "runc not installed"
+elif os.path.basename(os.environ.get(RUNC_BINARY_ENV, "")) == "crun" and shutil.which("crun") is None:
+    _SKIP_REASON = f"{RUNC_BINARY_ENV}=crun but crun is not installed"
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,8 +50,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(marker)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def crun_cgroups():
+    """With ``SHIM_RUNC_BINARY=crun``: hugetlb on cgroup v1 for the session, if crun needs it.
+
+    Set up before the ``containerd`` fixture (autouse, session, requested
+    first) and so torn down after it: by then every container, and so every
+    hugetlb cgroup this session made, is gone and the v1 hierarchy can be
+    released.  A mount that fails is a failure here, not a skip: the crun
+    pass must not silently run nothing.
+    """
+    if _SKIP_REASON is not None or os.path.basename(os.environ.get(RUNC_BINARY_ENV, "")) != "crun":
+        yield False
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            mounted = stack.enter_context(hugetlb_on_v1())
+        except HugetlbMountError as e:
+            pytest.fail(f"{RUNC_BINARY_ENV}=crun: {e}")
+        yield mounted
+
+
 @pytest.fixture(scope="session")
-def containerd():
+def containerd(crun_cgroups):
     if _SKIP_REASON is not None:
         pytest.skip(_SKIP_REASON)
     level = os.environ.get("SHIMTEST_CONTAINERD_LOG_LEVEL", "debug")

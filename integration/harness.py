@@ -317,6 +317,23 @@ def unix_socket_holders(paths: Iterable[str]) -> dict[str, set[int]]:
     return out
 
 
+def open_by_any(paths: Iterable[str]) -> set[int]:
+    """Pids that have any of ``paths`` (e.g. fifos) open."""
+    wanted = set(paths)
+    out: set[int] = set()
+    for pid in all_pids():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                    out.add(pid)
+                    break
+    return out
+
+
 def orphan_sockets(paths: Iterable[str]) -> list[str]:
     """Socket files (of ``paths``) that still exist but that no process holds."""
     existing = [p for p in paths if os.path.exists(p)]
@@ -472,7 +489,26 @@ def hugetlb_on_v1(release_timeout: float = 60.0):
 
 def oci_runtime_binary() -> str:
     """The OCI runtime that ``ctr run --runtime <ours>`` uses in this session ($SHIM_RUNC_BINARY or runc)."""
-    return os.environ.get(RUNC_BINARY_ENV, "") or "runc"
+    return os.path.basename(os.environ.get(RUNC_BINARY_ENV, "") or "runc")
+
+
+def runc_binary_toml() -> str:
+    """``BinaryName = ...`` line for a test's own runtime options TOML under $SHIM_RUNC_BINARY, else "".
+
+    ``--runtime-config-path`` given by a test wins over $SHIM_RUNC_BINARY
+    (``Containerd._with_runc_binary``), so such a TOML has to name the binary itself.
+    """
+    binary = os.environ.get(RUNC_BINARY_ENV, "")
+    return f"BinaryName = {json.dumps(binary)}\n" if binary else ""
+
+
+def crun_has_criu(crun: str = "crun") -> bool:
+    """crun was built with checkpoint/restore (``+CRIU`` in ``crun --version``)."""
+    try:
+        out = subprocess.run([crun, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "+CRIU" in out.split()
 
 
 # --------------------------------------------------------------------------
@@ -654,6 +690,7 @@ class Containerd:
         self._preexisting_dirs: set[str] = set()
         self._sockets_before: set[str] = set()
         self._fifo_dirs_before: set[str] = set()
+        self._exec_ids: set[str] = set()  # every ``task exec --exec-id`` run through ctr()
         self.stop_report: Leftovers | None = None
         self.image_ref: str | None = None  # set by whoever imports an image
 
@@ -869,11 +906,18 @@ disabled_plugins = [
 
         report.fifos = fifos_under(self.dir)
         # ctr's fifo dirs (/run/containerd/fifo/<rand>/<id>-std*) of our containers
+        # ... and of our execs: ctr leaves those behind when it is killed (a test's
+        # background exec) or when its exec fails (ctr 1.6 does not close the IO
+        # it created); names are exec ids, so also require that nobody has them open.
         for name in listdir(CTR_FIFO_DIR) - self._fifo_dirs_before:
             fdir = CTR_FIFO_DIR / name
             entries = listdir(fdir)
-            if entries and all(e.rsplit("-", 1)[0] in ids for e in entries):
-                report.fifos += [str(fdir / e) for e in sorted(entries)]
+            if not entries:
+                continue
+            owners = {e.rsplit("-", 1)[0] for e in entries}
+            paths = [str(fdir / e) for e in sorted(entries)]
+            if owners <= ids or (owners <= ids | self._exec_ids and not open_by_any(paths)):
+                report.fifos += paths
                 shutil.rmtree(fdir, ignore_errors=True)
         # shim sockets: ours are those bound by our shims, or named after our ids
         names = {self.shim_socket_name(i) for i in ids}
@@ -1007,6 +1051,10 @@ disabled_plugins = [
 
     # -- ctr ------------------------------------------------------------------
     def ctr_argv(self, *args: str) -> list[str]:
+        if args[:2] in (("task", "exec"), ("t", "exec"), ("tasks", "exec")):
+            exec_id = _flag_value(list(args), "exec-id")
+            if exec_id:
+                self._exec_ids.add(exec_id)
         return ["ctr", "--address", self.address, "-n", self.namespace,
                 *self._with_runc_binary(list(args))]
 

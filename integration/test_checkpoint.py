@@ -10,6 +10,11 @@ options containerd sends (CheckpointOptions, Create.checkpoint) reach runc.
 ctr 1.6 restores with ``ctr containers checkpoint --task`` + ``ctr containers
 restore --live`` (``ctr run`` has no ``--checkpoint``). The ctr tests can be
 pointed at the Go shim with ``SHIM_RUNTIME=io.containerd.runc.v2``.
+
+Under ``SHIM_RUNC_BINARY=crun`` the ctr tests need a crun built with CRIU
+(``+CRIU``); Debian's crun 1.8 is not ("unknown command checkpoint"), which
+test_crun.py checks. The ttrpc tests below always use runc (they build their
+own bundles and call the shim without ctr).
 """
 
 from __future__ import annotations
@@ -26,7 +31,15 @@ import pytest
 import trio
 from google.protobuf import any_pb2
 
-from integration.harness import GO_RUNTIME, PY_RUNTIME, PY_SHIM_BINARY, pid_alive, wait_for
+from integration.harness import (
+    GO_RUNTIME,
+    PY_RUNTIME,
+    PY_SHIM_BINARY,
+    crun_has_criu,
+    oci_runtime_binary,
+    pid_alive,
+    wait_for,
+)
 
 RUNTIME = os.environ.get("SHIM_RUNTIME", PY_RUNTIME)
 IS_GO_SHIM = RUNTIME == GO_RUNTIME
@@ -52,6 +65,11 @@ CRIU_OK, CRIU_REASON = _criu_check()
 needs_criu = pytest.mark.skipif(not CRIU_OK, reason=CRIU_REASON)
 needs_broken_criu = pytest.mark.skipif(CRIU_OK or shutil.which("criu") is None,
                                        reason="needs criu installed but failing (criu check passes here)")
+OCI_RUNTIME = oci_runtime_binary()
+needs_runtime_checkpoint = pytest.mark.skipif(
+    OCI_RUNTIME == "crun" and not crun_has_criu(),
+    reason="SHIM_RUNC_BINARY=crun: this crun is built without CRIU (no +CRIU in crun --version), "
+           "so it has no checkpoint command; test_crun.py checks that error")
 
 
 @pytest.fixture
@@ -73,6 +91,7 @@ def wait_status(containerd, cid, status, timeout=10.0):
 # -- through containerd + ctr ------------------------------------------------------------
 
 @needs_criu
+@needs_runtime_checkpoint
 def test_checkpoint_and_live_restore(containerd, image, cid, shim_installed):
     ref = f"localhost/shimtest-checkpoint/{cid}:latest"
     counter = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.1; done"
@@ -108,6 +127,7 @@ def test_checkpoint_and_live_restore(containerd, image, cid, shim_installed):
 
 
 @needs_broken_criu
+@needs_runtime_checkpoint
 def test_failed_checkpoint_reports_criu_log_and_keeps_task_running(containerd, image, cid, shim_installed):
     containerd.ctr("run", "-d", "--runtime", RUNTIME, image, cid, "sleep", "300")
     wait_status(containerd, cid, "RUNNING")
@@ -117,7 +137,7 @@ def test_failed_checkpoint_reports_criu_log_and_keeps_task_running(containerd, i
     r = containerd.ctr("task", "checkpoint", cid, check=False, timeout=120)
     assert r.returncode != 0, r.stdout
     err = r.stderr
-    assert "criu failed" in err, err  # runc's own words
+    assert "criu failed" in err, err  # runc's own words (crun with CRIU: untested here)
     assert f"{bundle}/criu-dump.log" in err, err
     if not IS_GO_SHIM:  # the Go shim names the file only; ours adds criu's log tail
         assert "Error (criu" in err and "vdso" in err, err

@@ -5,9 +5,11 @@ non-runc runtime type: ``ctr run --runtime-config-path FILE`` with a TOML
 crun 1.8 refuses a hybrid cgroup host while any controller is left on the
 cgroup v2 (unified) hierarchy ("cgroups in hybrid mode not supported, drop
 all controllers from cgroupv2"); on this VM that is hugetlb, which has no v1
-mount. The module fixture ``hugetlb_v1`` mounts it on v1 (only if it is not
-mounted already) and undoes exactly that afterwards. The negative test runs
-first, before the mount, and only where crun would refuse.
+mount. The module fixture ``hugetlb_v1`` (``harness.hugetlb_on_v1``) mounts it
+on v1 (only if it is not mounted already) and undoes exactly that afterwards.
+The negative test runs first, before the mount, and only where crun would
+refuse -- so not under ``SHIM_RUNC_BINARY=crun``, whose session fixture
+(conftest.py) has mounted hugetlb before any test runs.
 
 With ``SHIM_RUNTIME=io.containerd.runc.v2`` the same tests run the Go shim
 with ``--runc-binary crun`` (ctr ignores --runtime-config-path for it).
@@ -21,16 +23,20 @@ import os
 import re
 import shutil
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
 from integration.harness import (
+    CRUN_HYBRID_ERROR,
     GO_RUNTIME,
     PY_RUNTIME,
     PY_SHIM_BINARY,
     RUNC_ROOT,
+    HugetlbMountError,
+    crun_has_criu,
+    crun_refuses_host,
+    hugetlb_on_v1,
+    oci_runtime_binary,
     pid_alive,
     wait_for,
 )
@@ -38,10 +44,6 @@ from integration.harness import (
 RUNTIME = os.environ.get("SHIM_RUNTIME", PY_RUNTIME)
 IS_GO_SHIM = RUNTIME == GO_RUNTIME
 CRUN = shutil.which("crun")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-HUGETLB = CGROUP_ROOT / "hugetlb"
-UNIFIED = CGROUP_ROOT / "unified"
-HYBRID_ERROR = "cgroups in hybrid mode not supported"
 EXIT_CODE_RE = re.compile(r"exit with non-zero exit code (\d+)")
 
 pytestmark = pytest.mark.skipif(CRUN is None, reason="crun not installed")
@@ -53,112 +55,21 @@ def _shim_installed(containerd):
         pytest.fail(f"{PY_SHIM_BINARY} not found on containerd's PATH ({containerd.env['PATH']})")
 
 
-# -- the hugetlb v1 mount --------------------------------------------------------------
-
-def hugetlb_mounted() -> bool:
-    return os.path.ismount(HUGETLB)
-
-
-def v2_controllers() -> list[str]:
-    """Controllers enabled on the hybrid host's unified hierarchy (what crun objects to)."""
-    try:
-        return (UNIFIED / "cgroup.controllers").read_text().split()
-    except OSError:
-        return []
-
-
-def hybrid_host() -> bool:
-    return os.path.ismount(UNIFIED) and not (CGROUP_ROOT / "cgroup.controllers").exists()
-
-
-def crun_refuses_host() -> bool:
-    """crun would refuse this host: hybrid, with hugetlb still on cgroup v2 and not on v1."""
-    return hybrid_host() and not hugetlb_mounted() and "hugetlb" in v2_controllers()
-
-
-def hugetlb_cgroup_count() -> int | None:
-    """num_cgroups of hugetlb's hierarchy (/proc/cgroups), dying ones included."""
-    for line in Path("/proc/cgroups").read_text().splitlines():
-        fields = line.split()
-        if fields and fields[0] == "hugetlb":
-            return int(fields[2])
-    return None
-
-
-def _remove_empty_cgroups(root: Path) -> list[str]:
-    """rmdir every cgroup below ``root``, leaves first; return those still there (busy)."""
-    dirs = sorted((Path(d) for d, _, _ in os.walk(root) if Path(d) != root),
-                  key=lambda p: len(p.parts), reverse=True)
-    for d in dirs:
-        with contextlib.suppress(OSError):
-            d.rmdir()
-    return [str(d) for d in dirs if d.exists()]
-
-
-def _mount_hugetlb() -> None:
-    subprocess.run(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", str(HUGETLB)],
-                   check=True, capture_output=True, text=True)
-
-
-def _umount_hugetlb() -> None:
-    subprocess.run(["umount", str(HUGETLB)], check=True, capture_output=True, text=True)
-
-
-def release_hugetlb_v1(timeout: float = 60.0) -> list[str]:
-    """Unmount our hugetlb v1 mount so that its hierarchy really goes; return problems.
-
-    The kernel destroys an unmounted v1 hierarchy only if it had no child
-    cgroups at umount, dying ones included; otherwise it lingers (hugetlb stays
-    off cgroup v2, its cgroups unreachable). While mounted, every runc/crun
-    container on the host (other test sessions too) gets a hugetlb cgroup, so:
-    remove the empty ones, wait until the kernel has released them and none is
-    busy, unmount; if one slipped in meanwhile, mount again and repeat.
-    """
-    deadline = time.monotonic() + timeout
-    busy: list[str] = []
-    while True:
-        busy = _remove_empty_cgroups(HUGETLB)
-        if not busy and hugetlb_cgroup_count() == 1:
-            _umount_hugetlb()
-            with contextlib.suppress(TimeoutError):
-                wait_for(lambda: "hugetlb" in v2_controllers(), timeout=2, interval=0.05,
-                         message="hugetlb back on cgroup v2")
-                return []
-            _mount_hugetlb()  # a cgroup appeared between the check and the umount
-            continue
-        if time.monotonic() >= deadline:
-            _umount_hugetlb()
-            return [f"hugetlb v1 hierarchy left behind: busy cgroups {busy}, "
-                    f"{hugetlb_cgroup_count()} cgroups in /proc/cgroups"]
-        time.sleep(0.1)
-
+# -- the hugetlb v1 mount (integration.harness.hugetlb_on_v1) ------------------------------
 
 @pytest.fixture(scope="module")
 def hugetlb_v1():
-    """hugetlb on cgroup v1 at /sys/fs/cgroup/hugetlb for the module, if crun needs it.
+    """hugetlb on cgroup v1 for the module, if crun needs it (see ``harness.hugetlb_on_v1``).
 
-    Mounted only if /sys/fs/cgroup/hugetlb is not a mount yet (and crun would
-    refuse the host); undone at the end by ``release_hugetlb_v1``, and the
-    directory removed if we created it.
+    Under ``SHIM_RUNC_BINARY=crun`` the session fixture in conftest.py has
+    mounted it already; then this one finds it mounted and does nothing.
     """
-    if hugetlb_mounted() or not crun_refuses_host():
-        yield False  # already on v1, or not a hybrid host with hugetlb on v2
-        return
-    created_dir = not HUGETLB.exists()
-    HUGETLB.mkdir(exist_ok=True)
-    try:
-        _mount_hugetlb()
-    except subprocess.CalledProcessError as e:
-        if created_dir:
-            HUGETLB.rmdir()
-        pytest.skip(f"cannot mount hugetlb on cgroup v1: {e.stderr.strip()}")
-    try:
-        yield True
-    finally:
-        problems = release_hugetlb_v1()
-        if created_dir:
-            HUGETLB.rmdir()
-        assert not problems, problems
+    with contextlib.ExitStack() as stack:
+        try:
+            mounted = stack.enter_context(hugetlb_on_v1())
+        except HugetlbMountError as e:
+            pytest.skip(str(e))
+        yield mounted
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -187,11 +98,12 @@ def runtime_state(binary: str, containerd, cid) -> subprocess.CompletedProcess:
 
 def test_without_hugetlb_on_v1_crun_error_surfaces(containerd, image, cid):
     if not crun_refuses_host():
-        pytest.skip("crun accepts this host's cgroups as they are (hugetlb already on v1, or not hybrid)")
+        pytest.skip("crun accepts this host's cgroups as they are (hugetlb already on v1 -- e.g. by the "
+                    "SHIM_RUNC_BINARY=crun session fixture -- or not a hybrid host)")
     r = containerd.ctr("run", "--rm", "--runtime", RUNTIME, *crun_args(containerd), image, cid, "true",
                        check=False)
     assert r.returncode != 0, r.stdout
-    assert HYBRID_ERROR in r.stderr, r.stderr
+    assert CRUN_HYBRID_ERROR in r.stderr, r.stderr
     assert "OCI runtime create failed" in r.stderr, r.stderr
     assert cid not in containerd.tasks()
 
@@ -244,3 +156,62 @@ def test_crun_detached_exec_kill_delete(containerd, image, cid, hugetlb_v1):
         last[:] = [containerd.leftovers([cid])]
         return not last[0]
     wait_for(nothing_left, timeout=10, message=lambda: f"no leftovers; still: {last[0]}")
+
+
+# -- checkpoint with a crun built without CRIU (Debian's crun 1.8) ---------------------------
+
+needs_crun_without_criu = pytest.mark.skipif(
+    CRUN is None or crun_has_criu(CRUN), reason="this crun has CRIU support (+CRIU): it has a checkpoint command")
+
+
+def _run_and_checkpoint(containerd, image, cid) -> tuple[subprocess.CompletedProcess, int]:
+    r = containerd.ctr("run", "-d", "--runtime", RUNTIME, *crun_args(containerd), image, cid, "sleep", "300",
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    wait_status(containerd, cid, "RUNNING")
+    pid = int(containerd.tasks()[cid]["pid"])
+    return containerd.ctr("task", "checkpoint", cid, check=False, timeout=120), pid
+
+
+@needs_crun_without_criu
+def test_crun_without_criu_checkpoint_error_surfaces_task_keeps_running(containerd, image, cid, hugetlb_v1):
+    r, pid = _run_and_checkpoint(containerd, image, cid)
+    bundle = containerd.bundle_dir / cid
+    assert r.returncode != 0, r.stdout
+    assert "unknown command checkpoint" in r.stderr, r.stderr  # crun's own words
+    assert "criu" not in r.stderr.replace(f"{bundle}/criu-dump.log", ""), r.stderr  # criu never ran
+    assert not (bundle / "criu-dump.log").exists()
+    assert not (bundle / "criu-work").exists() and not (bundle / "work" / "criu-work").exists()
+
+    assert task_status(containerd, cid) == "RUNNING"
+    assert int(containerd.tasks()[cid]["pid"]) == pid and pid_alive(pid)
+    containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
+    wait_status(containerd, cid, "STOPPED")
+    r = containerd.ctr("task", "rm", cid)
+    m = EXIT_CODE_RE.search(r.stderr)
+    assert m and int(m.group(1)) == 137, r.stderr
+    containerd.ctr("containers", "rm", cid)
+
+
+@needs_crun_without_criu
+@pytest.mark.skipif(IS_GO_SHIM, reason="the Go shim says 'path= <file>' (no claim that it was kept)")
+def test_crun_without_criu_checkpoint_error_names_no_missing_file(containerd, image, cid, hugetlb_v1):
+    r, _ = _run_and_checkpoint(containerd, image, cid)
+    assert r.returncode != 0, r.stdout
+    dump_log = containerd.bundle_dir / cid / "criu-dump.log"
+    assert f"kept as {dump_log}" not in r.stderr or dump_log.exists(), r.stderr
+
+
+# -- the session's OCI runtime ------------------------------------------------------------------
+
+@pytest.mark.skipif(RUNTIME != PY_RUNTIME, reason="the bundle's runtime file is this shim's")
+def test_session_oci_runtime_is_applied(containerd, image, cid):
+    """No explicit options: ctr gets $SHIM_RUNC_BINARY's (harness) and the shim runs that binary."""
+    r = containerd.ctr("run", "-d", "--runtime", RUNTIME, image, cid, "sleep", "300", check=False)
+    assert r.returncode == 0, r.stderr
+    wait_status(containerd, cid, "RUNNING")
+    assert (containerd.bundle_dir / cid / "runtime").read_text() == oci_runtime_binary()
+    containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
+    wait_status(containerd, cid, "STOPPED")
+    containerd.ctr("task", "rm", cid)
+    containerd.ctr("containers", "rm", cid)

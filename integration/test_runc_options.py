@@ -2,7 +2,9 @@
 
 ctr 1.6 sends runc-style options only for io.containerd.runc.v2; for any
 other runtime it sends ``runtimeoptions.v1.Options{config_path}`` (what CRI
-sends too), whose TOML the shim reads. BinaryName is covered by test_crun.py.
+sends too), whose TOML the shim reads. BinaryName is covered by test_crun.py;
+under ``SHIM_RUNC_BINARY`` each TOML here names that binary too (a test's own
+``--runtime-config-path`` replaces the session's).
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from integration.harness import PY_RUNTIME, read_cmdline, shim_pids, wait_for
+from integration.harness import (
+    PY_RUNTIME,
+    oci_runtime_binary,
+    read_cmdline,
+    runc_binary_toml,
+    shim_pids,
+    unix_socket_holders,
+    wait_for,
+)
 
 RUNTIME = os.environ.get("SHIM_RUNTIME", PY_RUNTIME)
 
@@ -46,9 +56,10 @@ def cgroup_of(pid: int, controller: str) -> str:
 
 def test_shim_cgroup_moves_the_shim(containerd, image, cid, shim_cgroup, tmp_path):
     config = tmp_path / "runc.toml"
-    config.write_text(f'ShimCgroup = "{shim_cgroup}"\n')
+    config.write_text(runc_binary_toml() + f'ShimCgroup = "{shim_cgroup}"\n')
     containerd.ctr("run", "-d", "--runtime", RUNTIME, "--runtime-config-path", str(config), image, cid, "sleep", "60")
     [shim] = wait_for(lambda: shim_pids(cid, address=containerd.address), message=f"shim of {cid}")
+    assert (containerd.bundle_dir / cid / "runtime").read_text() == oci_runtime_binary()
     for controller in V1_CONTROLLERS:
         assert cgroup_of(shim, controller) == shim_cgroup, (controller, read_cmdline(shim))
     init = int(containerd.tasks()[cid]["pid"])
@@ -59,15 +70,34 @@ def test_shim_cgroup_moves_the_shim(containerd, image, cid, shim_cgroup, tmp_pat
     wait_for(lambda: not shim_pids(cid, address=containerd.address), timeout=10, message="shim exit")
 
 
-def test_missing_shim_cgroup_fails_the_start(containerd, image, cid, tmp_path):
+@pytest.fixture
+def shim_socket(containerd, cid):
+    """Path of the shim socket containerd derives for ``cid``; removed afterwards if a failed start left it."""
+    path = Path("/run/containerd/s") / containerd.shim_socket_name(cid)
+    yield path
+    if path.is_socket() and not unix_socket_holders([str(path)])[str(path)]:
+        path.unlink()
+
+
+def test_missing_shim_cgroup_fails_the_start(containerd, image, cid, tmp_path, shim_socket):
     config = tmp_path / "runc.toml"
-    config.write_text('ShimCgroup = "/shimtest-no-such-cgroup"\n')
+    config.write_text(runc_binary_toml() + 'ShimCgroup = "/shimtest-no-such-cgroup"\n')
     r = containerd.ctr(
         "run", "--rm", "--runtime", RUNTIME, "--runtime-config-path", str(config), image, cid, "true", check=False
     )
     assert r.returncode != 0
     assert "shimtest-no-such-cgroup" in r.stderr
     assert not shim_pids(cid, address=containerd.address)
+
+
+def test_missing_shim_cgroup_leaves_no_shim_socket(containerd, image, cid, tmp_path, shim_socket):
+    config = tmp_path / "runc.toml"
+    config.write_text(runc_binary_toml() + 'ShimCgroup = "/shimtest-no-such-cgroup"\n')
+    r = containerd.ctr(
+        "run", "--rm", "--runtime", RUNTIME, "--runtime-config-path", str(config), image, cid, "true", check=False
+    )
+    assert r.returncode != 0
+    assert not shim_socket.exists(), f"failed start left {shim_socket}"
 
 
 def test_bad_runtime_options_toml_is_invalid_argument(containerd, image, cid, tmp_path):

@@ -26,11 +26,24 @@ from pathlib import Path
 
 import pytest
 
-from integration.harness import GO_RUNTIME, PY_RUNTIME, PY_SHIM_BINARY, pid_alive, read_cmdline, wait_for
+from integration.harness import (
+    GO_RUNTIME,
+    PY_RUNTIME,
+    PY_SHIM_BINARY,
+    oci_runtime_binary,
+    pid_alive,
+    read_cmdline,
+    wait_for,
+)
 
 RUNTIME = os.environ.get("SHIM_RUNTIME", PY_RUNTIME)
 IS_GO_SHIM = RUNTIME == GO_RUNTIME
 EXIT_CODE_RE = re.compile(r"exit with non-zero exit code (\d+)")
+#: what each OCI runtime says when an exec's executable does not exist
+MISSING_EXEC_ERROR = {
+    "runc": 'exec: "/no/such/binary": stat /no/such/binary: no such file or directory',
+    "crun": "executable file `/no/such/binary` not found in $PATH: No such file or directory",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -210,8 +223,8 @@ def test_exec_of_missing_binary_reports_runc_error(containerd, image, cid):
     run_detached(containerd, image, cid, "sleep", "100")
     r = exec_(containerd, cid, "e-missing", "/no/such/binary")
     assert r.returncode != 0
-    # runc's own words, passed through by the shim
-    assert 'exec: "/no/such/binary": stat /no/such/binary: no such file or directory' in r.stderr, r.stderr
+    # the OCI runtime's own words (runc's or crun's), passed through by the shim
+    assert MISSING_EXEC_ERROR[oci_runtime_binary()] in r.stderr, r.stderr
     assert "OCI runtime exec failed" in r.stderr, r.stderr
     assert task_status(containerd, cid) == "RUNNING"
     assert len(task_ps(containerd, cid)) == 1

@@ -121,11 +121,12 @@ def _criu_log_tail(work: str, name: str, lines: int = 15) -> str:
     return f"\ncriu {name} ({work}):\n" + "\n".join(tail)
 
 
-def _keep_copy(source: str, target: str) -> None:
+def _keep_copy(source: str, target: str) -> bool:
     try:
         shutil.copyfile(source, target)
+        return True
     except OSError:
-        pass
+        return False
 
 
 def shares_pid_namespace(bundle: str) -> bool:
@@ -363,9 +364,11 @@ class Container:
         try:
             await self.runc.checkpoint(self.id, request.path, work, request.runc_flags())
         except RuncError as e:
-            _keep_copy(os.path.join(work, "dump.log"), os.path.join(self.bundle, "criu-dump.log"))
+            kept = os.path.join(self.bundle, "criu-dump.log")
             tail = _criu_log_tail(work, "dump.log")
-            raise ShimError(f"checkpoint failed: {e.detail}{tail}\n(kept as {self.bundle}/criu-dump.log)") from e
+            if _keep_copy(os.path.join(work, "dump.log"), kept):
+                tail += f"\n(kept as {kept})"
+            raise ShimError(f"checkpoint failed: {e.detail}{tail}") from e
         finally:
             if ours:
                 shutil.rmtree(work, ignore_errors=True)

@@ -197,6 +197,7 @@ def start(flags: Flags) -> int:
                 import signal  # only on this failure path: it costs 4 ms to import
 
                 os.kill(pid, signal.SIGKILL)  # a shim outside its cgroup must not serve
+                os.unlink(path)
                 raise
     write_atomic(os.path.join(bundle, ADDRESS_FILE), address)
     sys.stdout.buffer.write(render_start_output(address, given))

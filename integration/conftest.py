@@ -17,6 +17,8 @@ import os
 import re
 import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +138,44 @@ def new_cid(request, containerd):
 def cid(new_cid) -> str:
     """A unique container id for this test (removed afterwards if still present)."""
     return new_cid()
+
+
+# -- fixtures for the direct (ttrpc) tests: integration/shim_driver.py --------------------
+
+@pytest.fixture(scope="session")
+def rootfs_template():
+    """A busybox rootfs that Lab clones per bundle; runc namespace dirs it made are removed."""
+    if shutil.which("runc") is None or not os.path.isfile("/usr/bin/busybox"):
+        pytest.skip("runc or /usr/bin/busybox (busybox-static) not installed")
+    from integration.shim_driver import make_rootfs_template, namespace_dirs
+
+    preexisting = {str(d) for d in namespace_dirs() if d.exists()}
+    tmp = Path(tempfile.mkdtemp(prefix="ptt-", dir="/tmp"))
+    try:
+        yield make_rootfs_template(tmp / "rootfs")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in namespace_dirs():
+            if str(d) not in preexisting:
+                try:
+                    d.rmdir()  # only if empty
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+async def lab(rootfs_template):
+    """A Lab: bundles, an events sink and shims started as containerd would; all cleaned up."""
+    import trio
+
+    from integration.shim_driver import Lab
+
+    async with trio.open_nursery() as nursery:
+        lab = Lab(nursery, rootfs_template)
+        try:
+            yield lab
+        finally:
+            print(lab.all_logs())  # shown by pytest only when the test fails
+            problems = lab.cleanup()
+            nursery.cancel_scope.cancel()
+        assert not problems, problems

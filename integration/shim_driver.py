@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import trio
 from google.protobuf.message import Message
 
@@ -39,7 +40,7 @@ from integration.harness import (
     umount_lazy,
 )
 from shim.proto import events_pb2, events_service_pb2, shim_pb2
-from shim.ttrpc import CallContext, Client, Server, open_client
+from shim.ttrpc import CallContext, Client, Server, TTRPCError, open_client
 
 NAMESPACE = "ptest"
 SHIM_BINARY = str(PROJECT_BIN / "containerd-shim-runc-v2-py")
@@ -491,3 +492,14 @@ def is_fifo(path: Path) -> bool:
         return stat.S_ISFIFO(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+async def expect_error(code, coro, *, contains: str | None = None):
+    """Await coro; it must fail with this ttrpc code (and message text). Returns the error."""
+    with pytest.raises(TTRPCError) as info:
+        await coro
+    err = info.value
+    assert err.code == code, f"expected {code.name}, got {err}"
+    if contains is not None:
+        assert contains in err.message, err.message
+    return err

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import pytest
 import trio
 from google.protobuf import any_pb2
 
+from integration.shim_driver import expect_error
 from integration.harness import (
     GO_RUNTIME,
     PY_RUNTIME,
@@ -169,37 +169,6 @@ def _driver():
     return shim_driver
 
 
-@pytest.fixture(scope="module")
-def rootfs_template():
-    drv = _driver()
-    preexisting = {str(d) for d in drv.namespace_dirs() if d.exists()}
-    tmp = Path(tempfile.mkdtemp(prefix="ptc-", dir="/tmp"))
-    try:
-        yield drv.make_rootfs_template(tmp / "rootfs")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in drv.namespace_dirs():
-            if str(d) not in preexisting:
-                try:
-                    d.rmdir()  # only if empty
-                except OSError:
-                    pass
-
-
-@pytest.fixture
-async def lab(rootfs_template):
-    drv = _driver()
-    async with trio.open_nursery() as nursery:
-        lab = drv.Lab(nursery, rootfs_template)
-        try:
-            yield lab
-        finally:
-            print(lab.all_logs())  # shown by pytest only when the test fails
-            problems = lab.cleanup()
-            nursery.cancel_scope.cancel()
-        assert not problems, problems
-
-
 class RuncSpy:
     """A ``BinaryName`` that records each invocation's argv, then execs the real runc."""
 
@@ -260,14 +229,6 @@ def _checkpoint_request(cid: str, path: Path, options=None):
     return req
 
 
-async def _expect_error(code, coro):
-    from shim.ttrpc import TTRPCError
-    with pytest.raises(TTRPCError) as info:
-        await coro
-    assert info.value.code == code, f"expected {code.name}, got {info.value}"
-    return info.value.message
-
-
 @needs_broken_criu
 async def test_checkpoint_options_reach_runc_and_criu(lab) -> None:
     from shim.proto import task_types_pb2
@@ -285,7 +246,7 @@ async def test_checkpoint_options_reach_runc_and_criu(lab) -> None:
     work = lab.tmp / "work"
     options = dict(exit=True, open_tcp=True, external_unix_sockets=True, terminal=True, file_locks=True,
                    empty_namespaces=["network"], work_path=str(work))
-    message = await _expect_error(Code.UNKNOWN, shim.call("Checkpoint", _checkpoint_request(cid, image, options)))
+    message = (await expect_error(Code.UNKNOWN, shim.call("Checkpoint", _checkpoint_request(cid, image, options)))).message
 
     argv = spy.call("checkpoint")
     assert _flag(argv, "--image-path") == str(image), argv
@@ -309,7 +270,7 @@ async def test_checkpoint_options_reach_runc_and_criu(lab) -> None:
     assert state.status == task_types_pb2.RUNNING and state.pid == created.pid and pid_alive(created.pid)
 
     # no options: --leave-running, work files under the bundle, removed afterwards
-    message = await _expect_error(Code.UNKNOWN, shim.call("Checkpoint", _checkpoint_request(cid, image)))
+    message = (await expect_error(Code.UNKNOWN, shim.call("Checkpoint", _checkpoint_request(cid, image)))).message
     argv = spy.calls()[-1]
     assert _command(argv) == "checkpoint", spy.commands()
     assert "--leave-running" in argv, argv
@@ -352,7 +313,7 @@ async def test_create_from_checkpoint_restores_at_start(lab) -> None:
     assert events[0].topic == "/tasks/create"
     assert events[0].event.checkpoint == str(checkpoint) and events[0].event.pid == 0
 
-    message = await _expect_error(Code.UNKNOWN, shim.start(cid))
+    message = (await expect_error(Code.UNKNOWN, shim.start(cid))).message
     assert "OCI runtime restore failed" in message, message
     assert "criu failed" in message, message  # runc's words
     assert "restore.log" in message and "Error (criu" in message, message  # criu's log tail
@@ -367,7 +328,7 @@ async def test_create_from_checkpoint_restores_at_start(lab) -> None:
     assert state.status == task_types_pb2.CREATED and state.pid == 0
     deleted = await shim.delete(cid)
     assert deleted.pid == 0
-    await _expect_error(Code.NOT_FOUND, shim.state(cid))
+    await expect_error(Code.NOT_FOUND, shim.state(cid))
     r = subprocess.run(["runc", "--root", drv.RUNC_ROOT, "state", cid], capture_output=True)
     assert r.returncode != 0, r.stdout
     await shim.shutdown(cid)
@@ -402,9 +363,8 @@ async def test_checkpoint_of_created_task_is_failed_precondition(lab) -> None:
     bundle = lab.bundle(cid, ["sleep", "1000"])
     shim = await lab.start_shim(cid, bundle)
     created = await shim.create(cid, bundle, options=spy.options())
-    message = await _expect_error(Code.FAILED_PRECONDITION,
-                                  shim.call("Checkpoint", _checkpoint_request(cid, lab.tmp / "image")))
-    assert "created" in message, message
+    await expect_error(Code.FAILED_PRECONDITION, shim.call("Checkpoint", _checkpoint_request(cid, lab.tmp / "image")),
+                       contains="created")
     assert "checkpoint" not in spy.commands(), spy.commands()
     state = await shim.state(cid)
     assert state.status == task_types_pb2.CREATED and state.pid == created.pid

@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,13 +29,12 @@ if not os.path.isfile("/usr/bin/busybox"):
 
 from integration.harness import mounts_under, pid_alive  # noqa: E402
 from integration.shim_driver import (  # noqa: E402
+    expect_error,
     NAMESPACE,
     NAMESPACE_HEADER,
     RUNC_ROOT,
     Lab,
     listening_pids,
-    make_rootfs_template,
-    namespace_dirs,
     socket_path_for,
     thp_disabled,
     wait_until,
@@ -47,43 +45,7 @@ from shim.ttrpc import Code, TTRPCError  # noqa: E402
 
 # -- fixtures --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def rootfs_template():
-    preexisting = {str(d) for d in namespace_dirs() if d.exists()}
-    tmp = Path(tempfile.mkdtemp(prefix="ptt-", dir="/tmp"))
-    try:
-        yield make_rootfs_template(tmp / "rootfs")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in namespace_dirs():
-            if str(d) not in preexisting:
-                try:
-                    d.rmdir()  # only if empty
-                except OSError:
-                    pass
 
-
-@pytest.fixture
-async def lab(rootfs_template):
-    async with trio.open_nursery() as nursery:
-        lab = Lab(nursery, rootfs_template)
-        try:
-            yield lab
-        finally:
-            print(lab.all_logs())  # shown by pytest only when the test fails
-            problems = lab.cleanup()
-            nursery.cancel_scope.cancel()
-        assert not problems, problems
-
-
-async def expect_error(code: Code, coro, *, contains: str | None = None) -> TTRPCError:
-    with pytest.raises(TTRPCError) as info:
-        await coro
-    err = info.value
-    assert err.code == code, f"expected {code.name}, got {err}"
-    if contains is not None:
-        assert contains in err.message, err.message
-    return err
 
 
 def read_init_pid(bundle: Path) -> int:

@@ -11,7 +11,7 @@ import os
 
 from google.protobuf import any_pb2
 
-from integration.test_checkpoint import RUNC_OPTIONS_TYPE, RuncSpy, _command, _flag, lab, rootfs_template  # noqa: F401
+from integration.test_checkpoint import RUNC_OPTIONS_TYPE, RuncSpy, _flag
 from shim.proto import runc_options_pb2
 
 

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,12 +27,11 @@ from google.protobuf import any_pb2  # noqa: E402
 
 from integration.harness import pid_alive, read_cmdline  # noqa: E402
 from integration.shim_driver import (  # noqa: E402
+    expect_error,
     NAMESPACE,
     NAMESPACE_HEADER,
     Lab,
     Shim,
-    make_rootfs_template,
-    namespace_dirs,
     wait_until,
 )
 from shim.proto import runc_options_pb2, shim_pb2, task_types_pb2  # noqa: E402
@@ -48,45 +46,7 @@ CGROUP_V1 = Path("/sys/fs/cgroup")
 
 # -- fixtures --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def rootfs_template():
-    preexisting = {str(d) for d in namespace_dirs() if d.exists()}
-    tmp = Path(tempfile.mkdtemp(prefix="ptt-", dir="/tmp"))
-    try:
-        yield make_rootfs_template(tmp / "rootfs")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in namespace_dirs():
-            if str(d) not in preexisting:
-                try:
-                    d.rmdir()  # only if empty
-                except OSError:
-                    pass
 
-
-@pytest.fixture
-async def lab(rootfs_template):
-    async with trio.open_nursery() as nursery:
-        lab = Lab(nursery, rootfs_template)
-        try:
-            yield lab
-        finally:
-            print(lab.all_logs())  # shown by pytest only when the test fails
-            problems = lab.cleanup()
-            nursery.cancel_scope.cancel()
-        assert not problems, problems
-
-
-# -- helpers ------------------------------------------------------------------------------
-
-async def expect_error(code: Code, coro, *, contains: str | None = None) -> TTRPCError:
-    with pytest.raises(TTRPCError) as info:
-        await coro
-    err = info.value
-    assert err.code == code, f"expected {code.name}, got {err}"
-    if contains is not None:
-        assert contains in err.message, err.message
-    return err
 
 
 async def running_task(lab: Lab, tag: str, args=("sleep", "100")) -> tuple[Shim, str, Path, int]:

@@ -18,7 +18,6 @@ import struct
 import sys
 import termios
 import textwrap
-import time
 import tty
 
 import pytest

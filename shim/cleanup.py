@@ -19,7 +19,7 @@ from . import wire
 from .bundle import INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file
 from .cli import Flags
 from .mount import unmount_all
-from .options import RuncOptions
+from .options import RUNC_ROOT_FILE, RuncOptions
 from .runc_client.config import RuncConfig, last_log_error, log_size
 from .thp import runc_preexec
 
@@ -46,17 +46,29 @@ def force_delete(config: RuncConfig, id: str) -> None:
             _warn(f"failed to remove runc container: {detail}")
 
 
+def _runc_may_hold(bundle: str, id: str) -> bool:
+    """False only when we know runc's root and it has no state for id (the usual
+    case after a clean shim exit): then neither options.json nor runc is needed."""
+    try:
+        with open(os.path.join(bundle, RUNC_ROOT_FILE)) as f:
+            root = f.read().strip()
+    except OSError:
+        return True  # a bundle from elsewhere: read options.json and ask runc
+    return os.path.exists(os.path.join(root, id))
+
+
 def delete(flags: Flags) -> int:
     bundle = flags.bundle or os.getcwd()
-    options = RuncOptions.read(bundle)
-    config = RuncConfig(
-        binary=options.binary,
-        root=options.runc_root(flags.namespace),
-        log_path=os.path.join(bundle, RUNC_LOG),
-        systemd_cgroup=options.systemd_cgroup,
-    )
-    if flags.id and os.path.exists(os.path.join(config.root, flags.id)):
-        force_delete(config, flags.id)  # runc/crun keep <root>/<id> while a container exists
+    if flags.id and _runc_may_hold(bundle, flags.id):
+        options = RuncOptions.read(bundle)
+        config = RuncConfig(
+            binary=options.binary,
+            root=options.runc_root(flags.namespace),
+            log_path=os.path.join(bundle, RUNC_LOG),
+            systemd_cgroup=options.systemd_cgroup,
+        )
+        if os.path.exists(os.path.join(config.root, flags.id)):
+            force_delete(config, flags.id)  # runc/crun keep <root>/<id> while a container exists
     try:
         unmount_all(os.path.join(bundle, ROOTFS_DIR))
     except OSError as e:

@@ -186,7 +186,7 @@ class Container:
         try:
             self._mount_rootfs()
             init.io = self._new_io(req.stdio)
-            req.options.write(self.bundle)
+            req.options.write(self.bundle, self.ctx.namespace)
             if req.checkpoint:
                 # Like the Go shim: a restore happens at Start; Create only prepares.
                 self._publish_create(0)

@@ -7,7 +7,6 @@ which protobuf's ``Any.Unpack`` does not accept, so we match names ourselves.
 
 from __future__ import annotations
 
-import json
 import os
 from .record import as_dict, field_names, record
 
@@ -17,6 +16,7 @@ from .errors import InvalidArgument
 RUNC_ROOT = "/run/containerd/runc"
 OPTIONS_FILE = "options.json"
 RUNTIME_FILE = "runtime"
+RUNC_ROOT_FILE = "runc-root"  # the runc --root in use, plain text: read by delete without json
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
 RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 
@@ -42,13 +42,18 @@ class RuncOptions:
     def runc_root(self, namespace: str) -> str:
         return os.path.join(self.root or RUNC_ROOT, namespace)
 
-    def write(self, bundle: str) -> None:
+    def write(self, bundle: str, namespace: str) -> None:
+        import json
+
         write_atomic(os.path.join(bundle, OPTIONS_FILE), json.dumps(as_dict(self)))
         write_atomic(os.path.join(bundle, RUNTIME_FILE), self.binary)
+        write_atomic(os.path.join(bundle, RUNC_ROOT_FILE), self.runc_root(namespace))
 
     @classmethod
     def read(cls, bundle: str) -> "RuncOptions":
         """Options a shim left in ``bundle``; defaults if there are none."""
+        import json
+
         try:
             with open(os.path.join(bundle, OPTIONS_FILE)) as f:
                 data = json.load(f)
@@ -78,18 +83,35 @@ def from_any(type_url: str, value: bytes) -> RuncOptions:
         msg = runc_options_pb2.Options.FromString(value)
         return RuncOptions(**{name: getattr(msg, name) for name in field_names(RuncOptions)})
     if name == RUNTIME_OPTIONS_TYPE:
-        from .proto import runtimeoptions_pb2
-
-        msg = runtimeoptions_pb2.Options.FromString(value)
-        body = msg.config_body
-        if not body and msg.config_path:
+        config_path, body = _runtime_options(value)
+        if not body and config_path:
             try:
-                with open(msg.config_path, "rb") as f:
+                with open(config_path, "rb") as f:
                     body = f.read()
             except OSError as e:
-                raise InvalidArgument(f"runtime options config_path {msg.config_path}: {e.strerror}") from e
-        return from_toml(body.decode() if isinstance(body, bytes) else body)
+                raise InvalidArgument(f"runtime options config_path {config_path}: {e.strerror}") from e
+        try:
+            return from_toml(body.decode())
+        except UnicodeDecodeError as e:
+            raise InvalidArgument(f"runtime options TOML is not UTF-8: {e}") from e
     return RuncOptions()
+
+
+def _runtime_options(value: bytes) -> tuple[str, bytes]:
+    """runtimeoptions.v1.Options{type_url=1, config_path=2, config_body=3}, decoded by hand:
+    the launcher reads it too (ShimCgroup) and must not import protobuf."""
+    from . import wire
+
+    config_path, body = "", b""
+    try:
+        for number, kind, field in wire.fields(value):
+            if kind == 2 and number == 2:
+                config_path = wire.text(field)
+            elif kind == 2 and number == 3:
+                body = bytes(field)
+    except wire.Malformed as e:
+        raise InvalidArgument(f"runtime options: {e}") from e
+    return config_path, body
 
 
 def from_toml(text: str) -> RuncOptions:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.options import OPTIONS_FILE, RUNC_OPTIONS_TYPE, RUNC_ROOT, RUNTIME_FILE, RuncOptions, from_any, type_name
+from shim.options import OPTIONS_FILE, RUNC_OPTIONS_TYPE, RUNC_ROOT, RUNC_ROOT_FILE, RUNTIME_FILE, RuncOptions, from_any, type_name
 from shim.errors import InvalidArgument
 from shim.proto import runc_options_pb2, runtimeoptions_pb2
 
@@ -82,16 +82,17 @@ def test_binary_and_runc_root() -> None:
 
 
 def test_write_read_round_trip(tmp_path: Path) -> None:
-    FULL.write(str(tmp_path))
+    FULL.write(str(tmp_path), "k8s.io")
     assert RuncOptions.read(str(tmp_path)) == FULL
     assert (tmp_path / RUNTIME_FILE).read_text() == "/usr/bin/crun"
+    assert (tmp_path / RUNC_ROOT_FILE).read_text() == "/run/custom-runc/k8s.io"
     assert json.loads((tmp_path / OPTIONS_FILE).read_text())["io_uid"] == 1000
     # Atomic writes leave no temp files behind.
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([OPTIONS_FILE, RUNTIME_FILE])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([OPTIONS_FILE, RUNTIME_FILE, RUNC_ROOT_FILE])
 
 
 def test_write_defaults_runtime_is_runc(tmp_path: Path) -> None:
-    RuncOptions().write(str(tmp_path))
+    RuncOptions().write(str(tmp_path), "default")
     assert (tmp_path / RUNTIME_FILE).read_text() == "runc"
     assert RuncOptions.read(str(tmp_path)) == RuncOptions()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from ..record import Factory, record
 
@@ -54,6 +53,8 @@ def last_log_error(path: str | None, offset: int) -> str:
     """The last error message runc wrote to its JSON log after ``offset``."""
     if not path:
         return ""
+    import json  # only on a failure path; delete's common path must not pay for it
+
     try:
         with open(path, "rb") as f:
             f.seek(offset)

@@ -52,7 +52,8 @@ def enabled(environ: dict[str, str] | os._Environ = os.environ) -> bool:
 def fingerprint() -> str:
     """Which code a template runs: the interpreter, the package path and its files' mtimes."""
     package = os.path.dirname(os.path.realpath(__file__))
-    h = lean.sha256(f"{os.path.realpath(sys.prefix)}\0{package}".encode())
+    # sys.executable, not sys.prefix: the launcher runs with -S, where the venv is not applied to sys.prefix
+    h = lean.sha256(f"{sys.executable}\0{package}".encode())
     for dirpath, dirnames, filenames in os.walk(package):
         dirnames[:] = [d for d in dirnames if d != "__pycache__"]
         for name in sorted(filenames):

@@ -1,0 +1,30 @@
+"""shim.template: the socket name must be the same wherever it is computed.
+
+The launcher runs with ``python -I -S`` (no site-packages), the template and
+the test harness with site: a fingerprint that depended on the difference
+would make every start miss its template and spawn a new one.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBE = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from shim import template; print(template.socket_path('/run/c.sock'))"
+
+
+def socket_path_with(*flags: str) -> str:
+    return subprocess.run([sys.executable, *flags, "-c", PROBE], capture_output=True, text=True, check=True).stdout
+
+
+def test_socket_path_is_the_same_with_and_without_site() -> None:
+    assert socket_path_with("-I", "-S") == socket_path_with("-I") == socket_path_with()
+
+
+def test_socket_path_differs_per_containerd() -> None:
+    from shim import template
+
+    assert template.socket_path("/a/c.sock") != template.socket_path("/b/c.sock")
+    assert template.socket_path("/a/c.sock").startswith("/run/containerd/s/py-template-")

@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := containerd runc crun criu busybox-static
+APT_PACKAGES := containerd runc crun criu busybox-static containernetworking-plugins
 STAMP := $(VENV)/.installed
 
 .PHONY: setup apt venv demo test test-runc test-crun unit install uninstall proto clean bench

@@ -422,3 +422,40 @@ async def test_task_v3_service_name(lab: Lab) -> None:
     waited = await call(shim, "Wait", shim_pb2.WaitRequest(id=cid), shim_pb2.WaitResponse, TASK_V3)
     assert waited.exit_status == 137
     await finish(shim, cid)
+
+
+async def test_failed_exec_start_releases_its_wait_and_shutdown_is_bounded(lab: Lab) -> None:
+    """An exec that never starts must not block Wait, Delete or the shim's exit."""
+    await lab.start_sink()
+    shim, cid, bundle, _ = await running_task(lab, "execfail")
+    await exec_(shim, cid, "ghost", process_spec(bundle, ["/no/such/binary"]))
+    waited: list[shim_pb2.WaitResponse] = []
+
+    async def wait_ghost() -> None:  # containerd has this Wait pending while it calls Start
+        waited.append(await shim.call("Wait", shim_pb2.WaitRequest(id=cid, exec_id="ghost"), shim_pb2.WaitResponse))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_ghost)
+        await trio.sleep(0.1)
+        await expect_error(Code.UNKNOWN, start_exec(shim, cid, "ghost"), contains="exec failed")
+        with trio.fail_after(5):
+            while not waited:
+                await trio.sleep(0.02)
+    assert waited[0].exit_status == 255
+    assert (await state_exec(shim, cid, "ghost")).status == task_types_pb2.STOPPED
+    await shim.call("Delete", shim_pb2.DeleteRequest(id=cid, exec_id="ghost"), shim_pb2.DeleteResponse)
+
+    # A Wait that can never be answered (the init still runs) must not keep the shim alive
+    # after Shutdown(now): in-flight calls get a bounded grace period.
+    async with trio.open_nursery() as nursery:
+        async def wait_forever() -> None:
+            try:
+                await shim.call("Wait", shim_pb2.WaitRequest(id=cid), shim_pb2.WaitResponse)
+            except Exception:
+                pass  # the shim went away: that is the point
+
+        nursery.start_soon(wait_forever)
+        await trio.sleep(0.1)
+        await shim.shutdown(cid, now=True)
+        await wait_until(lambda: not pid_alive(shim.pid), 6, message=f"shim {shim.pid} to exit")
+        nursery.cancel_scope.cancel()

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,6 +48,8 @@ log = logging.getLogger("shim.container")
 OUTPUT_DRAIN_TIMEOUT = 3.0
 #: How long Delete of a never-started container waits for runc's kill to land.
 CREATED_DELETE_WAIT = 2.0
+#: Exit status reported for an exec whose process never started.
+EXEC_START_FAILED = 255
 #: How long an init's exit waits for its execs' exits to be reported first.
 EXEC_EXIT_WAIT = 10.0
 
@@ -396,6 +399,10 @@ class Container:
         except BaseException as e:
             if process.io is not None:
                 process.io.close()
+            # It will never run: release anyone waiting on it (containerd's Wait
+            # is already pending) and let Delete take it, as the Go shim does.
+            process.exit_reported = False
+            process.set_exited(EXEC_START_FAILED, time.time())
             if isinstance(e, RuncError):
                 raise ShimError(f"OCI runtime exec failed: {e.detail}") from e
             raise

@@ -34,6 +34,7 @@ from .ttrpc import Server
 log = logging.getLogger("shim.daemon")
 
 EVENT_DRAIN_TIMEOUT = 5.0
+SHUTDOWN_GRACE = 2.0  # how long in-flight RPCs may still run after Shutdown
 
 
 async def serve(listener: socket.socket, config: ShimConfig) -> None:
@@ -55,6 +56,9 @@ async def serve(listener: socket.socket, config: ShimConfig) -> None:
                 await service.shutdown_requested.wait()
                 log.info("shutting down")
                 server.close()
+                # In-flight calls get to answer, but a Wait on a process that
+                # never exits must not keep the shim alive forever.
+                serving.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
             if not await publisher.drain(EVENT_DRAIN_TIMEOUT):
                 log.error("exiting with %d events containerd never received", publisher.pending)
             processes.cancel_scope.cancel()

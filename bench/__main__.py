@@ -1,6 +1,6 @@
 """Benchmark this shim against the Go shim (containerd-shim-runc-v2) in one private containerd.
 
-    python -m bench [--quick] [--only memory,latency,throughput] [--tasks 100] [--runs 30] ...
+    python -m bench [--quick] [--only memory,latency,throughput,pods] [--tasks 100] [--runs 30] ...
 
 Writes bench/results/latest.{json,md,png} and a timestamped copy of the json.
 Needs root (containerd, THP policy).  See bench/README.md.
@@ -18,16 +18,17 @@ from pathlib import Path
 
 from integration.harness import Containerd, build_busybox_image
 
-from . import environment, latency, memory, procs, report, throughput
+from . import environment, latency, memory, pods, procs, report, throughput
 from .tasks import SHIMS, log
 from .thp import ThpGuard
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("memory", "latency", "throughput")
+SECTIONS = ("memory", "latency", "throughput", "pods")
+CTR_SECTIONS = ("memory", "latency", "throughput")  # the ones that use the plain containerd
 FULL = dict(tasks=100, runs=30, settle=2.0, burst=50, burst_reps=2, state_calls=1000,
-            throughput_mib=256, throughput_runs=3)
+            throughput_mib=256, throughput_runs=3, pods=20)
 QUICK = dict(tasks=10, runs=5, settle=1.0, burst=10, burst_reps=1, state_calls=200,
-             throughput_mib=32, throughput_runs=2)
+             throughput_mib=32, throughput_runs=2, pods=5)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--state-calls", type=int, help=f"ttrpc State calls per shim ({FULL['state_calls']})")
     ap.add_argument("--throughput-mib", type=int, help=f"MiB written to stdout ({FULL['throughput_mib']})")
     ap.add_argument("--throughput-runs", type=int, help=f"throughput runs per shim ({FULL['throughput_runs']})")
+    ap.add_argument("--pods", type=int, help=f"CRI pods per runtime handler (default {FULL['pods']})")
     ap.add_argument("--thp-modes", default="madvise,always",
                     help="THP policies for the memory rounds; '' = leave the host's policy alone")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
@@ -58,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad or not args.only:
         ap.error(f"--only: unknown section(s) {bad}; choose from {','.join(SECTIONS)}")
     args.thp_modes = [m.strip() for m in args.thp_modes.split(",") if m.strip()]
-    if args.tasks < 1 or args.runs < 1 or args.burst < 1 or args.state_calls < 1 or args.throughput_runs < 1:
+    if args.tasks < 1 or args.runs < 1 or args.burst < 1 or args.state_calls < 1 or args.throughput_runs < 1 \
+            or args.pods < 1:
         ap.error("counts must be >= 1")
     return args
 
@@ -100,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     c = Containerd(log_level="warn")
     try:
         try:
-            c.start()
-            log(f"containerd at {c.address}")
-            tar = c.dir / "busybox-oci.tar"
-            ref = build_busybox_image(tar)
-            c.import_image(tar)
-            for shim in SHIMS:  # unpack the image, warm the page cache
-                latency.run_rm_once(c, ref, shim, f"warm-{shim}")
+            ref = ""
+            if any(s in args.only for s in CTR_SECTIONS):
+                c.start()
+                log(f"containerd at {c.address}")
+                tar = c.dir / "busybox-oci.tar"
+                ref = build_busybox_image(tar)
+                c.import_image(tar)
+                for shim in SHIMS:  # unpack the image, warm the page cache
+                    latency.run_rm_once(c, ref, shim, f"warm-{shim}")
             for section in SECTIONS:
                 if section not in args.only:
                     continue
@@ -123,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                     elif section == "throughput":
                         results["throughput"] = throughput.run(c, ref, args.throughput_mib,
                                                                args.throughput_runs)
+                    elif section == "pods":
+                        if c.dir is not None:  # the plain containerd's warm template would share pages
+                            procs.stop_templates(c.address)
+                        results["pods"] = pods.run(args.pods, args.settle)
                 except Exception:  # noqa: BLE001 - record, go on with the next section
                     results["errors"][section] = traceback.format_exc()
                     log(f"{section} FAILED:\n{results['errors'][section]}")

@@ -10,7 +10,7 @@ MiB = float(1 << 20)
 
 
 # --------------------------------------------------------------------------
-# rows: (metric, go, python, kind) with kind in mem | ms | us | s | mibs
+# rows: (metric, go, python, kind) with kind in mem | ms | us | s | mibs | n
 # --------------------------------------------------------------------------
 
 def rows(results: dict) -> list[tuple[str, float | None, float | None, str]]:
@@ -53,6 +53,17 @@ def rows(results: dict) -> list[tuple[str, float | None, float | None, str]]:
                     *pair(tp, "median_stream_mib_s"), "mibs"))
         out.append((f"throughput: {mib} MiB stdout, whole `ctr run --rm` (median)",
                     *pair(tp, "median_wall_mib_s"), "mibs"))
+    pods = results.get("pods") or {}
+    if pods:
+        n = pods["pods_per_runtime"]
+        for key, label in (("rss", "Rss"), ("pss", "Pss"), ("uss", "USS")):
+            out.append((f"pods (CRI), {n} pods/runtime running: {label} sum",
+                        *(pods[s]["memory"]["sum"][key] for s in ("go", "python")), "mem"))
+        for key, label in (("median_s", "median"), ("p90_s", "p90")):
+            out.append((f"pods (CRI): pod start (RunPodSandbox + CreateContainer + StartContainer) {label}",
+                        *(pods[s]["start"][key] for s in ("go", "python")), "ms"))
+        out.append(("pods (CRI): shim processes per pod",
+                    *(pods[s]["mean_shims_per_pod"] for s in ("go", "python")), "n"))
     return out
 
 
@@ -93,7 +104,8 @@ def markdown(results: dict) -> str:
         "",
         f"Parameters: {p['tasks']} tasks/shim, {p['runs']} latency runs/shim, burst {p['burst']} "
         f"x{p['burst_reps']}, {p['state_calls']} State calls, {p['throughput_mib']} MiB x{p['throughput_runs']}, "
-        f"start concurrency {p['concurrency']}, settle {p['settle']} s.",
+        f"start concurrency {p['concurrency']}, settle {p['settle']} s"
+        + (f", {p['pods']} CRI pods/runtime." if "pods" in p else "."),
         "Memory: sums over every process of the family (smaps_rollup); ratio = python / go "
         "(> 1: python uses more memory / takes longer / — for throughput — moves more).",
         "",
@@ -112,6 +124,14 @@ def markdown(results: dict) -> str:
             lines.append(f"Python family at THP={mode}, {n} tasks: {py['count']} processes = "
                          f"{py['templates']} template(s), {py['forked']} shims forked from a template, "
                          f"{py['count'] - py['templates'] - py['forked']} exec'd.  ")
+    pods = results.get("pods") or {}
+    if "python" in pods:
+        py = pods["python"]["memory"]
+        lines += ["", f"Pods: handlers {pods['handlers']['go']} (Go) / {pods['handlers']['python']} (Python), "
+                  f"each pod = sandbox + 1 busybox `sleep`, CNI bridge; started one after another, "
+                  f"alternating, after 1 warm-up pod each. Python family with {pods['pods_per_runtime']} pods: "
+                  f"{py['count']} processes = {py['templates']} template(s), {py['forked']} shims forked "
+                  f"from a template, {py['count'] - py['templates'] - py['forked']} exec'd."]
     for sec, err in (results.get("errors") or {}).items():
         lines.append("")
         lines.append(f"**{sec} failed:** `{err.strip().splitlines()[-1] if err.strip() else err}`")
@@ -136,7 +156,7 @@ def _busy(env: dict) -> bool:
 
 
 def plot(results: dict, path: Path) -> bool:
-    """Grouped bars: memory (Pss sum, N tasks, per THP mode) | latency (ms, log scale)."""
+    """Grouped bars: memory (Pss sum: N tasks per THP mode, CRI pods) | latency (ms, log scale)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -146,20 +166,26 @@ def plot(results: dict, path: Path) -> bool:
     colors = {"go": "#4C72B0", "python": "#DD8452"}
     mem = results.get("memory") or {}
     lat = results.get("latency") or {}
+    pods = results.get("pods") or {}
     fig, (ax_m, ax_l) = plt.subplots(1, 2, figsize=(13, 5.2))
     width = 0.38
 
-    if mem:
-        modes = list(mem)
-        n = str(max(int(k) for k in mem[modes[0]]))
+    groups = []  # (label, {shim: Pss bytes})
+    for m, by_n in mem.items():
+        n = str(max(int(k) for k in by_n))
+        groups.append((f"{n} tasks\nTHP={m}", {s: by_n[n][s]["sum"]["pss"] for s in ("go", "python")}))
+    if "python" in pods:
+        groups.append((f"{pods['pods_per_runtime']} CRI pods\n(host THP)",
+                       {s: pods[s]["memory"]["sum"]["pss"] for s in ("go", "python")}))
+    if groups:
         for j, shim in enumerate(("go", "python")):
-            vals = [mem[m][n][shim]["sum"]["pss"] / MiB for m in modes]
-            xs = [i + (j - 0.5) * width for i in range(len(modes))]
+            vals = [g[shim] / MiB for _, g in groups]
+            xs = [i + (j - 0.5) * width for i in range(len(groups))]
             bars = ax_m.bar(xs, vals, width, label=shim, color=colors[shim])
             ax_m.bar_label(bars, fmt="%.0f", fontsize=8)
-        ax_m.set_xticks(range(len(modes)), [f"THP={m}" for m in modes])
+        ax_m.set_xticks(range(len(groups)), [t for t, _ in groups], fontsize=9)
         ax_m.set_ylabel("MiB (sum of Pss over the shim processes)")
-        ax_m.set_title(f"Memory: {n} detached tasks per shim")
+        ax_m.set_title("Memory: all tasks / pods running (lower is better)")
         ax_m.legend()
     else:
         ax_m.set_axis_off()
@@ -173,6 +199,8 @@ def plot(results: dict, path: Path) -> bool:
         items.append((f"{lat['burst']['go']['concurrency']}× ctr run -d\n(wall)", lat["burst"], "median_wall_s"))
     if "ttrpc_state" in lat:
         items.append(("ttrpc State\n(median)", lat["ttrpc_state"], "median_s"))
+    if "python" in pods:
+        items.append(("CRI pod start\n(median)", {s: pods[s]["start"] for s in ("go", "python")}, "median_s"))
     if items:
         for j, shim in enumerate(("go", "python")):
             vals = [(d.get(shim, {}).get(k) or 0) * 1e3 for _, d, k in items]

@@ -2,11 +2,19 @@
 #   make demo   - run a container through a private containerd with this shim
 #   make test   - the whole test suite (unit + integration against real containerd/runc),
 #                 then the integration suite again with crun as the OCI runtime (test-crun)
-PYTHON ?= python3
+# The newest CPython >= 3.12 on the machine (pyenv's or on PATH), else python3. 3.12+ matters:
+# the warm template makes its heap immortal (PEP 683) so forked shims share it; on 3.11
+# everything works, with ~2.5 MiB more private memory per shim.
+ifndef PYTHON
+PYTHON := $(shell for v in 3.13 3.12; do \
+	  for p in $$HOME/.pyenv/versions/$$v*/bin/python$$v /usr/bin/python$$v /usr/local/bin/python$$v; do \
+	    [ -x "$$p" ] && "$$p" -c pass 2>/dev/null && { echo "$$p"; exit 0; }; done; done; echo python3)
+endif
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := containerd runc crun criu busybox-static containernetworking-plugins
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-$(PYVER)
 
 .PHONY: setup apt venv demo test test-runc test-crun unit install uninstall proto clean bench
 
@@ -24,6 +32,8 @@ venv: $(STAMP)
 # Byte-compile at install time: the environment sets PYTHONDONTWRITEBYTECODE,
 # and a shim that recompiled its sources on every container start would be slow.
 $(STAMP): pyproject.toml
+	@if [ -x $(PY) ] && ! [ "$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$(PYVER)" ]; then \
+		echo "recreating $(VENV) for Python $(PYVER)"; rm -rf $(VENV); fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
 	$(PY) -m compileall -q shim integration

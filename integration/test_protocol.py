@@ -414,9 +414,11 @@ async def test_delete_action_after_shim_killed(lab: Lab) -> None:
     init = read_init_pid(bundle)
     assert init == created.pid and pid_alive(init)
 
+    socket_file = shim.address.removeprefix("unix://")
     os.kill(shim.pid, signal.SIGKILL)
     await shim_exits(shim)
     assert pid_alive(init), "container died with its shim"
+    assert os.path.exists(socket_file), "a killed shim cannot remove its socket"
 
     result = await lab.run_delete(cid, bundle)
     assert result.returncode == 0, result.stderr
@@ -429,3 +431,4 @@ async def test_delete_action_after_shim_killed(lab: Lab) -> None:
     assert state.returncode != 0, f"runc container still exists: {state.stdout!r}"
     await wait_until(lambda: not pid_alive(init), 5, message=f"container init {init} to die")
     assert mounts_under(lab.tmp) == []
+    assert not os.path.exists(socket_file), "delete must remove the dead shim's socket"

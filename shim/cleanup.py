@@ -16,7 +16,7 @@ import sys
 import time
 
 from . import wire
-from .bundle import INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file
+from .bundle import ADDRESS_FILE, INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file
 from .cli import Flags
 from .mount import unmount_all
 from .options import RUNC_ROOT_FILE, RuncOptions
@@ -57,6 +57,33 @@ def _runc_may_hold(bundle: str, id: str) -> bool:
     return os.path.exists(os.path.join(root, id))
 
 
+def _remove_dead_socket(bundle: str) -> None:
+    """A shim that died (SIGKILL, OOM) leaves its socket; remove it unless a shim
+    still answers there (a pod's shim serving other containers)."""
+    from . import lean
+
+    try:
+        with open(os.path.join(bundle, ADDRESS_FILE)) as f:
+            address = f.read().strip()
+    except OSError:
+        return
+    path = address.removeprefix("unix://")
+    if not path.startswith("/") or not os.path.exists(path):
+        return
+    probe = lean.unix_socket()
+    try:
+        probe.connect(path)
+        return  # alive
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    try:
+        os.unlink(path)
+    except OSError as e:
+        _warn(f"failed to remove the dead shim's socket {path}: {e}")
+
+
 def delete(flags: Flags) -> int:
     bundle = flags.bundle or os.getcwd()
     if flags.id and _runc_may_hold(bundle, flags.id):
@@ -73,6 +100,7 @@ def delete(flags: Flags) -> int:
         unmount_all(os.path.join(bundle, ROOTFS_DIR))
     except OSError as e:
         _warn(f"failed to cleanup rootfs mount: {e}")
+    _remove_dead_socket(bundle)
     try:
         pid = read_pid_file(os.path.join(bundle, INIT_PID_FILE))
     except (OSError, ValueError) as e:

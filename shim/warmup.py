@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import tomllib  # noqa: F401  (CRI runtime options are parsed after fork; import it before)
 
 import trio
 

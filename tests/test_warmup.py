@@ -35,11 +35,9 @@ def lazy_imports() -> set[str]:
 
 def test_template_warm_up_loads_every_lazy_import() -> None:
     probe = (
-        "import sys, json; sys.path.insert(0, sys.argv[1]); import shim.daemon; "
-        "from shim.warmup import warm_up; warm_up(); print(json.dumps(sorted(sys.modules)))"
+        "import sys; sys.path.insert(0, sys.argv[1]); import shim.daemon; "
+        "from shim.warmup import warm_up; warm_up(); print(repr(sorted(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", probe, str(SHIM.parent)], capture_output=True, text=True, check=True)
-    import json
-
-    loaded = set(json.loads(out.stdout))
+    loaded = set(ast.literal_eval(out.stdout))
     assert lazy_imports() - loaded == set()

@@ -96,6 +96,12 @@ async def test_full_lifecycle_and_events(lab: Lab) -> None:
     assert not os.path.exists(expected_path), "shim socket left behind"
     assert mounts_under(lab.tmp) == []
 
+    # containerd 1.6 then runs the delete action: answered from what the clean Delete left
+    result = await lab.run_delete(cid, bundle)
+    assert result.returncode == 0 and result.stderr == b"", result.stderr
+    answer = shim_pb2.DeleteResponse.FromString(result.stdout)
+    assert (answer.pid, answer.exit_status, answer.exited_at) == (created.pid, 5, waited.exited_at)
+
     events = await sink.wait_count(4)
     await trio.sleep(0.2)
     events = sink.events

@@ -16,12 +16,21 @@ CONFIG_FILE = "config.json"
 ROOTFS_DIR = "rootfs"
 LOG_FIFO = "log"
 RUNC_LOG = "log.json"
+#: The DeleteResponse the ``delete`` action prints, left by a clean Delete (see the wrapper).
+DELETE_RESPONSE_FILE = "delete-response"
 
 
 def write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
+    os.rename(tmp, path)
+
+
+def write_atomic_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.rename(tmp, path)
 
 

@@ -28,18 +28,19 @@ from google.protobuf.message import Message
 
 from . import events as ev
 from .cgroups import ContainerCgroup, container_cgroup
-from .bundle import CONFIG_FILE, INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file
+from .bundle import CONFIG_FILE, DELETE_RESPONSE_FILE, INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file, write_atomic_bytes
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ShimError
 from .mount import MountSpec, mount_all, unmount_all
 from .netstats import network_stats
 from .oom import OOMWatcher
 from .options import RuncOptions
-from .process import Op, Process, State
+from .process import ExitInfo, Op, Process, State
 from .proto import events_pb2, mount_pb2
 from .reaper import ExitRouter, Watch
 from .runc_client.client import Runc
 from .runc_client.config import RuncConfig, RuncError
 from .stdio import ProcessIO, StdioPaths
+from .wire import delete_response
 
 log = logging.getLogger("shim.container")
 
@@ -459,6 +460,7 @@ class Container:
         if self.ctx.oom is not None:
             self.ctx.oom.remove(self.id)
         exit = init.exit
+        self._leave_delete_response(init.pid, exit)
         self.ctx.events.publish(
             ev.TASK_DELETE,
             events_pb2.TaskDelete(
@@ -469,6 +471,19 @@ class Container:
             ),
         )
         return init
+
+    def _leave_delete_response(self, pid: int, exit: ExitInfo | None) -> None:
+        """The answer to containerd's ``delete`` action, written once nothing is left to clean.
+
+        containerd 1.6 runs ``<shim> delete`` after every shim exit; with this
+        file the wrapper script answers with ``cat`` instead of starting an
+        interpreter (bin/containerd-shim-runc-v2-py).
+        """
+        status, exited_ns = (exit.status, int(exit.exited_at * 1e9)) if exit else (0, time.time_ns())
+        try:
+            write_atomic_bytes(os.path.join(self.bundle, DELETE_RESPONSE_FILE), delete_response(pid, status, exited_ns))
+        except OSError as e:
+            log.warning("%s: cannot leave the delete response: %s", self.id, e)
 
     def _delete_exec(self, process: Process) -> Process:
         process.lifecycle.apply(Op.DELETE)

@@ -1,0 +1,152 @@
+"""The fds a process's stdio owns, and the sinks its output is copied into.
+
+Copy tasks wait on fds that ``ProcessIO.close()`` may close at any moment.
+Every fd is therefore closed through ``OwnedFds``, which first wakes the
+tasks waiting on it; and every read, write or wait checks the fd is still
+owned, so a copy stops with ``trio.ClosedResourceError`` instead of touching
+a number the kernel may already have handed out again.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import logging
+import os
+import termios
+
+import trio
+
+log = logging.getLogger("shim.stdio")
+
+CHUNK = 1 << 16
+DRAIN_POLL = 0.01
+DRAIN_STALL_POLLS = 10  # no progress for this many polls: nobody is reading
+
+
+class OwnedFds:
+    """Every fd one process's stdio owns, all closed by ``close_all()``."""
+
+    def __init__(self) -> None:
+        self._fds: set[int] = set()
+
+    def __contains__(self, fd: int) -> bool:
+        return fd in self._fds
+
+    def own(self, fd: int) -> int:
+        self._fds.add(fd)
+        return fd
+
+    def pipe(self) -> tuple[int, int]:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        return self.own(r), self.own(w)
+
+    def close(self, fd: int) -> None:
+        """Close fd if we still own it (a second close is a no-op)."""
+        if fd in self._fds:
+            self._fds.discard(fd)
+            notify_closing(fd)
+            os.close(fd)
+
+    def close_all(self) -> None:
+        for fd in list(self._fds):
+            self.close(fd)
+
+    def _check(self, fd: int) -> None:
+        if fd not in self._fds:
+            raise trio.ClosedResourceError("closed")
+
+    async def wait_readable(self, fd: int) -> None:
+        self._check(fd)
+        await trio.lowlevel.wait_readable(fd)
+
+    def read(self, fd: int) -> bytes:
+        self._check(fd)
+        return os.read(fd, CHUNK)
+
+    async def write_all(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            self._check(fd)
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                if fd not in self._fds:
+                    raise trio.ClosedResourceError("closed") from None
+                await trio.lowlevel.wait_writable(fd)
+                continue
+            view = view[n:]
+
+
+class Sink:
+    """Where copied output goes; shared by stdout and stderr copies of a file.
+
+    ``id`` names the process in log messages.
+    """
+
+    def __init__(self, fds: OwnedFds, fd: int, kind: str, id: str) -> None:
+        self.fds = fds
+        self.fd = fds.own(fd)
+        self.kind = kind  # "fifo" | "file" | "pipe"
+        self.id = id
+        self.users = 0
+        self.broken = False
+
+    def mark_broken(self, error: OSError) -> None:
+        """Give up on this sink; what is written to it from now on is dropped."""
+        self.broken = True
+        log.warning("output %s (%s) broken, dropping output: %s", self.kind, self.id, error)
+
+    async def write(self, data: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            await self.fds.write_all(self.fd, data)
+        except OSError as e:
+            # Keep draining the source, so the container does not block on a
+            # full pipe or terminal.
+            self.mark_broken(e)
+
+    async def drain(self) -> None:
+        """The last writer of a fifo gives its reader time to take the rest."""
+        if self.users == 1 and self.kind == "fifo" and self.fd in self.fds and not self.broken:
+            await wait_drained(self.fd, lambda: self.fd in self.fds)
+
+    def release(self) -> None:
+        """One copy is done with the sink; the last one closes it."""
+        self.users -= 1
+        if self.users <= 0:
+            self.fds.close(self.fd)
+
+
+def notify_closing(fd) -> None:
+    """Wake any task waiting on fd before it is closed (no-op outside trio)."""
+    try:
+        trio.lowlevel.notify_closing(fd)
+    except RuntimeError:
+        pass
+
+
+def unread(fd: int) -> int:
+    """Bytes still sitting in the pipe/fifo buffer behind fd."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return buf[0]
+
+
+async def wait_drained(fifo: int, alive=lambda: True) -> None:
+    """Give a reading client the chance to take the fifo's last bytes.
+
+    Clients such as ctr stop reading as soon as they learn of the exit, so
+    the exit is held until the fifo is empty, as long as someone is visibly
+    draining it; with no reader (a detached client) we stop after a short stall.
+    """
+    last = unread(fifo)
+    stalled = 0
+    while last and stalled < DRAIN_STALL_POLLS:
+        await trio.sleep(DRAIN_POLL)
+        if not alive():
+            return
+        now = unread(fifo)
+        stalled = stalled + 1 if now >= last else 0
+        last = now

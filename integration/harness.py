@@ -335,9 +335,19 @@ def open_by_any(paths: Iterable[str]) -> set[int]:
 
 
 def orphan_sockets(paths: Iterable[str]) -> list[str]:
-    """Socket files (of ``paths``) that still exist but that no process holds."""
-    existing = [p for p in paths if os.path.exists(p)]
+    """Socket files (of ``paths``) that still exist but that no process holds.
+
+    Other files there (a template's .pid and .lock) are not sockets and not counted.
+    """
+    existing = [p for p in paths if _is_socket(p)]
     return sorted(p for p, holders in unix_socket_holders(existing).items() if not holders)
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def listdir(path: str | Path) -> set[str]:

@@ -23,7 +23,7 @@ import tty
 import pytest
 import trio
 
-from shim import stdio as stdio_mod
+from shim import logger as logger_mod
 from shim.errors import InvalidArgument, ShimError
 from shim.stdio import ProcessIO, StdioPaths, StdioTarget, parse_stdio
 
@@ -331,7 +331,7 @@ async def test_terminal_close_stdin_hangs_up(tmp_path) -> None:
             os.close(client_in)
             client_in = -1
             await trio.sleep(0.1)
-            assert not io._hangup  # clients gone, but no CloseIO yet
+            assert not io._console.hung_up  # clients gone, but no CloseIO yet
             io.close_stdin()
             with trio.fail_after(5):
                 while True:  # the slave sees the hangup: EOF or EIO
@@ -572,7 +572,7 @@ async def test_binary_logger_with_terminal(tmp_path, logger) -> None:
 
 
 async def test_binary_logger_killed_after_term_timeout(tmp_path, logger, monkeypatch) -> None:
-    monkeypatch.setattr(stdio_mod, "LOGGER_TERM_TIMEOUT", 0.5)
+    monkeypatch.setattr(logger_mod, "LOGGER_TERM_TIMEOUT", 0.5)
     out_dir = tmp_path / "logs"
     out_dir.mkdir()
     uri = f"binary://{logger}?dir={out_dir}&hang=1"

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 SHIM = Path(__file__).resolve().parent.parent / "shim"
-DAEMON_SIDE = ["daemon", "service", "container", "process", "stdio", "cgroups", "netstats", "oom", "events",
-               "options", "bundle", "mount", "reaper", "logs", "runc_client/client", "runc_client/config"]
+DAEMON_SIDE = ["daemon", "service", "container", "process", "stdio", "console", "logger", "fds", "cgroups",
+               "netstats", "oom", "events", "options", "bundle", "mount", "reaper", "logs", "runc_client/client",
+               "runc_client/config"]
 
 
 def lazy_imports() -> set[str]:

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import threading
-import time
-from dataclasses import dataclass
 
 import pytest
 
+from integration.ctr_events import EventStream
 from integration.harness import GO_RUNTIME, PY_RUNTIME, PY_SHIM_BINARY, wait_for
 
 RUNTIME = os.environ.get("SHIM_RUNTIME", PY_RUNTIME)
@@ -37,88 +34,6 @@ OOM_REPEATS = 5
 def _shim_installed(containerd):
     if RUNTIME == PY_RUNTIME and shutil.which(PY_SHIM_BINARY, path=containerd.env["PATH"]) is None:
         pytest.fail(f"{PY_SHIM_BINARY} not found on containerd's PATH ({containerd.env['PATH']})")
-
-
-# -- ctr events in the background ------------------------------------------------
-
-# "2026-11-25 10:58:52.129651712 +0000 UTC shimtest /tasks/oom {...}"
-EVENT_LINE_RE = re.compile(r"^\S+ \S+ \S+ \S+ (?P<ns>\S+) (?P<topic>/\S+) ?(?P<body>.*)$")
-
-
-@dataclass
-class Event:
-    namespace: str
-    topic: str
-    body: dict
-
-
-class EventStream:
-    """``ctr events`` (a Popen, ended by its pid) with its lines parsed as they arrive."""
-
-    def __init__(self, containerd) -> None:
-        self.containerd = containerd
-        self.events: list[Event] = []
-        self._lock = threading.Lock()
-        self.proc = containerd.ctr_popen("events", text=True, bufsize=1)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        try:
-            self._ready()
-        except BaseException:
-            self.close()
-            raise
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            m = EVENT_LINE_RE.match(line.rstrip("\n"))
-            if not m:
-                continue
-            try:
-                body = json.loads(m["body"]) if m["body"] else {}
-            except ValueError:
-                body = {"raw": m["body"]}
-            with self._lock:
-                self.events.append(Event(m["ns"], m["topic"], body))
-
-    def _ready(self) -> None:
-        """Wait until the subscription is live: a namespace label we set shows up.
-
-        The label is set again (new value) every half second: one set before
-        ``ctr events`` has subscribed is never delivered.
-        """
-        ns = self.containerd.namespace
-        tokens: set[str] = set()
-        last = [0.0]
-
-        def seen() -> bool:
-            if any(e.topic == "/namespaces/update" and e.body.get("labels", {}).get("shimtest-probe") in tokens
-                   for e in self.snapshot()):
-                return True
-            if time.monotonic() - last[0] >= 0.5:
-                token = f"oom{os.getpid()}-{time.monotonic_ns()}"
-                tokens.add(token)
-                self.containerd.ctr("namespaces", "label", ns, f"shimtest-probe={token}")
-                last[0] = time.monotonic()
-            return False
-
-        try:
-            wait_for(seen, timeout=15, message=lambda: f"ctr events to see our probe ({self.proc.poll()=})")
-        finally:
-            self.containerd.ctr("namespaces", "label", ns, "shimtest-probe=", check=False)
-
-    def snapshot(self) -> list[Event]:
-        with self._lock:
-            return list(self.events)
-
-    def tasks(self, cid: str) -> list[Event]:
-        return [e for e in self.snapshot()
-                if e.topic.startswith("/tasks/") and e.body.get("container_id") == cid]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, 9)
-        self.proc.communicate(timeout=10)
-        self._reader.join(timeout=5)
 
 
 @pytest.fixture

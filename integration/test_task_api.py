@@ -14,18 +14,15 @@ message is asserted, plus the code where ours is known.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from integration.ctr_events import EventStream
 from integration.harness import (
     GO_RUNTIME,
     PY_RUNTIME,
@@ -119,88 +116,9 @@ class Popened:
         self.proc.communicate(timeout=10)
 
 
-# -- ctr events ---------------------------------------------------------------
-
-EVENT_LINE_RE = re.compile(r"^\S+ \S+ \S+ \S+ (?P<ns>\S+) (?P<topic>/\S+) ?(?P<body>.*)$")
-
-
-@dataclass
-class Event:
-    namespace: str
-    topic: str
-    body: dict
-
-
-class EventLog:
-    """``ctr events`` in the background; lines parsed as they arrive."""
-
-    def __init__(self, containerd) -> None:
-        self.containerd = containerd
-        self.events: list[Event] = []
-        self._lock = threading.Lock()
-        self.proc = containerd.ctr_popen("events", text=True, bufsize=1)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._ready()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            m = EVENT_LINE_RE.match(line.rstrip("\n"))
-            if not m:
-                continue
-            try:
-                body = json.loads(m["body"]) if m["body"] else {}
-            except ValueError:
-                body = {"raw": m["body"]}
-            with self._lock:
-                self.events.append(Event(m["ns"], m["topic"], body))
-
-    def _ready(self) -> None:
-        """Wait until the subscription is live: an event we cause shows up.
-
-        An event published before ctr has subscribed is never delivered, so
-        the probe (a namespace label update) is repeated until one arrives.
-        """
-        ns = self.containerd.namespace
-        tokens: set[str] = set()
-
-        def seen() -> bool:
-            if any(e.topic == "/namespaces/update" and e.body.get("labels", {}).get("shimtest-probe") in tokens
-                   for e in self.snapshot()):
-                return True
-            token = f"p{os.getpid()}-{time.monotonic_ns()}"
-            tokens.add(token)
-            self.containerd.ctr("namespaces", "label", ns, f"shimtest-probe={token}")
-            return False
-
-        try:
-            wait_for(seen, timeout=10, interval=0.1,
-                     message=lambda: f"ctr events to see our probe ({self.proc.poll()=})")
-        finally:
-            self.containerd.ctr("namespaces", "label", ns, "shimtest-probe=", check=False)
-
-    def snapshot(self) -> list[Event]:
-        with self._lock:
-            return list(self.events)
-
-    def tasks(self, cid: str) -> list[Event]:
-        """/tasks/* events of one container, in arrival order."""
-        return [e for e in self.snapshot() if e.topic.startswith("/tasks/") and e.body.get("container_id") == cid]
-
-    def wait_tasks(self, cid: str, predicate, timeout: float = 10.0, message: str = "events") -> list[Event]:
-        return wait_for(lambda: (lambda ev: ev if predicate(ev) else None)(self.tasks(cid)), timeout=timeout,
-                        message=lambda: f"{message}; have {[e.topic for e in self.tasks(cid)]}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate(timeout=10)
-        self._reader.join(timeout=5)
-
-
 @pytest.fixture
 def events(containerd):
-    log = EventLog(containerd)
+    log = EventStream(containerd)
     try:
         yield log
     finally:

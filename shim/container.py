@@ -189,6 +189,7 @@ class Container:
         init = self.init
         try:
             self._mount_rootfs()
+            log.debug("%s: rootfs mounted", self.id)
             init.io = self._new_io(req.stdio)
             req.options.write(self.bundle, self.ctx.namespace)
             if req.checkpoint:

@@ -90,6 +90,7 @@ class TaskService:
     # -- RPCs ---------------------------------------------------------------
 
     async def create(self, req: shim_pb2.CreateTaskRequest, _: CallContext) -> shim_pb2.CreateTaskResponse:
+        log.debug("%s: create", req.id)
         if req.id in self.containers:
             raise AlreadyExists(f"container {req.id}: already exists")
         request = CreateRequest(

@@ -47,8 +47,9 @@ def group_id(bundle: str, id: str) -> str:
     """Which shim serves this container: its group's, else its own.
 
     CRI puts a pod's containers (and its sandbox, whose sandbox-id is its own
-    id) in one group. The raw file is searched first, so the common case of no
-    grouping never pays for importing and running json on the start path.
+    id) in one group. This runs on every container start, so the raw file is
+    searched first: no key, no grouping; one plain occurrence of a key, its
+    string value is read directly; anything less simple goes through json.
     """
     try:
         with open(os.path.join(bundle, CONFIG_FILE), "rb") as f:
@@ -57,6 +58,9 @@ def group_id(bundle: str, id: str) -> str:
         return id
     if not any(key.encode() in raw for key in GROUP_ANNOTATIONS):
         return id
+    values = [_plain_string_member(raw, key) for key in GROUP_ANNOTATIONS]
+    if all(value is not None for value in values):
+        return next((value for value in values if value), id)
     import json
 
     try:
@@ -68,3 +72,28 @@ def group_id(bundle: str, id: str) -> str:
         if isinstance(value, str) and value:
             return value
     return id
+
+
+def _plain_string_member(raw: bytes, key: str) -> str | None:
+    """The value of ``"key": "value"`` when it occurs at most once and needs no
+    unescaping ("" if absent); None when json must decide."""
+    needle = b'"' + key.encode() + b'"'
+    start = raw.find(needle)
+    if start < 0:
+        return ""
+    if raw.find(needle, start + 1) >= 0:
+        return None
+    rest = raw[start + len(needle) :].lstrip()
+    if not rest.startswith(b":"):
+        return None
+    rest = rest[1:].lstrip()
+    if not rest.startswith(b'"'):
+        return None
+    end = rest.find(b'"', 1)
+    value = rest[1:end]
+    if end < 0 or b"\\" in value:
+        return None
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return None

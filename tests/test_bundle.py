@@ -40,3 +40,21 @@ def test_explicit_group_wins_over_sandbox_id(tmp_path: Path) -> None:
 def test_unparsable_config_with_a_key_falls_back(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"annotations": {"io.kubernetes.cri.sandbox-id": ')
     assert group_id(str(tmp_path), "c1") == "c1"
+
+
+def test_key_outside_annotations_or_repeated_goes_through_json(tmp_path: Path) -> None:
+    spec = {"process": {"env": ['X="io.kubernetes.cri.sandbox-id": "fake"']},
+            "annotations": {"io.kubernetes.cri.sandbox-id": "pod2"}}
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    assert group_id(str(tmp_path), "app") == "pod2"
+
+
+def test_escaped_value_goes_through_json(tmp_path: Path) -> None:
+    write_config(tmp_path, {"io.containerd.runc.v2.group": 'g"1'})
+    assert group_id(str(tmp_path), "app") == 'g"1'
+
+
+def test_pretty_printed_config(tmp_path: Path) -> None:
+    spec = {"annotations": {"io.kubernetes.cri.sandbox-id": "pod3"}}
+    (tmp_path / "config.json").write_text(json.dumps(spec, indent=4))
+    assert group_id(str(tmp_path), "app") == "pod3"

@@ -70,14 +70,8 @@ def _remove_dead_socket(bundle: str) -> None:
     path = address.removeprefix("unix://")
     if not path.startswith("/") or not os.path.exists(path):
         return
-    probe = lean.unix_socket()
-    try:
-        probe.connect(path)
-        return  # alive
-    except OSError:
-        pass
-    finally:
-        probe.close()
+    if lean.accepts(path):
+        return  # a live shim (a pod's, serving other containers)
     try:
         os.unlink(path)
     except OSError as e:

@@ -39,17 +39,6 @@ def socket_path(containerd_address: str, namespace: str, group_id: str, socket_d
     return os.path.join(socket_dir, digest)
 
 
-def _accepts(path: str) -> bool:
-    probe = lean.unix_socket()
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
 def bind(path: str) -> _socket.socket | None:
     """Listen on path (mode 0600); None if a live shim already serves it."""
     os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
@@ -60,7 +49,7 @@ def bind(path: str) -> _socket.socket | None:
         except OSError as e:
             if e.errno != errno.EADDRINUSE:
                 raise
-            if _accepts(path):
+            if lean.accepts(path):
                 sock.close()
                 return None
             os.unlink(path)  # a dead shim's leftover

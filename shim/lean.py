@@ -33,6 +33,18 @@ def unix_socket(kind: int = SOCK_STREAM) -> _socket.socket:
     return _socket.socket(AF_UNIX, kind)
 
 
+def accepts(path: str, kind: int = SOCK_STREAM) -> bool:
+    """Whether something listens on the unix socket at path."""
+    probe = unix_socket(kind)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def send_fds(sock: _socket.socket, data: bytes, fds: list[int]) -> None:
     """socket.send_fds without the socket module: one message, fds as SCM_RIGHTS."""
     sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array("i", fds).tobytes())])

@@ -67,12 +67,20 @@ bench: setup
 		$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]' --config-settings editable_mode=compat
 	$(PY) -m bench $(BENCH_ARGS)
 
-# Make any containerd on this machine find the shim (runtime io.containerd.runc.v2-py).
+# Make any containerd on this machine find the shim (runtime io.containerd.runc.v2-py):
+# a copy of the launcher with this checkout's absolute path baked in, so it works
+# wherever it is put (containerd also takes a runtime by absolute path).
+BINDIR ?= /usr/local/bin
+SHIM_BIN := containerd-shim-runc-v2-py
 install: setup
-	ln -sf $(CURDIR)/bin/containerd-shim-runc-v2-py /usr/local/bin/containerd-shim-runc-v2-py
+	install -d $(BINDIR)
+	sed 's|^root=$$|root=$(CURDIR)|' bin/$(SHIM_BIN) > $(BINDIR)/.$(SHIM_BIN).tmp
+	grep -qx 'root=$(CURDIR)' $(BINDIR)/.$(SHIM_BIN).tmp
+	chmod 755 $(BINDIR)/.$(SHIM_BIN).tmp
+	mv -f $(BINDIR)/.$(SHIM_BIN).tmp $(BINDIR)/$(SHIM_BIN)
 
 uninstall:
-	rm -f /usr/local/bin/containerd-shim-runc-v2-py
+	rm -f $(BINDIR)/$(SHIM_BIN)
 
 proto: venv
 	$(PY) -m shim.proto.generate

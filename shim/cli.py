@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from .record import record
 
-USAGE = "usage: containerd-shim-runc-v2-py [-namespace NS] [-address A] [-publish-binary B] [-id ID] [-bundle DIR] [-debug] start|delete"
+USAGE = "usage: containerd-shim-runc-v2-py [-namespace NS] [-address A] [-publish-binary B] [-id ID] [-bundle DIR] [-debug] [-info] start|delete"
 
 
 @record
@@ -24,6 +24,7 @@ class Flags:
     socket: str = ""
     debug: bool = False
     version: bool = False
+    info: bool = False
     action: str = ""
 
 
@@ -32,7 +33,7 @@ class UsageError(Exception):
 
 
 _VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
-_BOOL_FLAGS = {"debug", "v"}
+_BOOL_FLAGS = {"debug", "v", "info"}
 
 
 def parse_args(argv: list[str]) -> Flags:
@@ -52,7 +53,7 @@ def parse_args(argv: list[str]) -> Flags:
             if name == "v":
                 flags.version = on
             else:
-                flags.debug = on
+                setattr(flags, name, on)
         elif name in _VALUE_FLAGS:
             if not eq:
                 i += 1
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"containerd-shim-runc-v2-py:\n  Version: {__version__}\n  Python: {sys.version.split()[0]}")
         sys.exit(0)
+    if flags.info:
+        _exit_now(_info())
     if flags.action == "start":
         from .launcher import start
 
@@ -96,6 +99,19 @@ def main(argv: list[str] | None = None) -> None:
         _exit_now(delete(flags))
     print(f"unknown action {flags.action!r}\n{USAGE}", file=sys.stderr)
     sys.exit(2)
+
+
+def _info() -> int:
+    """``-info`` (containerd 2.x): RuntimeInfo protobuf on stdout, options on stdin."""
+    from .info import InfoError, runtime_info
+
+    try:
+        data = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
+        sys.stdout.buffer.write(runtime_info(data))
+    except (InfoError, OSError) as e:
+        print(f"info failed: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _exit_now(code: int) -> None:

@@ -147,6 +147,54 @@ def shares_pid_namespace(bundle: str) -> bool:
     return not any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
 
 
+def exec_spec(exec_id: str, spec: bytes, terminal: bool) -> bytes:
+    """The exec's OCI process spec with the request's terminal flag, which wins.
+
+    containerd's client can ask for a tty only in the request (cio.WithTerminal)
+    and send a spec whose "terminal" is false; runc then refuses the console
+    socket. The Go shim sets spec.Terminal = request.Terminal; so do we.
+    """
+    try:
+        process = json.loads(spec)
+    except ValueError as e:
+        raise InvalidArgument(f"exec {exec_id}: process spec is not JSON: {e}") from e
+    if not isinstance(process, dict):
+        raise InvalidArgument(f"exec {exec_id}: process spec is not a JSON object")
+    if bool(process.get("terminal", False)) == terminal:
+        return spec
+    process["terminal"] = terminal
+    return json.dumps(process).encode()
+
+
+class InFlight:
+    """Counts operations in progress; ``idle()`` returns once none is.
+
+    An exec inside ``runc exec`` has no pid yet, so it is not among the
+    running execs an init's exit waits for; counting it here lets the init's
+    exit wait until it has either started (its exit then goes first) or
+    failed, as the Go shim's ``pendingExecs`` does.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def __enter__(self) -> None:
+        if self.count == 0:
+            self._idle = trio.Event()
+        self.count += 1
+
+    def __exit__(self, *_: object) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        while self.count:
+            await self._idle.wait()
+
+
 class Container:
     def __init__(self, request: CreateRequest, ctx: Context) -> None:
         if not request.id:
@@ -175,6 +223,7 @@ class Container:
         self._mounted = False
         self._start_done = trio.Event()
         self._start_done.set()
+        self._execs_starting = InFlight()
 
     def _new_io(self, stdio: StdioPaths, exec_id: str = "") -> ProcessIO:
         options = self.request.options
@@ -302,11 +351,7 @@ class Container:
         if exec_id in self.execs:
             raise AlreadyExists(f"id {exec_id}: already exists")
         self.init.lifecycle.check(Op.EXEC)
-        try:
-            json.loads(spec)
-        except ValueError as e:
-            raise InvalidArgument(f"exec {exec_id}: process spec is not JSON: {e}") from e
-        self.execs[exec_id] = Process(self.id, exec_id, stdio, spec)
+        self.execs[exec_id] = Process(self.id, exec_id, stdio, exec_spec(exec_id, spec, stdio.terminal))
         self.ctx.events.publish(ev.TASK_EXEC_ADDED, events_pb2.TaskExecAdded(container_id=self.id, exec_id=exec_id))
 
     async def start(self, exec_id: str = "") -> int:
@@ -384,6 +429,10 @@ class Container:
     async def _start_exec(self, process: Process) -> int:
         process.lifecycle.check(Op.START)
         self.init.lifecycle.check(Op.EXEC)
+        with self._execs_starting:  # the init's exit waits until this exec has a pid or failed
+            return await self._run_exec(process)
+
+    async def _run_exec(self, process: Process) -> int:
         pid_file = os.path.join(self.bundle, f"{process.exec_id}.pid")
         fd, spec_path = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=self.bundle)
         try:
@@ -567,11 +616,9 @@ class Container:
             except RuncError as e:
                 if not _gone(e):
                     log.warning("%s: killing leftovers after init exit: %s", self.id, e)
-        running = [p for p in self.execs.values() if p.pid and p.exit is None]
-        if not running:
-            return
         with trio.move_on_after(EXEC_EXIT_WAIT):
-            for process in running:
+            await self._execs_starting.idle()
+            for process in [p for p in self.execs.values() if p.pid and p.exit is None]:
                 await process.wait()
             return
         log.warning("%s: execs still running %.0fs after init exit", self.id, EXEC_EXIT_WAIT)

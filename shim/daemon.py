@@ -21,7 +21,7 @@ import sys
 import trio
 
 from . import __version__
-from .config import CONFIG_ENV, ShimConfig
+from .config import CONFIG_ENV, ShimConfig, set_title
 from .container import Context
 from .events import EventPublisher
 from .logs import setup_logging
@@ -92,4 +92,7 @@ def _remove_socket(path: str) -> None:
 def run_from_env() -> None:
     """Entry for the exec'd shim; the config is taken out of the environment
     so runc and containers do not inherit it."""
-    sys.exit(main(ShimConfig.decode(os.environ.pop(CONFIG_ENV))))
+    config = ShimConfig.decode(os.environ[CONFIG_ENV])
+    set_title(config.title())  # before the environment changes
+    del os.environ[CONFIG_ENV]
+    sys.exit(main(config))

@@ -28,7 +28,7 @@ import time
 
 from . import lean
 
-from .config import ShimConfig
+from .config import PROCESS_NAME, ShimConfig, set_title
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -156,15 +156,6 @@ def _bind(path: str) -> socket.socket:
     return sock
 
 
-def _set_title(config: ShimConfig) -> None:
-    """Show the shim in ps as the Go shim's re-exec would look."""
-    try:
-        from setproctitle import setproctitle
-    except ImportError:
-        return
-    setproctitle(f"containerd-shim-runc-v2-py -namespace {config.namespace} -id {config.id} -address {config.address}")
-
-
 def _become_shim(config: ShimConfig, env: dict[str, str], listener_fd: int) -> None:
     """In the forked grandchild: turn into the shim, never return."""
     code = 1
@@ -175,7 +166,7 @@ def _become_shim(config: ShimConfig, env: dict[str, str], listener_fd: int) -> N
         if listener_fd != LISTEN_FD:
             os.dup2(listener_fd, LISTEN_FD)
         os.closerange(LISTEN_FD + 1, 1 << 16)  # the template's sockets and anything else
-        _set_title(config)  # before the environment changes: setproctitle reuses its memory
+        set_title(config.title())  # before the environment changes
         os.environ.clear()
         os.environ.update(env)
         os.chdir(config.bundle)
@@ -305,6 +296,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     path = sys.argv[1]
+    set_title(f"{PROCESS_NAME} template {path}")
     if _claim(path) is None:
         return  # another template serves this containerd
     sock = _bind(path)

@@ -2,6 +2,7 @@
 #   make demo   - run a container through a private containerd with this shim
 #   make test   - the whole test suite (unit + integration against real containerd/runc),
 #                 then the integration suite again with crun as the OCI runtime (test-crun)
+#                 and in namespace mode, one shim for every task (test-namespace)
 # The newest CPython >= 3.12 on the machine (pyenv's or on PATH), else python3. 3.12+ matters:
 # the warm template makes its heap immortal (PEP 683) so forked shims share it; on 3.11
 # everything works, with ~2.5 MiB more private memory per shim.
@@ -16,7 +17,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := containerd runc crun criu busybox-static containernetworking-plugins
 STAMP := $(VENV)/.installed-$(PYVER)
 
-.PHONY: setup apt venv demo test test-runc test-crun unit install uninstall proto clean bench
+.PHONY: setup apt venv demo test test-runc test-crun test-namespace unit install uninstall proto clean bench
 
 setup: apt venv
 
@@ -45,7 +46,8 @@ demo: setup
 # Both passes always run (a runc failure does not hide the crun result); fails if either failed.
 test: setup
 	@rc=0; $(MAKE) --no-print-directory test-runc || rc=1; \
-	$(MAKE) --no-print-directory test-crun || rc=1; exit $$rc
+	$(MAKE) --no-print-directory test-crun || rc=1; \
+	$(MAKE) --no-print-directory test-namespace || rc=1; exit $$rc
 
 test-runc: setup
 	SHIM_RUNC_BINARY= $(PY) -m pytest -q -p no:cacheprovider
@@ -55,6 +57,11 @@ test-runc: setup
 # hugetlb to cgroup v1 for the session and undoes it (crun 1.8 refuses it on v2).
 test-crun: setup
 	SHIM_RUNC_BINARY=crun $(PY) -m pytest -q -p no:cacheprovider integration
+
+# The integration suite with ShimGroup = "namespace" for every ctr run/create of our
+# runtime (integration/harness.py SHIM_PY_GROUP): one shim serves every task.
+test-namespace: setup
+	SHIM_PY_GROUP=namespace $(PY) -m pytest -q -p no:cacheprovider integration
 
 unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests

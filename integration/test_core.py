@@ -34,6 +34,7 @@ from integration.harness import (
     pid_alive,
     read_cmdline,
     read_status,
+    shim_group,
     wait_for,
 )
 
@@ -241,8 +242,10 @@ def test_20_concurrent_containers_leave_nothing_behind(containerd, image, new_ci
     tasks = containerd.tasks()
     pids = {int(tasks[i]["pid"]) for i in ids}
     assert len(pids) == n
-    shims = {i: containerd.shim_pids(i) for i in ids}
+    shims = {i: containerd.serving_shims(i) for i in ids}
     assert all(shims.values()), {i: s for i, s in shims.items() if not s}
+    served_by = {p for s in shims.values() for p in s}
+    assert len(served_by) == (1 if shim_group() == "namespace" and not IS_GO_SHIM else n), shims
 
     def ctr_ok(*args):
         r = containerd.ctr(*args, check=False)

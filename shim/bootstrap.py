@@ -188,29 +188,50 @@ def _runtime_options(extensions: list[RawAny]) -> RawAny | None:
     return extensions[0] if extensions else None
 
 
-def shim_cgroup(options: RawAny | None) -> str:
-    """Options.shim_cgroup (field 3) from the runtime options, without protobuf.
+#: ShimGroup values (runtime options TOML): which tasks one shim process serves.
+GROUP_POD = "pod"  # the Go shim's behaviour: one shim per task, a pod's containers share one
+GROUP_NAMESPACE = "namespace"  # one shim per containerd address and namespace
+SHIM_GROUPS = ("", GROUP_POD, GROUP_NAMESPACE)
 
-    CRI's runtimeoptions.v1.Options carries it as ``ShimCgroup`` in TOML.
+
+@record
+class LaunchSettings:
+    """The runtime options ``start`` itself acts on."""
+
+    shim_cgroup: str = ""  # Options.shim_cgroup: the cgroup a new shim joins
+    shim_group: str = ""  # ShimGroup: "" / "pod" or "namespace"
+
+
+def launch_settings(options: RawAny | None) -> LaunchSettings:
+    """ShimCgroup and ShimGroup from the runtime options, without protobuf.
+
+    containerd.runc.v1.Options has shim_cgroup (field 3) and no group; CRI's
+    and ctr's runtimeoptions.v1.Options carry a TOML (``ShimCgroup``,
+    ``ShimGroup``), parsed only when that is what was sent. Unreadable options
+    are ignored, as the Go shim's start ignores them; an unknown ShimGroup
+    is an error (ValueError), since guessing would put tasks in the wrong shim.
     """
     if options is None:
-        return ""
+        return LaunchSettings()
     try:
         if options.type_name == RUNC_OPTIONS_TYPE:
             for number, wire, value in _fields(options.value):
                 if number == 3 and wire == 2:
-                    return _text(value)
+                    return LaunchSettings(shim_cgroup=_text(value))
         elif options.type_name == RUNTIME_OPTIONS_TYPE:
             from .errors import ShimError
-            from .options import from_any  # rare (CRI): TOML parsing is worth its import here
+            from .options import from_any  # rare (CRI, ctr --runtime-config-path): TOML is worth its import here
 
             try:
-                return from_any(options.type_url, options.value).shim_cgroup
+                parsed = from_any(options.type_url, options.value)
             except ShimError:
-                return ""
-    except (Malformed, ValueError):
-        return ""
-    return ""
+                return LaunchSettings()
+            if parsed.shim_group not in SHIM_GROUPS:
+                raise ValueError(f"ShimGroup {parsed.shim_group!r}: must be {GROUP_POD!r} or {GROUP_NAMESPACE!r}")
+            return LaunchSettings(shim_cgroup=parsed.shim_cgroup, shim_group=parsed.shim_group)
+    except Malformed:
+        return LaunchSettings()
+    return LaunchSettings()
 
 
 def parse_start_input(stdin: bytes, flags: "Flags", env: Mapping[str, str]) -> StartInput:

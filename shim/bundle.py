@@ -41,37 +41,48 @@ def read_pid_file(path: str) -> int:
 
 #: Annotations that put containers in one shim, in the order the Go shim reads them.
 GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+#: The annotation an operator sets on purpose: it wins over ShimGroup = "namespace".
+EXPLICIT_GROUP_ANNOTATIONS = GROUP_ANNOTATIONS[:1]
+#: The group of every other task of a namespace in ShimGroup = "namespace" mode. "@" cannot
+#: appear in a containerd id, so no task's own group can collide with it.
+NAMESPACE_GROUP = "@namespace"
 
 
-def group_id(bundle: str, id: str) -> str:
-    """Which shim serves this container: its group's, else its own.
+def group_id(bundle: str, id: str, namespace_mode: bool = False) -> str:
+    """Which shim serves this container: its group's, else its own (or, in
+    namespace mode, the namespace's).
 
     CRI puts a pod's containers (and its sandbox, whose sandbox-id is its own
-    id) in one group. This runs on every container start, so the raw file is
-    searched first: no key, no grouping; one plain occurrence of a key, its
-    string value is read directly; anything less simple goes through json.
+    id) in one group. In namespace mode only the explicit group annotation
+    counts: every pod of the namespace shares the one shim. This runs on
+    every container start, so the raw file is searched first: no key, no
+    grouping; one plain occurrence of a key, its string value is read
+    directly; anything less simple goes through json. An empty value does
+    not group (as in the Go shim).
     """
+    keys = EXPLICIT_GROUP_ANNOTATIONS if namespace_mode else GROUP_ANNOTATIONS
+    fallback = NAMESPACE_GROUP if namespace_mode else id
     try:
         with open(os.path.join(bundle, CONFIG_FILE), "rb") as f:
             raw = f.read()
     except OSError:
-        return id
-    if not any(key.encode() in raw for key in GROUP_ANNOTATIONS):
-        return id
-    values = [_plain_string_member(raw, key) for key in GROUP_ANNOTATIONS]
+        return fallback
+    if not any(key.encode() in raw for key in keys):
+        return fallback
+    values = [_plain_string_member(raw, key) for key in keys]
     if all(value is not None for value in values):
-        return next((value for value in values if value), id)
+        return next((value for value in values if value), fallback)
     import json
 
     try:
         annotations = json.loads(raw).get("annotations") or {}
     except (ValueError, AttributeError):
-        return id
-    for key in GROUP_ANNOTATIONS:
+        return fallback
+    for key in keys:
         value = annotations.get(key)
         if isinstance(value, str) and value:
             return value
-    return id
+    return fallback
 
 
 def _plain_string_member(raw: bytes, key: str) -> str | None:

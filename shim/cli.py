@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
 
         try:
             code = start(flags)
-        except OSError as e:  # containerd shows this text as the start failure
+        except (OSError, ValueError) as e:  # containerd shows this text as the start failure
             print(f"start failed: {e}", file=sys.stderr)
             code = 1
         _exit_now(code)

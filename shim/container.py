@@ -29,6 +29,7 @@ from google.protobuf.message import Message
 from . import events as ev
 from .cgroups import ContainerCgroup, container_cgroup
 from .bundle import CONFIG_FILE, DELETE_RESPONSE_FILE, INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file, write_atomic_bytes
+from .isolation import Isolated
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ShimError
 from .mount import MountSpec, mount_all, unmount_all
 from .netstats import network_stats
@@ -224,6 +225,8 @@ class Container:
         self._start_done = trio.Event()
         self._start_done.set()
         self._execs_starting = InFlight()
+        #: Where this container's monitors and copiers run: their failures stay its own.
+        self.tasks = Isolated(ctx.nursery, request.id)
 
     def _new_io(self, stdio: StdioPaths, exec_id: str = "") -> ProcessIO:
         options = self.request.options
@@ -259,7 +262,7 @@ class Container:
                 )
                 watch = self._watch_pid_file(pid_file)
             init.io.close_child_ends()
-            await init.io.start(self.ctx.nursery)
+            await init.io.start(self.tasks)
         except BaseException as e:
             self._release()
             if isinstance(e, RuncError):
@@ -269,7 +272,7 @@ class Container:
         log.debug("%s: created, init pid %d", self.id, init.pid)
         self._publish_create(init.pid)
         self._track_cgroup(init.pid)
-        self.ctx.nursery.start_soon(self._monitor, init, watch)
+        self.tasks.start_soon(self._monitor, init, watch)
         return init.pid
 
     def _track_cgroup(self, pid: int) -> None:
@@ -401,10 +404,10 @@ class Container:
         except RuncError as e:
             raise ShimError(f"OCI runtime restore failed: {e.detail}{_criu_log_tail(work, 'restore.log')}") from e
         init.io.close_child_ends()
-        await init.io.start(self.ctx.nursery)
+        await init.io.start(self.tasks)
         init.pid = watch.pid
         self._track_cgroup(init.pid)
-        self.ctx.nursery.start_soon(self._monitor, init, watch)
+        self.tasks.start_soon(self._monitor, init, watch)
 
     async def checkpoint(self, request: CheckpointRequest) -> None:
         self.init.lifecycle.check(Op.CHECKPOINT)
@@ -446,7 +449,7 @@ class Container:
                 )
                 watch = self._watch_pid_file(pid_file)
             process.io.close_child_ends()
-            await process.io.start(self.ctx.nursery)
+            await process.io.start(self.tasks)
         except BaseException as e:
             if process.io is not None:
                 process.io.close()
@@ -466,7 +469,7 @@ class Container:
             ev.TASK_EXEC_STARTED,
             events_pb2.TaskExecStarted(container_id=self.id, exec_id=process.exec_id, pid=process.pid),
         )
-        self.ctx.nursery.start_soon(self._monitor, process, watch)
+        self.tasks.start_soon(self._monitor, process, watch)
         return process.pid
 
     async def kill(self, exec_id: str, signal: int, all: bool = False) -> None:
@@ -588,14 +591,11 @@ class Container:
 
     async def _monitor(self, process: Process, watch: Watch) -> None:
         exit = await watch.wait()
-        if process is self.init:
-            await self._start_done.wait()
-            await self._before_init_exit()
-        io = process.io
-        if io is not None and not await io.wait_output(OUTPUT_DRAIN_TIMEOUT):
-            log.warning("%s: output still pending %.0fs after exit", self.id, OUTPUT_DRAIN_TIMEOUT)
-        if self.ctx.oom is not None:
-            self.ctx.oom.check_now(self.id)  # /tasks/oom before the exit it caused
+        try:
+            await self._before_exit(process)
+        except Exception:  # whatever failed, the exit is still recorded and published
+            self.tasks.faults += 1
+            log.exception("%s: before publishing the exit of %s", self.id, process.exec_id or "init")
         if process.set_exited(exit.status, exit.timestamp) and process.exit_reported:
             self.ctx.events.publish(
                 ev.TASK_EXIT,
@@ -607,6 +607,16 @@ class Container:
                     exited_at=ev.timestamp(exit.timestamp),
                 ),
             )
+
+    async def _before_exit(self, process: Process) -> None:
+        if process is self.init:
+            await self._start_done.wait()
+            await self._before_init_exit()
+        io = process.io
+        if io is not None and not await io.wait_output(OUTPUT_DRAIN_TIMEOUT):
+            log.warning("%s: output still pending %.0fs after exit", self.id, OUTPUT_DRAIN_TIMEOUT)
+        if self.ctx.oom is not None:
+            self.ctx.oom.check_now(self.id)  # /tasks/oom before the exit it caused
 
     async def _before_init_exit(self) -> None:
         """Let every exec's exit go out before the init's (containerd relies on it)."""

@@ -17,7 +17,7 @@ import errno
 import os
 import sys
 
-from .bootstrap import DEFAULT_SOCKET_DIR, parse_start_input, render_start_output, shim_cgroup
+from .bootstrap import DEFAULT_SOCKET_DIR, GROUP_NAMESPACE, launch_settings, parse_start_input, render_start_output
 from .bundle import ADDRESS_FILE, group_id, write_atomic
 from .cli import Flags
 from . import lean, template
@@ -153,7 +153,8 @@ def start(flags: Flags) -> int:
     bundle = flags.bundle or os.getcwd()
     given = parse_start_input(_read_stdin(), flags, os.environ)
     thp_original = disable_for_self()
-    group = group_id(bundle, given.instance_id)
+    settings = launch_settings(given.options_any)
+    group = group_id(bundle, given.instance_id, namespace_mode=settings.shim_group == GROUP_NAMESPACE)
     path = socket_path(given.grpc_address, given.namespace, group, given.socket_directory)
     address = "unix://" + path
     sock = bind(path)
@@ -178,7 +179,7 @@ def start(flags: Flags) -> int:
         finally:
             sock.close()
         _oom_score_above_parent(pid)
-        cgroup = shim_cgroup(given.options_any)
+        cgroup = settings.shim_cgroup
         if cgroup:
             try:
                 join_cgroup(pid, cgroup)

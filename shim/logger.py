@@ -25,6 +25,7 @@ import trio
 
 from .errors import ShimError
 from .fds import OwnedFds, notify_closing
+from .isolation import Spawner
 
 log = logging.getLogger("shim.stdio")  # the name the shim's log has always shown
 
@@ -68,7 +69,7 @@ class Logger:
             self.ready = None
             fds.close(fd)
 
-    def stop(self, nursery: trio.Nursery | None) -> None:
+    def stop(self, nursery: Spawner | None) -> None:
         """Go's binaryIO.Close (its pipes are closed already): SIGTERM, SIGKILL after 12s.
 
         The wait for the SIGTERM to work runs in ``nursery``; without one (or

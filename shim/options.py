@@ -34,6 +34,8 @@ class RuncOptions:
     criu_path: str = ""
     criu_image_path: str = ""
     criu_work_path: str = ""
+    #: Not in containerd's typed Options: TOML only (``ShimGroup``), read by ``start``.
+    shim_group: str = ""
 
     @property
     def binary(self) -> str:
@@ -81,7 +83,8 @@ def from_any(type_url: str, value: bytes) -> RuncOptions:
         from .proto import runc_options_pb2
 
         msg = runc_options_pb2.Options.FromString(value)
-        return RuncOptions(**{name: getattr(msg, name) for name in field_names(RuncOptions)})
+        typed = set(msg.DESCRIPTOR.fields_by_name)
+        return RuncOptions(**{name: getattr(msg, name) for name in field_names(RuncOptions) if name in typed})
     if name == RUNTIME_OPTIONS_TYPE:
         config_path, body = _runtime_options(value)
         if not body and config_path:

@@ -42,6 +42,7 @@ import trio
 from .console import Console
 from .errors import InvalidArgument, ShimError
 from .fds import OwnedFds, Sink, unread
+from .isolation import Spawner
 from .logger import Logger, start_logger
 from .runc_client.config import Stdio
 
@@ -153,7 +154,7 @@ class ProcessIO:
         self._outputs: list[tuple[int, Sink]] = []  # (pipe read end, sink)
         self._console: Console | None = None  # terminal processes only
         self._logger: Logger | None = None
-        self._nursery: trio.Nursery | None = None
+        self._nursery: Spawner | None = None
         self._output_done = trio.Event()
         self._pending_outputs = 0
         self._cancel = trio.CancelScope()
@@ -260,7 +261,7 @@ class ProcessIO:
 
     # -- running --------------------------------------------------------------
 
-    async def start(self, nursery: trio.Nursery) -> None:
+    async def start(self, nursery: Spawner) -> None:
         """Begin copying; called once runc create/exec has returned.
 
         With a terminal, takes the pty master runc sent to ``console_socket``

@@ -65,6 +65,7 @@ PROTO = HERE / "proto" / "api.proto"
 
 CRI_NAMESPACE = "k8s.io"
 PY_HANDLER = "runc-py"   # runtime_type io.containerd.runc.v2-py: this shim
+PY_SHARED_HANDLER = "runc-py-shared"  # the same with ShimGroup = "namespace": one shim for k8s.io
 GO_HANDLER = "runc"      # runtime_type io.containerd.runc.v2: containerd's Go shim
 BUSYBOX_REF = "docker.io/library/busybox:shimtest"
 PAUSE_REF = "docker.io/shimtest/pause:1"
@@ -349,6 +350,10 @@ class CriContainerd(Containerd):
         return self._need_dir() / "runc-py.toml"
 
     @property
+    def runc_py_shared_toml(self) -> Path:
+        return self._need_dir() / "runc-py-namespace.toml"
+
+    @property
     def log_root(self) -> Path:
         """Where the tests put pods' LogDirectory (kubelet: /var/log/pods)."""
         return self._need_dir() / "pods"
@@ -393,6 +398,10 @@ class CriContainerd(Containerd):
       runtime_type = "{PY_RUNTIME}"
       [{cri}.containerd.runtimes.{PY_HANDLER}.options]
         ConfigPath = "{self.runc_py_toml}"
+    [{cri}.containerd.runtimes.{PY_SHARED_HANDLER}]
+      runtime_type = "{PY_RUNTIME}"
+      [{cri}.containerd.runtimes.{PY_SHARED_HANDLER}.options]
+        ConfigPath = "{self.runc_py_shared_toml}"
   [{cri}.cni]
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{self.cni_conf_dir}"
@@ -429,6 +438,7 @@ class CriContainerd(Containerd):
         self.log_root.mkdir(parents=True, exist_ok=True)
         (self.cni_conf_dir / "10-shimtest.conflist").write_text(json.dumps(self.cni_conflist(), indent=2))
         self.runc_py_toml.write_text(f"BinaryName = {json.dumps(self.runc_binary)}\n")
+        self.runc_py_shared_toml.write_text(f'BinaryName = {json.dumps(self.runc_binary)}\nShimGroup = "namespace"\n')
         return base.replace(line, "") + self.cri_config()
 
     # -- lifecycle -------------------------------------------------------------

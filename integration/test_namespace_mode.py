@@ -116,6 +116,20 @@ def test_one_shim_serves_every_task_and_exits_after_the_last(containerd, image, 
     assert not leftovers, leftovers
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_tasks_reconnect_after_containerd_restarts(containerd, image, ns_config, new_cid, sig) -> None:
+    ids = start_many(containerd, image, ns_config, new_cid, 5, f"rs{int(sig)}")
+    shim = shim_pid_of(containerd, ids[0])
+    containerd.restart(sig)
+    assert pid_alive(shim)
+    still_served(containerd, ids, "reconnected")
+    containerd.ctr("task", "kill", "-s", "SIGKILL", ids[0])
+    wait_status(containerd, ids[0], "STOPPED")  # its exit still reaches the new containerd
+    assert {shim_pid_of(containerd, cid) for cid in ids} == {shim}
+    remove(containerd, ids)
+    wait_for(lambda: not pid_alive(shim), timeout=EVENTUALLY, message=f"namespace shim {shim} to exit")
+
+
 FAILING_RUNTIME = """#!/bin/sh
 for arg in "$@"; do [ "$arg" = start ] && {{ echo "injected start failure" >&2; exit 1; }}; done
 exec {binary} "$@"

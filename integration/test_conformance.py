@@ -247,3 +247,19 @@ def test_template_is_named_for_pgrep(containerd, image, cid) -> None:
     assert _comm(pid) == "containerd-shim"
     found = subprocess.run(["pgrep", "-x", "containerd-shim"], capture_output=True, text=True).stdout.split()
     assert str(pid) in found
+
+
+# -- ids never name a path outside the bundle (issue 11 item 8) ---------------------------------
+
+async def test_exec_ids_that_would_escape_the_bundle_are_invalid(lab: Lab) -> None:
+    from integration.shim_driver import expect_error
+    from shim.ttrpc import Code
+
+    await lab.start_sink()
+    shim, cid, bundle, _ = await running_task(lab, "ids")
+    outside = lab.tmp / "escaped"
+    for exec_id in (str(outside), "../escaped", "a/b", ""):
+        await expect_error(Code.INVALID_ARGUMENT, exec_(shim, cid, exec_id, process_spec(bundle, ["true"])))
+    assert not list(lab.tmp.glob("escaped*")) and not (bundle.parent / "escaped.pid").exists()
+    await exec_(shim, cid, "fine.id-1", process_spec(bundle, ["true"]))  # and the shim goes on serving
+    await finish(shim, cid)

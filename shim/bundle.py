@@ -20,18 +20,24 @@ RUNC_LOG = "log.json"
 DELETE_RESPONSE_FILE = "delete-response"
 
 
-def write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
+    write_atomic_bytes(path, text.encode(), mode)
+
+
+def write_atomic_bytes(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write through a temp file and rename, so a reader never sees half a file."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # an old temp file, or the umask, must not decide
+        os.write(fd, data)
+    finally:
+        os.close(fd)
     os.rename(tmp, path)
 
 
-def write_atomic_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.rename(tmp, path)
+#: Files only the shim and its ``delete`` action read (the Go shim writes its options 0600).
+PRIVATE = 0o600
 
 
 def read_pid_file(path: str) -> int:

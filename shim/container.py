@@ -28,7 +28,7 @@ from google.protobuf.message import Message
 
 from . import events as ev
 from .cgroups import ContainerCgroup, container_cgroup
-from .bundle import CONFIG_FILE, DELETE_RESPONSE_FILE, INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file, write_atomic_bytes
+from .bundle import PRIVATE, CONFIG_FILE, DELETE_RESPONSE_FILE, INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file, write_atomic_bytes
 from .isolation import Isolated
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ShimError
 from .mount import MountSpec, mount_all, unmount_all
@@ -534,7 +534,9 @@ class Container:
         """
         status, exited_ns = (exit.status, int(exit.exited_at * 1e9)) if exit else (0, time.time_ns())
         try:
-            write_atomic_bytes(os.path.join(self.bundle, DELETE_RESPONSE_FILE), delete_response(pid, status, exited_ns))
+            write_atomic_bytes(
+                os.path.join(self.bundle, DELETE_RESPONSE_FILE), delete_response(pid, status, exited_ns), PRIVATE
+            )
         except OSError as e:
             log.warning("%s: cannot leave the delete response: %s", self.id, e)
 

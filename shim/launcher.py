@@ -55,7 +55,7 @@ def bind(path: str) -> _socket.socket | None:
             os.unlink(path)  # a dead shim's leftover
             sock.bind(path)
         os.chmod(path, 0o600)
-        sock.listen(128)
+        sock.listen(4096)  # as the Go shim: a burst of connects must not get EAGAIN
     except BaseException:
         sock.close()
         raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from .record import as_dict, field_names, record
 
-from .bundle import write_atomic
+from .bundle import PRIVATE, write_atomic
 from .errors import InvalidArgument
 
 RUNC_ROOT = "/run/containerd/runc"
@@ -47,9 +47,9 @@ class RuncOptions:
     def write(self, bundle: str, namespace: str) -> None:
         import json
 
-        write_atomic(os.path.join(bundle, OPTIONS_FILE), json.dumps(as_dict(self)))
-        write_atomic(os.path.join(bundle, RUNTIME_FILE), self.binary)
-        write_atomic(os.path.join(bundle, RUNC_ROOT_FILE), self.runc_root(namespace))
+        write_atomic(os.path.join(bundle, OPTIONS_FILE), json.dumps(as_dict(self)), PRIVATE)
+        write_atomic(os.path.join(bundle, RUNTIME_FILE), self.binary, PRIVATE)
+        write_atomic(os.path.join(bundle, RUNC_ROOT_FILE), self.runc_root(namespace), PRIVATE)
 
     @classmethod
     def read(cls, bundle: str) -> "RuncOptions":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Awaitable, Callable
 
 import trio
@@ -17,7 +18,7 @@ from google.protobuf.message import Message
 
 from . import events as ev
 from .container import CheckpointRequest, Container, Context, CreateRequest
-from .errors import AlreadyExists, NotFound, ShimError
+from .errors import AlreadyExists, InvalidArgument, NotFound, ShimError
 from .mount import MountSpec
 from .options import from_any, type_name
 from .process import Process, State
@@ -39,6 +40,17 @@ _STATUS = {
     State.STOPPED: task_types_pb2.STOPPED,
     State.DELETED: task_types_pb2.STOPPED,
 }
+
+
+#: containerd's identifier rule (pkg/identifiers): what its API accepts as a task or exec id.
+_ID = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
+MAX_ID_LENGTH = 76
+
+
+def check_id(kind: str, value: str) -> None:
+    """Ids name files in the bundle (``<exec-id>.pid``): "/x" or "../x" must never reach a path."""
+    if len(value) > MAX_ID_LENGTH or not _ID.fullmatch(value):
+        raise InvalidArgument(f"{kind} {value[:MAX_ID_LENGTH]!r}: must match {_ID.pattern} (at most {MAX_ID_LENGTH} characters)")
 
 
 class TaskService:
@@ -91,6 +103,7 @@ class TaskService:
 
     async def create(self, req: shim_pb2.CreateTaskRequest, _: CallContext) -> shim_pb2.CreateTaskResponse:
         log.debug("%s: create", req.id)
+        check_id("container id", req.id)
         if req.id in self.containers:
             raise AlreadyExists(f"container {req.id}: already exists")
         request = CreateRequest(
@@ -165,6 +178,7 @@ class TaskService:
         return reply
 
     async def exec(self, req: shim_pb2.ExecProcessRequest, _: CallContext) -> empty_pb2.Empty:
+        check_id("exec id", req.exec_id)
         stdio = StdioPaths(req.stdin, req.stdout, req.stderr, req.terminal)
         self._container(req.id).add_exec(req.exec_id, stdio, req.spec.value)
         return empty_pb2.Empty()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -89,6 +91,19 @@ def test_write_read_round_trip(tmp_path: Path) -> None:
     assert json.loads((tmp_path / OPTIONS_FILE).read_text())["io_uid"] == 1000
     # Atomic writes leave no temp files behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([OPTIONS_FILE, RUNTIME_FILE, RUNC_ROOT_FILE])
+
+
+def test_bundle_files_are_private_as_the_go_shims(tmp_path: Path) -> None:
+    """options.json, runtime, runc-root: 0600 like the Go shim's, whatever the umask or an old file."""
+    (tmp_path / OPTIONS_FILE).write_text("{}")
+    (tmp_path / OPTIONS_FILE).chmod(0o666)
+    old = os.umask(0)
+    try:
+        FULL.write(str(tmp_path), "k8s.io")
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in (OPTIONS_FILE, RUNTIME_FILE, RUNC_ROOT_FILE)}
+    assert modes == {OPTIONS_FILE: 0o600, RUNTIME_FILE: 0o600, RUNC_ROOT_FILE: 0o600}
 
 
 def test_write_defaults_runtime_is_runc(tmp_path: Path) -> None:

@@ -102,3 +102,23 @@ def test_bind_replaces_stale_socket(path: str) -> None:
         assert accepts(path)
     finally:
         sock.close()
+
+
+def test_a_namespace_shim_is_spawned_without_any_template(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ShimGroup = "namespace": one shim per namespace, so a template would only cost memory."""
+    from shim import launcher, template
+    from shim.config import ShimConfig
+
+    def no_template(*_: object) -> None:
+        raise AssertionError("the template was used")
+
+    spawned: list[ShimConfig] = []
+    monkeypatch.setattr(template, "request_fork", no_template)
+    monkeypatch.setattr(template, "spawn_template", no_template)
+    monkeypatch.setattr(launcher, "spawn", lambda config, sock: spawned.append(config) or 4242)
+    monkeypatch.delenv(template.ENV_DISABLE, raising=False)
+    config = ShimConfig(namespace="ns", id="first", bundle="/b")
+    assert launcher._start_shim(config, None, shared=True) == 4242  # type: ignore[arg-type]
+    assert spawned == [config]
+    with pytest.raises(AssertionError, match="template was used"):  # per-task shims still use it
+        launcher._start_shim(config, None)  # type: ignore[arg-type]

@@ -1,6 +1,7 @@
-"""Benchmark this shim against the Go shim (containerd-shim-runc-v2) in one private containerd.
+"""Benchmark this shim (container mode and namespace mode) against the Go shim (containerd-shim-runc-v2), and the Rust shim if installed, in one private containerd.
 
     python -m bench [--quick] [--only memory,latency,throughput,pods] [--tasks 100] [--runs 30] ...
+    BENCH_RUST_SHIM=/path/to/containerd-shim-runc-v2-rs python -m bench ...
 
 Writes bench/results/latest.{json,md,png} and a timestamped copy of the json.
 Needs root (containerd, THP policy).  See bench/README.md.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from integration.harness import Containerd, build_busybox_image
 
-from . import environment, latency, memory, pods, procs, report, throughput
+from . import environment, latency, memory, pods, procs, report, shims, throughput
 from .tasks import SHIMS, log
 from .thp import ThpGuard
 
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad or not args.only:
         ap.error(f"--only: unknown section(s) {bad}; choose from {','.join(SECTIONS)}")
     args.thp_modes = [m.strip() for m in args.thp_modes.split(",") if m.strip()]
+    if os.environ.get(shims.RUST_ENV, "").strip() and "rust" not in shims.BY_NAME:
+        ap.error(f"Rust shim: {shims.RUST_STATUS}")
     if args.tasks < 1 or args.runs < 1 or args.burst < 1 or args.state_calls < 1 or args.throughput_runs < 1 \
             or args.pods < 1:
         ap.error("counts must be >= 1")
@@ -89,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     global _cleaning
     args = parse_args(argv)
     _install_signal_handlers()
+    group = os.environ.pop(shims.SHIM_GROUP_ENV, None)
+    if group:  # the harness would put every run of our runtime in that group: the bench chooses per variant
+        log(f"ignoring ${shims.SHIM_GROUP_ENV}={group}: the bench runs the python shim in both modes itself")
+    log("variants: " + ", ".join(f"{v.name} (--runtime {v.runtime}"
+                                 + (f", ShimGroup={v.shim_group}" if v.shim_group else "") + ")"
+                                 for v in shims.VARIANTS) + f"; Rust shim: {shims.RUST_STATUS}")
     t_start = time.monotonic()
     thp = ThpGuard()
     modes = args.thp_modes
@@ -98,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "params": {k: getattr(args, k) for k in (*FULL, "quick", "only", "concurrency")} | {"thp_modes": modes},
         "environment": environment.collect(thp.original),
+        **shims.describe(),
         "errors": {},
     }
     c = Containerd(log_level="warn")

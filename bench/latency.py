@@ -1,20 +1,41 @@
-"""Latency: ``ctr run --rm``, ``ctr task exec``, a burst of ``ctr run -d``, ttrpc State.
+"""Latency: ``ctr run --rm``, ``ctr run -d``, ``ctr task exec``, a burst of ``ctr run -d``, ttrpc State.
 
-Every comparison alternates the shims (go, python, then python, go, ...) so
-that drift on the machine hits both alike.
+Every comparison alternates the shims (go, python, python-ns, then python-ns,
+python, go, ...: ``tasks.alternate``) so that drift on the machine hits all alike.
+
+One detached ``sleep`` task per variant stays up while ``run --rm``, ``run -d``,
+exec and State are measured: exec and State need a task, and namespace mode is
+measured in its steady state, a shim already serving the namespace, so that a
+new task's start costs no process start.  (Container-mode shims are one per
+task: a resident task changes nothing for the next one.)  The burst starts from
+no shim at all for every variant.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from contextlib import AsyncExitStack
 
 import trio
 
 from integration.harness import Containerd
 
-from .tasks import RUNTIMES, SHIMS, alternate, ctr_ok, interleaved, log, parallel, remove, run_detached, \
-    summary, wait_no_shims, wait_running
+from .tasks import (
+    SHIMS,
+    alternate,
+    ctr_ok,
+    interleaved,
+    log,
+    parallel,
+    remove,
+    run_detached,
+    runtime,
+    summary,
+    task_id,
+    wait_no_shims,
+    wait_running,
+)
 
 TASK_SERVICE = "containerd.task.v2.Task"
 NAMESPACE_HEADER = "containerd-namespace-ttrpc"
@@ -22,18 +43,36 @@ NAMESPACE_HEADER = "containerd-namespace-ttrpc"
 
 def run_rm_once(c: Containerd, ref: str, shim: str, cid: str) -> float:
     t0 = time.perf_counter()
-    ctr_ok(c, "run", "--rm", "--runtime", RUNTIMES[shim], ref, cid, "/bin/true")
+    ctr_ok(c, "run", "--rm", *runtime(c, shim), ref, cid, "/bin/true")
     return time.perf_counter() - t0
 
 
 def run_rm(c: Containerd, ref: str, runs: int) -> dict:
     """``ctr run --rm IMG ID /bin/true``: runs per shim, interleaved (1 warm-up each, not counted)."""
     for shim in SHIMS:
-        run_rm_once(c, ref, shim, f"rm-warm-{shim}")
+        run_rm_once(c, ref, shim, task_id("rm-warm", shim, 0))
     times: dict[str, list[float]] = {s: [] for s in SHIMS}
     for i in range(runs):
         for shim in alternate(i):
-            times[shim].append(run_rm_once(c, ref, shim, f"rm-{shim[:2]}-{i}"))
+            times[shim].append(run_rm_once(c, ref, shim, task_id("rm", shim, i)))
+    return {s: summary(t) for s, t in times.items()}
+
+
+def start(c: Containerd, ref: str, runs: int) -> dict:
+    """``ctr run -d IMG ID sleep``: the start of a task, up to RUNNING, one at a time, interleaved.
+
+    The started tasks stay up until all samples are taken (a namespace-mode shim
+    serves more and more tasks, as it would on a host), then are removed.
+    """
+    times: dict[str, list[float]] = {s: [] for s in SHIMS}
+    ids: list[str] = []
+    try:
+        for i in range(runs):
+            for shim in alternate(i):
+                ids.append(task_id("start", shim, i))
+                times[shim].append(run_detached(c, ref, shim, ids[-1]))
+    finally:
+        remove(c, ids, workers=4)
     return {s: summary(t) for s, t in times.items()}
 
 
@@ -67,7 +106,7 @@ def burst(c: Containerd, ref: str, n: int, reps: int) -> dict:
     per_call: dict[str, list[float]] = {s: [] for s in SHIMS}
     for rep in range(reps):
         for shim in alternate(rep):
-            plan = [(shim, f"burst-{shim[:2]}-{rep}-{i}") for i in range(n)]
+            plan = [(shim, task_id("burst", shim, f"{rep}-{i}")) for i in range(n)]
             ids = [cid for _, cid in plan]
             wait_no_shims(c)
             try:
@@ -91,8 +130,8 @@ async def _state_calls(addresses: dict[str, tuple[str, str]], namespace: str, n:
     samples: dict[str, list[float]] = {s: [] for s in addresses}
     status: dict[str, int] = {}
     meta = [(NAMESPACE_HEADER, namespace)]  # as containerd sends it
-    async with open_client(addresses["go"][0]) as go, open_client(addresses["python"][0]) as py:
-        clients = {"go": go, "python": py}
+    async with AsyncExitStack() as stack:
+        clients = {s: await stack.enter_async_context(open_client(addr)) for s, (addr, _) in addresses.items()}
         payloads = {s: shim_pb2.StateRequest(id=cid).SerializeToString() for s, (_, cid) in addresses.items()}
         for shim, client in clients.items():  # warm-up + sanity check
             for _ in range(20):
@@ -102,7 +141,7 @@ async def _state_calls(addresses: dict[str, tuple[str, str]], namespace: str, n:
         done, k = 0, 0
         while done < n:
             m = min(chunk, n - done)
-            for shim in alternate(k):
+            for shim in alternate(k, list(clients)):
                 client, payload, out = clients[shim], payloads[shim], samples[shim]
                 for _ in range(m):
                     t0 = time.perf_counter()
@@ -131,16 +170,18 @@ def ttrpc_state(c: Containerd, ids: dict[str, str], n: int, chunk: int = 50) -> 
 
 def run(c: Containerd, ref: str, runs: int, burst_n: int, burst_reps: int, state_calls: int) -> dict:
     out: dict = {}
-    log(f"latency: ctr run --rm /bin/true x{runs} per shim")
-    out["run_rm"] = run_rm(c, ref, runs)
-    _log_pair("run --rm", out["run_rm"])
-
-    plan = interleaved(1, "lat")
-    ids = {shim: cid for shim, cid in plan}
+    plan = interleaved(1, "lat")  # the resident task of each variant
+    ids = {shim: task for shim, task in plan}
     try:
-        for shim, cid in plan:
-            run_detached(c, ref, shim, cid)
+        for shim, task in plan:
+            run_detached(c, ref, shim, task)
         wait_running(c, ids.values())
+        log(f"latency: ctr run --rm /bin/true x{runs} per shim")
+        out["run_rm"] = run_rm(c, ref, runs)
+        _log_pair("run --rm", out["run_rm"])
+        log(f"latency: ctr run -d sleep x{runs} per shim")
+        out["start"] = start(c, ref, runs)
+        _log_pair("run -d", out["start"])
         log(f"latency: ctr task exec /bin/true x{runs} per shim")
         out["exec"] = exec_latency(c, ids, runs)
         _log_pair("exec", out["exec"])

@@ -1,23 +1,31 @@
-"""Which processes belong to which shim family, and how much memory they use.
+"""Which processes belong to which shim, and how much memory they use.
 
 A family is every process of one shim implementation serving *our* containerd:
 
 * ``go``: processes whose ``/proc/PID/exe`` is the Go shim binary
   (``/usr/bin/containerd-shim-runc-v2``).
+* ``rust``: processes whose ``/proc/PID/exe`` is the Rust shim binary (only when
+  one was found: bench/shims.py).
 * ``python``: processes whose command line shows this project's shim: the
   daemon (``python -I -c "from shim.daemon import ..."``), the launcher
   (``shim.cli``), anything titled ``containerd-shim-runc-v2-py ...`` (shims
-  forked from a template set that title), and any process whose command line
-  mentions ``shim.template`` (the warm template, and shims forked from it
-  that could not set a title).
+  forked from a template, and the template itself, set that title), and any
+  process whose command line mentions ``shim.template`` (a template or a shim
+  forked from it that could not set a title).
 
 Other containerds' shims (test suites running at the same time) are left out:
 a process with an ``-address`` flag must name our containerd socket; one
 without (a template) must carry our ``TTRPC_ADDRESS`` in its environment
 (containerd sets it for every shim it starts; its children inherit it).
 
+Both python variants (container mode and namespace mode) are the python family.
+Which processes serve which tasks comes from the tasks themselves
+(``variant_procs``): the socket named in each task bundle's ``address`` file,
+and the processes listening on it.  In container mode that is one process per
+task; in namespace mode one process for all of them.
+
 Memory comes from ``/proc/PID/smaps_rollup``: Rss, Pss and USS
-(= Private_Clean + Private_Dirty), summed over the family.
+(= Private_Clean + Private_Dirty), summed over the processes.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ from pathlib import Path
 
 from integration.harness import GO_SHIM_BINARY, PY_SHIM_BINARY, _flag_value, all_pids
 
-FAMILIES = ("go", "python")
+from .shims import RUST_PATH
+
+FAMILIES = ("go", "python", "rust")
 PY_MARKERS = ("shim.daemon", "shim.template", "shim.cli")
 TEMPLATE_MARKER = "shim.template"
 TEMPLATE_SOCKET_PREFIX = "/run/containerd/s/py-template-"
@@ -46,6 +56,7 @@ def _go_exes() -> set[str]:
 
 
 GO_SHIM_EXES = _go_exes()
+RUST_SHIM_EXES = {os.path.realpath(RUST_PATH)} - GO_SHIM_EXES if RUST_PATH else set()
 
 
 def cmdline(pid: int) -> list[str] | None:
@@ -90,8 +101,15 @@ def _status_field(pid: int, field: str) -> str | None:
 
 
 def template_socket(argv: list[str]) -> str | None:
-    """The socket a template process serves (its last argument), if it looks like one."""
-    if any(TEMPLATE_MARKER in a for a in argv) and argv[-1].startswith(TEMPLATE_SOCKET_PREFIX):
+    """The socket a template process serves (its last argument), if it looks like one.
+
+    A template's argv is ``python ... -c "...shim.template..." SOCKET``, or, once
+    it has set its title, ``containerd-shim-runc-v2-py template SOCKET``.
+    """
+    if not argv or not argv[-1].startswith(TEMPLATE_SOCKET_PREFIX):
+        return None
+    titled = len(argv) >= 3 and os.path.basename(argv[0]) == PY_SHIM_BINARY and argv[1] == "template"
+    if titled or any(TEMPLATE_MARKER in a for a in argv):
         return argv[-1]
     return None
 
@@ -128,8 +146,11 @@ def classify(pid: int, address: str | None = None) -> tuple[str, str] | None:
     argv = cmdline(pid)
     if not argv:
         return None  # gone, or a kernel thread
-    if _exe(pid) in GO_SHIM_EXES:
+    exe = _exe(pid)
+    if exe in GO_SHIM_EXES:
         family = "go"
+    elif exe and (exe in RUST_SHIM_EXES or os.path.realpath(exe) in RUST_SHIM_EXES):
+        family = "rust"
     elif (any(m in a for a in argv for m in PY_MARKERS)
           or any(os.path.basename(a) == PY_SHIM_BINARY for a in argv[:3])):
         family = "python"
@@ -199,9 +220,42 @@ def smaps_rollup(pid: int) -> dict[str, int] | None:
     return out
 
 
+def _layout(pid: int) -> str | None:
+    """Start address of the process's first mapping (its executable).
+
+    Address-space randomisation picks it anew at every exec; a forked process
+    keeps its parent's.  So a shim whose first mapping starts where a
+    template's does was forked from it, whatever title both carry.
+    """
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            first = f.readline()
+    except OSError:
+        return None
+    return first.split("-", 1)[0] or None
+
+
+def _aslr() -> bool:
+    try:
+        return Path("/proc/sys/kernel/randomize_va_space").read_text().strip() != "0"
+    except OSError:
+        return False
+
+
+def _origin(pid: int, kind: str, argv: list[str], template_layouts: set[str]) -> str:
+    """``exec`` (a process of its own) or ``fork`` (forked from a warm template)."""
+    if kind == "template" or _exe(pid) in GO_SHIM_EXES | RUST_SHIM_EXES:
+        return "exec"
+    if template_layouts:  # exec'd shims now carry the same title as forked ones: ask the memory map
+        return "fork" if _layout(pid) in template_layouts else "exec"
+    # no template alive (or no ASLR): the command line is all there is; a titled exec'd shim looks forked
+    return "exec" if any("shim.daemon" in a for a in argv) else "fork"
+
+
 def measure(procs: dict[int, str]) -> dict:
     """Per-process Rss/Pss/USS (bytes) of {pid: kind} and their sums."""
     rows = []
+    template_layouts = {_layout(p) for p, k in procs.items() if k == "template"} - {None} if _aslr() else set()
     for pid, kind in sorted(procs.items()):
         s = smaps_rollup(pid)
         if s is None:
@@ -211,8 +265,7 @@ def measure(procs: dict[int, str]) -> dict:
             "pid": pid,
             "kind": kind,
             # exec'd from scratch, or forked from a warm template
-            "origin": "exec" if kind == "template" or _exe(pid) in GO_SHIM_EXES
-            or any("shim.daemon" in a for a in argv) else "fork",
+            "origin": _origin(pid, kind, argv, template_layouts),
             "rss": s.get("Rss", 0),
             "pss": s.get("Pss", 0),
             "uss": s.get("Private_Clean", 0) + s.get("Private_Dirty", 0),
@@ -224,3 +277,108 @@ def measure(procs: dict[int, str]) -> dict:
     return {"count": len(rows), "templates": sum(r["kind"] == "template" for r in rows),
             "forked": sum(r["origin"] == "fork" for r in rows),
             "sum": total, "processes": rows}
+
+
+# --------------------------------------------------------------------------
+# which processes serve which tasks: the socket in the bundle's address file
+# --------------------------------------------------------------------------
+
+def task_address(bundle_dir: Path, cid: str) -> str | None:
+    """The socket path a task's shim serves (``<bundle>/address``, without ``unix://``)."""
+    try:
+        text = (bundle_dir / cid / "address").read_text().strip()
+    except OSError:
+        return None
+    return text.removeprefix("unix://") or None
+
+
+def socket_owners(paths: set[str]) -> dict[str, set[int]]:
+    """{path: pids holding a *listening* unix socket bound at path}, in one pass over /proc.
+
+    One scan for any number of sockets (a namespace-mode shim serves hundreds of
+    tasks through one; a hundred container-mode shims have a hundred).
+    """
+    out: dict[str, set[int]] = {p: set() for p in paths}
+    inode_path: dict[str, str] = {}
+    try:
+        with open("/proc/net/unix") as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                # Num RefCount Protocol Flags Type St Inode [Path]; flag 0x10000 = listening
+                if len(parts) >= 8 and parts[7] in out and int(parts[3], 16) & 0x10000:
+                    inode_path[f"socket:[{parts[6]}]"] = parts[7]
+    except OSError:
+        return out
+    if not inode_path:
+        return out
+    for pid in all_pids():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            path = inode_path.get(target)
+            if path is not None:
+                out[path].add(pid)
+    return out
+
+
+def variant_procs(address: str, bundle_dir: Path, plan: dict[str, tuple[str, list[str]]]) -> dict[str, dict]:
+    """Attribute shim processes to the variants of one round.
+
+    ``plan`` = {variant: (family, [task ids])}.  A variant's processes are
+    those listening on the sockets its tasks' bundles name (kind ``shim``), its
+    family's templates (python), and any other process of its family that
+    serves none of the round's sockets (a launcher still exiting, a shim that
+    lost a race) — counted, so nothing of the family escapes the sum — as long
+    as the family has only that one variant in the round (otherwise such a
+    process is reported as ``unattributed``).
+
+    Returns {variant: {"procs": {pid: kind}, "addresses": n distinct sockets,
+    "serving": n distinct serving pids, "unserved": [task ids whose socket nobody
+    listens on], "extra": [pids added from the family]}} and, under
+    ``"_unattributed"``, {family: [pids]}.
+    """
+    addrs = {v: {cid: task_address(bundle_dir, cid) for cid in ids} for v, (_, ids) in plan.items()}
+    owners = socket_owners({a for by_id in addrs.values() for a in by_id.values() if a})
+    fams = family_procs(address)
+    by_family: dict[str, list[str]] = {}
+    for v, (family, _) in plan.items():
+        by_family.setdefault(family, []).append(v)
+    claimed: set[int] = set()
+    out: dict[str, dict] = {}
+    for v, (family, _) in plan.items():
+        serving: set[int] = set()
+        unserved = []
+        for cid, a in addrs[v].items():
+            pids = owners.get(a, set()) if a else set()
+            if not pids:
+                unserved.append(cid)
+            serving |= pids
+        procs = {pid: "shim" for pid in serving}
+        for pid, kind in fams.get(family, {}).items():
+            if kind == "template":
+                procs[pid] = "template"
+        claimed |= set(procs)
+        out[v] = {"procs": procs, "addresses": len({a for a in addrs[v].values() if a}),
+                  "serving": len(serving), "unserved": unserved, "extra": []}
+    unattributed: dict[str, list[int]] = {}
+    for family, members in fams.items():
+        rest = sorted(p for p in members if p not in claimed)
+        if not rest:
+            continue
+        owners_of_family = by_family.get(family, [])
+        if len(owners_of_family) == 1:
+            v = owners_of_family[0]
+            for pid in rest:
+                out[v]["procs"][pid] = members[pid]
+            out[v]["extra"] = rest
+        else:
+            unattributed[family] = rest
+    out["_unattributed"] = unattributed
+    return out

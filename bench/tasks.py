@@ -8,12 +8,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
-from integration.harness import GO_RUNTIME, PY_RUNTIME, Containerd, wait_for
+from integration.harness import Containerd, wait_for
 
 from . import procs
+from .shims import BY_NAME, VARIANTS, runtime_args
 
-SHIMS = ("go", "python")
-RUNTIMES = {"go": GO_RUNTIME, "python": PY_RUNTIME}
+#: the variants of this run, in column order: go, python, python-ns[, rust] (bench/shims.py)
+SHIMS = tuple(v.name for v in VARIANTS)
+SHORT = {v.name: v.short for v in VARIANTS}  # container id tags: never equal for two variants
 SLEEP_ARGV = ("sleep", "86400")
 
 T = TypeVar("T")
@@ -30,16 +32,26 @@ class CtrFailed(RuntimeError):
     pass
 
 
+def task_id(prefix: str, shim: str, i: int | str) -> str:
+    return f"{prefix}-{SHORT[shim]}-{i}"
+
+
 def interleaved(n: int, prefix: str, shims: Iterable[str] = SHIMS) -> list[tuple[str, str]]:
     """[(shim, id)] alternating shims: go-0, python-0, go-1, python-1, ..."""
     shims = list(shims)
-    return [(s, f"{prefix}-{s[:2]}-{i}") for i in range(n) for s in shims]
+    return [(s, task_id(prefix, s, i)) for i in range(n) for s in shims]
 
 
 def alternate(i: int, shims: Iterable[str] = SHIMS) -> list[str]:
-    """Shim order for round ``i``: ABAB... becomes AB BA AB BA so neither always goes first."""
+    """Shim order for round ``i``, so that no shim always goes first or last.
+
+    Two shims: AB BA BA AB ...; more: rotated by ``i // 2``, reversed on odd rounds
+    (ABC CBA BCA ACB CAB BAC ...).
+    """
     shims = list(shims)
-    return shims if i % 2 == 0 else shims[::-1]
+    k = (i // 2) % len(shims) if shims else 0
+    order = shims[k:] + shims[:k]
+    return order if i % 2 == 0 else order[::-1]
 
 
 def parallel(fn: Callable[[T], R], items: Iterable[T], workers: int) -> list[R]:
@@ -66,10 +78,15 @@ def ctr_ok(c: Containerd, *args: str, timeout: float = 120) -> str:
     return r.stdout
 
 
+def runtime(c: Containerd, shim: str) -> list[str]:
+    """``--runtime ...`` (plus ``--runtime-config-path``, namespace mode) for ``ctr run``."""
+    return runtime_args(c.dir, BY_NAME[shim])
+
+
 def run_detached(c: Containerd, ref: str, shim: str, cid: str, argv: Iterable[str] = SLEEP_ARGV) -> float:
     """``ctr run -d``; returns its wall time."""
     t0 = time.perf_counter()
-    ctr_ok(c, "run", "-d", "--runtime", RUNTIMES[shim], ref, cid, *argv)
+    ctr_ok(c, "run", "-d", *runtime(c, shim), ref, cid, *argv)
     return time.perf_counter() - t0
 
 

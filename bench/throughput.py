@@ -19,7 +19,7 @@ import time
 
 from integration.harness import Containerd
 
-from .tasks import RUNTIMES, SHIMS, alternate, log
+from .tasks import SHIMS, alternate, log, runtime, task_id
 
 F_SETPIPE_SZ = 1031
 READ_SIZE = 1 << 20
@@ -30,7 +30,7 @@ MiB = float(1 << 20)
 def one(c: Containerd, ref: str, shim: str, cid: str, nbytes: int, timeout: float = 300) -> dict:
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        p = c.ctr_popen("run", "--rm", "--runtime", RUNTIMES[shim], ref, cid,
+        p = c.ctr_popen("run", "--rm", *runtime(c, shim), ref, cid,
                         "dd", "if=/dev/zero", f"bs={DD_BS}", f"count={nbytes // DD_BS}", stdout=subprocess.PIPE, stderr=err)
         watchdog = threading.Timer(timeout, p.kill)
         watchdog.start()
@@ -77,7 +77,7 @@ def run(c: Containerd, ref: str, mib: int, runs: int) -> dict:
     samples: dict[str, list[dict]] = {s: [] for s in SHIMS}
     for i in range(runs):
         for shim in alternate(i):
-            r = one(c, ref, shim, f"tp-{shim[:2]}-{i}", nbytes)
+            r = one(c, ref, shim, task_id("tp", shim, i), nbytes)
             samples[shim].append(r)
             log(f"throughput:   {shim}: {r['stream_mib_s']:.0f} MiB/s stream, {r['wall_mib_s']:.0f} MiB/s wall")
     out: dict = {"mib": mib, "runs": runs}

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from integration.harness import Containerd, wait_for
+from integration.harness import EVENTUALLY, Containerd, wait_for
 
 # "2026-11-25 10:58:52.129651712 +0000 UTC shimtest /tasks/oom {...}"
 EVENT_LINE_RE = re.compile(r"^\S+ \S+ \S+ \S+ (?P<ns>\S+) (?P<topic>/\S+) ?(?P<body>.*)$")
@@ -73,7 +73,7 @@ class EventStream:
             return False
 
         try:
-            wait_for(seen, timeout=15, message=lambda: f"ctr events to see our probe ({self.proc.poll()=})")
+            wait_for(seen, timeout=EVENTUALLY, message=lambda: f"ctr events to see our probe ({self.proc.poll()=})")
         finally:
             self.containerd.ctr("namespaces", "label", ns, "shimtest-probe=", check=False)
 
@@ -85,7 +85,7 @@ class EventStream:
         """/tasks/* events of one container, in arrival order."""
         return [e for e in self.snapshot() if e.topic.startswith("/tasks/") and e.body.get("container_id") == cid]
 
-    def wait_tasks(self, cid: str, predicate: Callable[[list[Event]], bool], timeout: float = 10.0,
+    def wait_tasks(self, cid: str, predicate: Callable[[list[Event]], bool], timeout: float = EVENTUALLY,
                    message: str = "events") -> list[Event]:
         return wait_for(lambda: (lambda ev: ev if predicate(ev) else None)(self.tasks(cid)), timeout=timeout,
                         message=lambda: f"{message}; have {[e.topic for e in self.tasks(cid)]}")

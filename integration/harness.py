@@ -62,6 +62,9 @@ CGROUP_V1_ROOT = Path("/sys/fs/cgroup")
 #: --runtime io.containerd.runc.v2`` gets ``--runc-binary crun`` (the Go shim
 #: ignores the TOML), so a whole suite can run on another OCI runtime binary.
 RUNC_BINARY_ENV = "SHIM_RUNC_BINARY"
+#: ``SHIM_PY_GROUP=namespace``: our runtime's ``ctr run``/``create`` get ShimGroup = "namespace"
+#: in their runtime options TOML, so one shim serves every task (``make test-namespace``).
+SHIM_GROUP_ENV = "SHIM_PY_GROUP"
 
 T = TypeVar("T")
 
@@ -70,9 +73,16 @@ T = TypeVar("T")
 # small utilities
 # --------------------------------------------------------------------------
 
+#: How long an "eventually" condition (a process exits, a state is reached, a file
+#: appears) may take before a test calls it a failure: generous, because a loaded
+#: 2-core machine running containerd, shims and runc can be slow, and a bound is
+#: only there to end a test that would otherwise hang, never to measure speed.
+EVENTUALLY = 30.0
+
+
 def wait_for(
     predicate: Callable[[], T],
-    timeout: float = 10.0,
+    timeout: float = EVENTUALLY,
     interval: float = 0.05,
     message: str | Callable[[], str] = "condition",
 ) -> T:
@@ -113,6 +123,27 @@ def read_cmdline(pid: int) -> list[str] | None:
         # A process that set its title (our forked shims) shows one string.
         args = args[0].split()
     return args
+
+
+def wait_cmdline(pid: int, expected: Iterable[str], timeout: float = EVENTUALLY) -> list[str]:
+    """Wait until ``read_cmdline(pid)`` is ``expected``; return it.
+
+    A process that a Start, ``ctr task exec`` or a fork has just created may
+    not have finished its execve: until it has, /proc/PID/cmdline is empty or
+    still the parent's (``runc init``, ``sh -c ...``). A Start returns when the
+    process exists, a ``ps`` lists it as soon as it is in the cgroup: read its
+    argv with this, never once. Raises ``TimeoutError`` with the last value read.
+    """
+    expected = list(expected)
+    last: list[list[str] | None] = [None]
+
+    def matches() -> bool:
+        last[0] = read_cmdline(pid)
+        return last[0] == expected
+
+    wait_for(matches, timeout=timeout, interval=0.02,
+             message=lambda: f"/proc/{pid}/cmdline to be {expected} (last read: {last[0]})")
+    return expected
 
 
 def read_status(pid: int) -> dict[str, str]:
@@ -509,7 +540,17 @@ def runc_binary_toml() -> str:
     (``Containerd._with_runc_binary``), so such a TOML has to name the binary itself.
     """
     binary = os.environ.get(RUNC_BINARY_ENV, "")
-    return f"BinaryName = {json.dumps(binary)}\n" if binary else ""
+    return (f"BinaryName = {json.dumps(binary)}\n" if binary else "") + shim_group_toml()
+
+
+def shim_group() -> str:
+    """``$SHIM_PY_GROUP`` (see SHIM_GROUP_ENV): the ShimGroup this session runs our runtime with."""
+    return os.environ.get(SHIM_GROUP_ENV, "")
+
+
+def shim_group_toml() -> str:
+    group = shim_group()
+    return f"ShimGroup = {json.dumps(group)}\n" if group else ""
 
 
 def crun_has_criu(crun: str = "crun") -> bool:
@@ -824,6 +865,20 @@ disabled_plugins = [
             raise
         return self
 
+    def restart(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        """Stop containerd with ``sig`` and start it again on the same config, state and socket;
+        shims and containers are left running, as on a node whose containerd restarts."""
+        assert self.proc is not None and self._log_file is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=timeout)
+        self.proc = subprocess.Popen(
+            ["containerd", "--config", str(self.config_path)],
+            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            env=self.env, cwd=str(self.dir), start_new_session=True,
+        )
+        wait_for(lambda: os.path.exists(self.address) and self.ctr("version", check=False, timeout=10).returncode == 0,
+                 timeout=timeout, message=lambda: f"containerd to come back:\n{self.log_tail()}")
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -848,7 +903,7 @@ disabled_plugins = [
         argv = read_cmdline(pid) or []
         return pid if path in argv else None
 
-    def stop_template(self, timeout: float = 5.0) -> int | None:
+    def stop_template(self, timeout: float = EVENTUALLY) -> int | None:
         """End the template this containerd's shims started (it would idle out later)."""
         pid = self.template_pid()
         if pid is not None:
@@ -1016,6 +1071,16 @@ disabled_plugins = [
                 d.rmdir()
 
     # -- processes ------------------------------------------------------------
+    def serving_shims(self, cid: str) -> set[int]:
+        """Pids listening on the socket the task's bundle names (whichever task started that shim)."""
+        from integration.shim_driver import listening_pids
+
+        try:
+            address = (self.bundle_dir / cid / "address").read_text()
+        except OSError:
+            return set()
+        return listening_pids(address.removeprefix("unix://"))
+
     def shim_pids(self, container_id: str | None = None) -> list[int]:
         """Shim daemons (any flavour) serving this containerd.
 
@@ -1070,8 +1135,9 @@ disabled_plugins = [
 
     def runtime_config(self, binary: str) -> Path:
         """A runtime options TOML (``BinaryName = BINARY``) for ``--runtime-config-path``."""
-        path = self._need_dir() / f"runtime-{os.path.basename(binary)}.toml"
-        path.write_text(f"BinaryName = {json.dumps(binary)}\n")
+        group = shim_group()
+        path = self._need_dir() / f"runtime-{os.path.basename(binary)}{'-' + group if group else ''}.toml"
+        path.write_text(f"BinaryName = {json.dumps(binary)}\n{shim_group_toml()}")
         return path
 
     def runc_binary_args(self, runtime: str, binary: str) -> list[str]:
@@ -1081,9 +1147,9 @@ disabled_plugins = [
         return ["--runtime-config-path", str(self.runtime_config(binary))]
 
     def _with_runc_binary(self, args: list[str]) -> list[str]:
-        """Apply ``$SHIM_RUNC_BINARY`` (see RUNC_BINARY_ENV) to a ``run``/``containers create``."""
+        """Apply ``$SHIM_RUNC_BINARY`` and ``$SHIM_PY_GROUP`` to a ``run``/``containers create``."""
         binary = os.environ.get(RUNC_BINARY_ENV, "")
-        if not binary:
+        if not binary and not shim_group():
             return args
         if args[:1] == ["run"]:
             head = 1
@@ -1101,8 +1167,8 @@ disabled_plugins = [
                 runtime = a.split("=", 1)[1]
             if runtime is not None:
                 break
-        if runtime == PY_RUNTIME or (runtime == GO_RUNTIME and head == 1):
-            return args[:head] + self.runc_binary_args(runtime, binary) + args[head:]
+        if runtime == PY_RUNTIME or (runtime == GO_RUNTIME and head == 1 and binary):
+            return args[:head] + self.runc_binary_args(runtime, binary or "runc") + args[head:]
         return args
 
     def ctr(self, *args: str, check: bool = True, input: str | bytes | None = None,

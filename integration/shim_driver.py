@@ -6,6 +6,13 @@ called over the shim's socket.
 
 Everything a ``Lab`` creates (tmp dir, shims, containers, mounts, sockets) is
 tracked and removed by ``Lab.cleanup`` -- by pid / id / path, never by name.
+
+The OCI runtime is the session's, as in the ctr tests: with
+``SHIM_RUNC_BINARY=crun`` every ``start`` (stdin) and ``Create`` (options)
+carries ``containerd.runc.v1.Options{binary_name: "crun"}``, exactly what
+containerd sends for a runc runtime type configured with ``BinaryName``;
+without it nothing is sent, as ctr 1.6 sends nothing, and the shim uses runc.
+A test that passes its own ``options`` to ``create`` chooses for itself.
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ from pathlib import Path
 
 import pytest
 import trio
+from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from integration.harness import (
+    EVENTUALLY,
     PROJECT_BIN,
+    RUNC_BINARY_ENV,
     _busybox_applets,
     mounts_under,
     pid_alive,
@@ -39,7 +49,7 @@ from integration.harness import (
     shim_pids,
     umount_lazy,
 )
-from shim.proto import events_pb2, events_service_pb2, shim_pb2
+from shim.proto import events_pb2, events_service_pb2, runc_options_pb2, shim_pb2
 from shim.ttrpc import CallContext, Client, Server, TTRPCError, open_client
 
 NAMESPACE = "ptest"
@@ -53,11 +63,30 @@ NAMESPACE_HEADER = "containerd-namespace-ttrpc"
 BUSYBOX = "/usr/bin/busybox"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 ADDRESS_RE = re.compile(r"unix:///run/containerd/s/[0-9a-f]{64}")
+#: the type URL containerd's typeurl gives runc's options (a bare name, no type.googleapis.com/)
+RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
 
 _ids = itertools.count(1)
 
 
 # -- small helpers ------------------------------------------------------------
+
+def oci_runtime() -> str:
+    """The OCI runtime binary the direct tests run: ``$SHIM_RUNC_BINARY`` (a name or a path), else runc."""
+    return os.environ.get(RUNC_BINARY_ENV, "") or "runc"
+
+
+def runc_options(**fields) -> any_pb2.Any:
+    """``containerd.runc.v1.Options`` as containerd puts it in CreateTaskRequest.options (and on start's stdin)."""
+    return any_pb2.Any(type_url=RUNC_OPTIONS_TYPE,
+                       value=runc_options_pb2.Options(**fields).SerializeToString())
+
+
+def session_options() -> any_pb2.Any | None:
+    """The runtime options every Lab sends by default: BinaryName = $SHIM_RUNC_BINARY, or none."""
+    binary = os.environ.get(RUNC_BINARY_ENV, "")
+    return runc_options(binary_name=binary) if binary else None
+
 
 def socket_path_for(containerd_address: str, namespace: str, id: str) -> str:
     digest = hashlib.sha256(os.path.join(containerd_address, namespace, id).encode()).hexdigest()
@@ -111,7 +140,7 @@ def thp_disabled(pid: int) -> str | None:
     return None
 
 
-async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"):
+async def wait_until(predicate, timeout: float = EVENTUALLY, interval: float = 0.05, message: str = "condition"):
     with trio.move_on_after(timeout):
         while True:
             value = predicate()
@@ -230,7 +259,7 @@ class EventSink:
     def topics(self) -> list[str]:
         return [e.topic for e in self.events]
 
-    async def wait_count(self, n: int, timeout: float = 10.0) -> list[Recorded]:
+    async def wait_count(self, n: int, timeout: float = EVENTUALLY) -> list[Recorded]:
         with trio.move_on_after(timeout):
             while len(self.events) < n:
                 await self.changed.wait()
@@ -262,6 +291,9 @@ class Shim:
         return reply_type.FromString(data) if reply_type is not None else data
 
     async def create(self, id: str, bundle: Path, rootfs=(), **kw) -> shim_pb2.CreateTaskResponse:
+        """Create with the lab's runtime options unless the caller passes ``options``."""
+        if "options" not in kw and self.lab.options is not None:
+            kw["options"] = self.lab.options
         reply = await self.call("Create", shim_pb2.CreateTaskRequest(
             id=id, bundle=str(bundle), rootfs=list(rootfs), **kw), shim_pb2.CreateTaskResponse)
         self.lab.init_pids.setdefault(id, set()).add(reply.pid)
@@ -270,7 +302,8 @@ class Shim:
     async def start(self, id: str) -> shim_pb2.StartResponse:
         return await self.call("Start", shim_pb2.StartRequest(id=id), shim_pb2.StartResponse)
 
-    async def wait(self, id: str, *, timeout: float = 30.0, client: Client | None = None) -> shim_pb2.WaitResponse:
+    async def wait(self, id: str, *, timeout: float = EVENTUALLY,
+                   client: Client | None = None) -> shim_pb2.WaitResponse:
         return await self.call("Wait", shim_pb2.WaitRequest(id=id), shim_pb2.WaitResponse,
                                timeout=timeout, client=client)
 
@@ -317,6 +350,9 @@ class Lab:
         self._scopes: list[trio.CancelScope] = []
         self._log_fds: dict[Path, int] = {}
         self._logs: dict[Path, bytearray] = {}
+        #: the OCI runtime this lab's containers run on, and the options that select it
+        self.runtime = oci_runtime()
+        self.options = session_options()
 
     # ids / bundles
     def new_id(self, tag: str) -> str:
@@ -392,10 +428,12 @@ class Lab:
         # otherwise leave a warm template per test behind; the template has its own tests.
         env["SHIM_PY_TEMPLATE"] = "0"
         self.socket_paths.add(socket_path_for(self.containerd_address, NAMESPACE, id))
+        # containerd 1.6 writes the runtime options (an Any) on start's stdin
+        stdin = self.options.SerializeToString() if self.options is not None else b""
         try:
-            with trio.fail_after(30):
+            with trio.fail_after(EVENTUALLY):
                 return await trio.run_process(
-                    self.shim_argv(id, "start"), cwd=str(bundle), env=env, stdin=b"",
+                    self.shim_argv(id, "start"), cwd=str(bundle), env=env, stdin=stdin,
                     capture_stdout=True, capture_stderr=True, check=False)
         finally:
             self._track_shims(id)
@@ -412,14 +450,14 @@ class Lab:
         assert result.returncode == 0, f"start failed ({result.returncode}): {out!r} {result.stderr!r}"
         assert ADDRESS_RE.fullmatch(out), f"start printed {out!r} (stderr {result.stderr!r})"
         path = out[len("unix://"):]
-        pids = await wait_until(lambda: self._track_shims(id), 5, message=f"shim process for {id}")
+        pids = await wait_until(lambda: self._track_shims(id), EVENTUALLY, message=f"shim process for {id}")
         assert len(pids) == 1, f"more than one shim for {id}: {pids}"
         client = await self.open_client(out)
         return Shim(id=id, bundle=bundle, address=out, socket_path=path, pid=pids[0], client=client,
                     lab=self, start_stdout=result.stdout, start_stderr=result.stderr)
 
     async def run_delete(self, id: str, bundle: Path) -> subprocess.CompletedProcess:
-        with trio.fail_after(30):
+        with trio.fail_after(EVENTUALLY):
             return await trio.run_process(
                 self.shim_argv(id, "delete", bundle=bundle), cwd=str(bundle), stdin=b"",
                 capture_stdout=True, capture_stderr=True, check=False)
@@ -436,8 +474,8 @@ class Lab:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         for id in self.ids:
-            subprocess.run(["runc", "--root", RUNC_ROOT, "delete", "--force", id],
-                           stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+            subprocess.run([self.runtime, "--root", RUNC_ROOT, "delete", "--force", id],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=EVENTUALLY)
         for id, pids in self.init_pids.items():
             for pid in pids:
                 if pid and pid_alive(pid) and in_container_cgroup(pid, id):

@@ -13,8 +13,9 @@ pointed at the Go shim with ``SHIM_RUNTIME=io.containerd.runc.v2``.
 
 Under ``SHIM_RUNC_BINARY=crun`` the ctr tests need a crun built with CRIU
 (``+CRIU``); Debian's crun 1.8 is not ("unknown command checkpoint"), which
-test_crun.py checks. The ttrpc tests below always use runc (they build their
-own bundles and call the shim without ctr).
+test_crun.py checks. The ttrpc tests below run the session's OCI runtime too
+(integration/shim_driver.py sends BinaryName; ``RuncSpy`` wraps that binary),
+and those that need its checkpoint/restore commands carry the same skip.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from google.protobuf import any_pb2
 
 from integration.shim_driver import expect_error
 from integration.harness import (
+    EVENTUALLY,
     GO_RUNTIME,
     PY_RUNTIME,
     PY_SHIM_BINARY,
@@ -83,7 +85,7 @@ def task_status(containerd, cid) -> str | None:
     return t["status"] if t else None
 
 
-def wait_status(containerd, cid, status, timeout=10.0):
+def wait_status(containerd, cid, status, timeout=EVENTUALLY):
     wait_for(lambda: task_status(containerd, cid) == status, timeout=timeout,
              message=lambda: f"task {cid} to be {status} (is {task_status(containerd, cid)})")
 
@@ -115,7 +117,7 @@ def test_checkpoint_and_live_restore(containerd, image, cid, shim_installed):
         containerd.ctr("containers", "restore", "--live", "--rw", cid, ref, timeout=120)
         wait_status(containerd, cid, "RUNNING")
         # a fresh sh would count from 1 again: the restored one goes on from memory
-        after = wait_for(lambda: (lambda n: n if n > before else 0)(count("c2")), timeout=10,
+        after = wait_for(lambda: (lambda n: n if n > before else 0)(count("c2")), timeout=EVENTUALLY,
                          message=f"the restored counter to pass {before}")
         assert after > before
         containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
@@ -154,7 +156,7 @@ def test_failed_checkpoint_reports_criu_log_and_keeps_task_running(containerd, i
     assert "exit code 137" in r.stderr, r.stderr
     containerd.ctr("containers", "rm", cid)
     assert cid not in containerd.containers()
-    wait_for(lambda: not pid_alive(pid), timeout=5, message=f"init {pid} to be gone")
+    wait_for(lambda: not pid_alive(pid), timeout=EVENTUALLY, message=f"init {pid} to be gone")
 
 
 # -- over ttrpc, the test playing containerd ------------------------------------------------
@@ -170,13 +172,18 @@ def _driver():
 
 
 class RuncSpy:
-    """A ``BinaryName`` that records each invocation's argv, then execs the real runc."""
+    """A ``BinaryName`` that records each invocation's argv, then execs the session's
+    OCI runtime (runc, or crun under ``SHIM_RUNC_BINARY=crun``: both take the flags checked here)."""
 
     def __init__(self, tmp: Path) -> None:
+        from integration.shim_driver import oci_runtime
+
         self.dir = tmp / "runc-argv"
         self.dir.mkdir()
         self.path = tmp / "runc-spy"
-        runc = shutil.which("runc")
+        self.runtime = oci_runtime()
+        runc = shutil.which(self.runtime)
+        assert runc is not None, f"{self.runtime} not found"
         self.path.write_text(
             "#!/bin/sh\n"
             f'for a in "$@"; do printf "%s\\n" "$a"; done > "{self.dir}/$$"\n'
@@ -230,6 +237,7 @@ def _checkpoint_request(cid: str, path: Path, options=None):
 
 
 @needs_broken_criu
+@needs_runtime_checkpoint
 async def test_checkpoint_options_reach_runc_and_criu(lab) -> None:
     from shim.proto import task_types_pb2
     from shim.ttrpc import Code
@@ -288,6 +296,7 @@ async def test_checkpoint_options_reach_runc_and_criu(lab) -> None:
 
 
 @needs_broken_criu
+@needs_runtime_checkpoint
 async def test_create_from_checkpoint_restores_at_start(lab) -> None:
     from shim.proto import task_types_pb2
     from shim.ttrpc import Code
@@ -329,7 +338,7 @@ async def test_create_from_checkpoint_restores_at_start(lab) -> None:
     deleted = await shim.delete(cid)
     assert deleted.pid == 0
     await expect_error(Code.NOT_FOUND, shim.state(cid))
-    r = subprocess.run(["runc", "--root", drv.RUNC_ROOT, "state", cid], capture_output=True)
+    r = subprocess.run([lab.runtime, "--root", drv.RUNC_ROOT, "state", cid], capture_output=True)
     assert r.returncode != 0, r.stdout
     await shim.shutdown(cid)
     await wait_for_async(lambda: not pid_alive(shim.pid), f"shim {shim.pid} to exit")
@@ -339,6 +348,11 @@ async def test_create_from_checkpoint_restores_at_start(lab) -> None:
 
 
 async def test_delete_of_unrestored_checkpoint_task_is_prompt(lab) -> None:
+    """A task created from a checkpoint has no process until Start restores it: Delete must not
+    wait CREATED_DELETE_WAIT for that process's exit (trio never ends such a wait early, so a
+    Delete that waited took at least that long; one that did not is one runtime delete)."""
+    from shim.container import CREATED_DELETE_WAIT
+
     await lab.start_sink()
     cid = lab.new_id("unrestored")
     bundle = lab.bundle(cid, ["sleep", "1000"])
@@ -350,7 +364,7 @@ async def test_delete_of_unrestored_checkpoint_task_is_prompt(lab) -> None:
     await shim.delete(cid)
     took = time.monotonic() - started
     await shim.shutdown(cid)
-    assert took < 1.0, f"Delete of a task with no process took {took:.1f}s"
+    assert took < CREATED_DELETE_WAIT, f"Delete of a task with no process took {took:.1f}s"
 
 
 async def test_checkpoint_of_created_task_is_failed_precondition(lab) -> None:
@@ -372,7 +386,7 @@ async def test_checkpoint_of_created_task_is_failed_precondition(lab) -> None:
     await shim.shutdown(cid)
 
 
-async def wait_for_async(predicate, message: str, timeout: float = 5.0) -> None:
+async def wait_for_async(predicate, message: str, timeout: float = EVENTUALLY) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {message}"

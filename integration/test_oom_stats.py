@@ -20,7 +20,7 @@ import shutil
 import pytest
 
 from integration.ctr_events import EventStream
-from integration.harness import GO_RUNTIME, PY_RUNTIME, PY_SHIM_BINARY, wait_for
+from integration.harness import EVENTUALLY, GO_RUNTIME, PY_RUNTIME, PY_SHIM_BINARY, wait_for
 
 RUNTIME = os.environ.get("SHIM_RUNTIME", PY_RUNTIME)
 IS_GO_SHIM = RUNTIME == GO_RUNTIME
@@ -52,7 +52,7 @@ def task_status(containerd, cid) -> str | None:
     return t["status"] if t else None
 
 
-def wait_status(containerd, cid, status, timeout=10.0):
+def wait_status(containerd, cid, status, timeout=EVENTUALLY):
     wait_for(lambda: task_status(containerd, cid) == status, timeout=timeout,
              message=lambda: f"task {cid} to be {status} (is {task_status(containerd, cid)})")
 
@@ -88,7 +88,7 @@ def test_oom_event_precedes_exit_every_time(containerd, image, new_cid, events):
         assert r.returncode == 137, (attempt, r.stdout, r.stderr)
         got = wait_for(
             lambda: (lambda ev: ev if any(e.topic == "/tasks/delete" for e in ev) else None)(events.tasks(cid)),
-            timeout=10, message=lambda: f"/tasks/delete of {cid}; have {[e.topic for e in events.tasks(cid)]}")
+            timeout=EVENTUALLY, message=lambda: f"/tasks/delete of {cid}; have {[e.topic for e in events.tasks(cid)]}")
         topics = [e.topic for e in got]
         assert "/tasks/oom" in topics, (attempt, topics)
         exits = [i for i, t in enumerate(topics) if t == "/tasks/exit"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from integration.harness import (
+    EVENTUALLY,
     PY_RUNTIME,
     oci_runtime_binary,
     read_cmdline,
@@ -42,7 +43,8 @@ def shim_cgroup():
         made.append(path)
     yield "/" + name
     for path in made:
-        wait_for(lambda: not (path / "cgroup.procs").read_text().strip(), timeout=10, message=f"{path} to empty")
+        wait_for(lambda: not (path / "cgroup.procs").read_text().strip(), timeout=EVENTUALLY,
+                 message=f"{path} to empty")
         path.rmdir()
 
 
@@ -67,7 +69,7 @@ def test_shim_cgroup_moves_the_shim(containerd, image, cid, shim_cgroup, tmp_pat
     containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
     wait_for(lambda: containerd.tasks()[cid]["status"] == "STOPPED", message="task stopped")
     containerd.ctr("task", "rm", cid)
-    wait_for(lambda: not shim_pids(cid, address=containerd.address), timeout=10, message="shim exit")
+    wait_for(lambda: not shim_pids(cid, address=containerd.address), timeout=EVENTUALLY, message="shim exit")
 
 
 @pytest.fixture

@@ -24,12 +24,14 @@ import pytest
 
 from integration.ctr_events import EventStream
 from integration.harness import (
+    EVENTUALLY,
     GO_RUNTIME,
     PY_RUNTIME,
     PY_SHIM_BINARY,
     oci_runtime_binary,
     pid_alive,
     read_cmdline,
+    wait_cmdline,
     wait_for,
 )
 
@@ -64,7 +66,7 @@ def task_status(containerd, cid) -> str | None:
     return t["status"] if t else None
 
 
-def wait_status(containerd, cid, status, timeout=10.0):
+def wait_status(containerd, cid, status, timeout=EVENTUALLY):
     wait_for(lambda: task_status(containerd, cid) == status, timeout=timeout,
              message=lambda: f"task {cid} to be {status} (is {task_status(containerd, cid)})")
 
@@ -177,7 +179,8 @@ def test_ps_shows_exec_id_of_exec(containerd, image, cid):
                       message="two processes in ctr task ps")
         assert ps[init] == "-"
         (exec_pid,) = set(ps) - {init}
-        assert read_cmdline(exec_pid) == ["sleep", "101"]
+        # ps lists the exec as soon as it is in the cgroup, maybe still inside execve
+        assert wait_cmdline(exec_pid, ["sleep", "101"]) == ["sleep", "101"]
         # ctr prints the ProcessDetails the shim put into the info Any
         assert "ProcessDetails" in ps[exec_pid] and "ExecID:ps-exec," in ps[exec_pid], ps[exec_pid]
 
@@ -251,7 +254,7 @@ def test_exec_exit_precedes_init_exit(containerd, image, cid, events):
         containerd.ctr("task", "kill", "-s", "SIGKILL", cid)  # the init only: the kernel takes the exec
         got = events.wait_tasks(cid, lambda ev: sum(e.topic == "/tasks/exit" for e in ev) == 2,
                                 message="two /tasks/exit")
-        assert ex.wait(timeout=20) == 137
+        assert ex.wait(timeout=EVENTUALLY) == 137
     exits = [e.body for e in got if e.topic == "/tasks/exit"]
     assert [(x["id"], x["exit_status"]) for x in exits] == [("long", 137), (cid, 137)]
     assert exits[1]["pid"] == init
@@ -269,10 +272,15 @@ def test_kill_all_reaches_every_process(containerd, image, cid, sig, status):
     pids = wait_for(lambda: (lambda p: p if len(p) == 3 else None)(task_ps(containerd, cid)),
                     message="init and two children")
     children = set(pids) - {init}
-    assert sorted(read_cmdline(p) for p in children) == [["sleep", "100"], ["sleep", "101"]]
+    # forked by sh, listed by ps maybe before their execve: "sh -c ..." or empty until then
+    expected = [["sleep", "100"], ["sleep", "101"]]
+    wait_for(lambda: sorted(read_cmdline(p) or [] for p in children) == expected,
+             message=lambda: f"children {sorted(children)} to run {expected}: "
+                             f"{ {p: read_cmdline(p) for p in children} }")
+    assert sorted(read_cmdline(p) for p in children) == expected
     containerd.ctr("task", "kill", "-a", "-s", sig, cid)
     wait_status(containerd, cid, "STOPPED")
-    wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=5,
+    wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=EVENTUALLY,
              message=lambda: f"all of {sorted(pids)} to die")
     assert remove_task(containerd, cid) == status
 
@@ -288,11 +296,11 @@ def test_shared_pid_namespace_leftovers_killed_on_init_exit(containerd, image, n
     pids = wait_for(lambda: (lambda p: p if len(p) == 2 else None)(task_ps(containerd, cid)),
                     message="init and its child")
     (child,) = set(pids) - {init}
-    assert read_cmdline(child) == ["sleep", "102"]
+    assert wait_cmdline(child, ["sleep", "102"]) == ["sleep", "102"]
 
     # not the namespace's init: SIGKILL takes only the sh, the kernel leaves its child
     containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
     wait_status(containerd, cid, "STOPPED")
-    wait_for(lambda: not pid_alive(child), timeout=5, message=f"leftover {child} to be killed by the shim")
+    wait_for(lambda: not pid_alive(child), timeout=EVENTUALLY, message=f"leftover {child} to be killed by the shim")
     assert remove_task(containerd, cid) == 137
     assert task_status(containerd, sandbox) == "RUNNING" and pid_alive(sandbox_pid)

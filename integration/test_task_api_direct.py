@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 if os.geteuid() != 0:
     pytest.skip("protocol tests need root (they run real runc containers)", allow_module_level=True)
@@ -25,7 +26,7 @@ if not os.path.isfile("/usr/bin/busybox"):
 
 from google.protobuf import any_pb2  # noqa: E402
 
-from integration.harness import pid_alive, read_cmdline  # noqa: E402
+from integration.harness import EVENTUALLY, pid_alive, wait_cmdline  # noqa: E402
 from integration.shim_driver import (  # noqa: E402
     expect_error,
     NAMESPACE,
@@ -67,7 +68,7 @@ async def finish(shim: Shim, cid: str) -> None:
     await shim.wait(cid)
     await shim.delete(cid)
     await shim.shutdown(cid)
-    await wait_until(lambda: not pid_alive(shim.pid), 5, message=f"shim {shim.pid} to exit")
+    await wait_until(lambda: not pid_alive(shim.pid), EVENTUALLY, message=f"shim {shim.pid} to exit")
 
 
 def process_spec(bundle: Path, args: list[str]) -> any_pb2.Any:
@@ -240,7 +241,8 @@ async def test_running_exec_state_pids_kill_resize_delete(lab: Lab, fifos) -> No
     out = fifos("k-stdout")
     await exec_(shim, cid, "sleeper", process_spec(bundle, ["sleep", "101"]), stdout=out.path)
     pid = await start_exec(shim, cid, "sleeper")
-    assert read_cmdline(pid) == ["sleep", "101"]
+    # Start returns once the process exists, maybe still inside execve (empty cmdline)
+    assert await trio.to_thread.run_sync(wait_cmdline, pid, ["sleep", "101"]) == ["sleep", "101"]
 
     state = await state_exec(shim, cid, "sleeper")
     assert (state.id, state.exec_id, state.status, state.pid) == ("sleeper", "sleeper", task_types_pb2.RUNNING, pid)
@@ -355,14 +357,33 @@ async def test_close_io_during_start_keeps_written_data(lab: Lab, fifos) -> None
 
 
 async def test_resize_pty_before_start_is_a_no_op(lab: Lab) -> None:
-    await lab.start_sink()
-    shim, cid, bundle, _ = await running_task(lab, "resize")
+    """The Go shim: execCreatedState.Resize -> execProcess.resize, which returns nil while the
+    exec has no console. So: success, and nothing else -- the exec is not started, no event,
+    and it starts and runs normally afterwards."""
+    sink = await lab.start_sink()
+    shim, cid, bundle, init = await running_task(lab, "resize")
     await exec_(shim, cid, "later", process_spec(bundle, ["sleep", "101"]))
-    try:
-        await shim.call("ResizePty", shim_pb2.ResizePtyRequest(id=cid, exec_id="later", width=80, height=24))
-    finally:
-        await delete_exec(shim, cid, "later")
-        await finish(shim, cid)
+    await shim.call("ResizePty", shim_pb2.ResizePtyRequest(id=cid, exec_id="later", width=80, height=24))
+    state = await state_exec(shim, cid, "later")
+    assert (state.status, state.pid, state.terminal) == (task_types_pb2.CREATED, 0, False)
+    # the init has no terminal either: the same no-op
+    await shim.call("ResizePty", shim_pb2.ResizePtyRequest(id=cid, width=100, height=40))
+    assert ((await shim.state(cid)).status, (await shim.state(cid)).pid) == (task_types_pb2.RUNNING, init)
+
+    pid = await start_exec(shim, cid, "later")
+    assert pid > 0 and pid != init
+    assert await trio.to_thread.run_sync(wait_cmdline, pid, ["sleep", "101"]) == ["sleep", "101"]
+    assert (await state_exec(shim, cid, "later")).status == task_types_pb2.RUNNING
+    await shim.call("Kill", shim_pb2.KillRequest(id=cid, exec_id="later", signal=signal.SIGKILL))
+    assert (await wait_exec(shim, cid, "later")).exit_status == 137
+    await delete_exec(shim, cid, "later")
+    await finish(shim, cid)
+    # the shim has exited, so these are all its events: the resizes published nothing
+    assert [e.topic for e in sink.events] == [
+        "/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started",
+        "/tasks/exit", "/tasks/exit", "/tasks/delete"]
+    started = sink.events[3].event
+    assert (started.exec_id, started.pid) == ("later", pid)
 
 
 async def test_exec_error_codes(lab: Lab) -> None:
@@ -388,7 +409,7 @@ async def test_exec_error_codes(lab: Lab) -> None:
     # runc exec fails: runc's words come back, the exec stays deletable
     await exec_(shim, cid, "missing", process_spec(bundle, ["/no/such/binary"]))
     err = await expect_error(Code.UNKNOWN, start_exec(shim, cid, "missing"))
-    assert "/no/such/binary" in err.message and "no such file or directory" in err.message, err.message
+    assert "/no/such/binary" in err.message and "no such file or directory" in err.message.lower(), err.message
     await delete_exec(shim, cid, "missing")
     await expect_error(Code.NOT_FOUND, state_exec(shim, cid, "missing"))
 
@@ -436,9 +457,10 @@ async def test_failed_exec_start_releases_its_wait_and_shutdown_is_bounded(lab: 
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(wait_ghost)
-        await trio.sleep(0.1)
+        await trio.testing.wait_all_tasks_blocked()  # the Wait is on the wire, ahead of the Start
+        assert not waited
         await expect_error(Code.UNKNOWN, start_exec(shim, cid, "ghost"), contains="exec failed")
-        with trio.fail_after(5):
+        with trio.fail_after(EVENTUALLY):
             while not waited:
                 await trio.sleep(0.02)
     assert waited[0].exit_status == 255
@@ -455,7 +477,8 @@ async def test_failed_exec_start_releases_its_wait_and_shutdown_is_bounded(lab: 
                 pass  # the shim went away: that is the point
 
         nursery.start_soon(wait_forever)
-        await trio.sleep(0.1)
+        await trio.testing.wait_all_tasks_blocked()  # the Wait is on the wire, ahead of the Shutdown
         await shim.shutdown(cid, now=True)
-        await wait_until(lambda: not pid_alive(shim.pid), 6, message=f"shim {shim.pid} to exit")
+        # bounded (the grace period), not forever: the Wait above never gets an exit to return
+        await wait_until(lambda: not pid_alive(shim.pid), EVENTUALLY, message=f"shim {shim.pid} to exit")
         nursery.cancel_scope.cancel()

@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from integration.harness import GO_RUNTIME, NAMESPACE, PY_RUNTIME, PY_SHIM_BINARY, wait_for
+from integration.harness import EVENTUALLY, GO_RUNTIME, NAMESPACE, PY_RUNTIME, PY_SHIM_BINARY, wait_for
 
 RUNTIME = os.environ.get("SHIM_RUNTIME", PY_RUNTIME)
 IS_GO_SHIM = RUNTIME == GO_RUNTIME
@@ -273,7 +273,7 @@ def run_with_logger(containerd, image, cid, logger, *cmd):
     r = containerd.ctr("run", "--rm", "--runtime", RUNTIME, "--log-uri", f"binary://{path}?dir={out}",
                        image, cid, *cmd, check=False)
     # The logger ends on EOF (our shim) or when the pipes are closed at delete (Go).
-    wait_for(lambda: (out / "done").exists(), timeout=15, message="the logger to finish")
+    wait_for(lambda: (out / "done").exists(), timeout=EVENTUALLY, message="the logger to finish")
     return r, out
 
 

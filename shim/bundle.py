@@ -63,8 +63,10 @@ def group_id(bundle: str, id: str, namespace_mode: bool = False) -> str:
     counts: every pod of the namespace shares the one shim. This runs on
     every container start, so the raw file is searched first: no key, no
     grouping; one plain occurrence of a key, its string value is read
-    directly; anything less simple goes through json. An empty value does
-    not group (as in the Go shim).
+    directly; anything less simple goes through json. Known differences from
+    the Go shim (issue 10 item 7; strict xfails in tests/test_bundle.py): Go
+    groups on an empty value too, fails the start when config.json is
+    missing or unreadable, and looks only inside the top-level annotations.
     """
     keys = EXPLICIT_GROUP_ANNOTATIONS if namespace_mode else GROUP_ANNOTATIONS
     fallback = NAMESPACE_GROUP if namespace_mode else id

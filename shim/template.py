@@ -305,7 +305,14 @@ def main() -> None:
     try:
         with open(pid_file, "w") as f:
             f.write(str(os.getpid()))
-        _warm_up()
+        # A SIGTERM during warm-up could raise SystemExit inside a callback whose
+        # exceptions are ignored (a weakref's, a __del__), and the template would
+        # live on: hold it until warm-up is done, then take it in the accept loop.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            _warm_up()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         sock.settimeout(IDLE_TIMEOUT)
         while True:
             try:

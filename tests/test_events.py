@@ -28,9 +28,43 @@ def test_timestamp() -> None:
     assert (ts.seconds, ts.nanos) == (1700000000, 500_000_000)
 
 
+#: containerd's ttrpc events service (api/services/ttrpc/events/v1/events.proto), from the descriptor
+EVENTS_SERVICE = events_service_pb2.DESCRIPTOR.services_by_name["Events"]
+#: the metadata key containerd's namespaces package reads on ttrpc (namespaces.TTRPCHeader)
+CONTAINERD_TTRPC_NAMESPACE_HEADER = "containerd-namespace-ttrpc"
+
+
 def test_service_name() -> None:
     assert SERVICE == "containerd.services.events.ttrpc.v1.Events"
     assert NAMESPACE_METADATA == "containerd-namespace-ttrpc"
+    # not restated but derived: the service and method as containerd's proto declares them
+    assert EVENTS_SERVICE.full_name == SERVICE
+    forward = EVENTS_SERVICE.methods_by_name["Forward"]
+    assert forward.input_type is events_service_pb2.ForwardRequest.DESCRIPTOR
+    assert forward.output_type.full_name == "google.protobuf.Empty"
+    assert NAMESPACE_METADATA == CONTAINERD_TTRPC_NAMESPACE_HEADER
+
+
+async def test_publisher_calls_the_method_containerd_serves(sock_path: Path) -> None:
+    """Over the wire: a server that knows only containerd's names (from the proto, not our
+    constants) gets the event, with the namespace under containerd's metadata key only."""
+    got = Received(expect=1)
+    server = Server()
+    server.register(EVENTS_SERVICE.full_name, EVENTS_SERVICE.methods_by_name["Forward"].name, got.forward)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(sock_path))
+    sock.listen(16)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, sock)
+            pub = EventPublisher(str(sock_path), "ns1")
+            nursery.start_soon(pub.run)
+            publish_starts(pub, range(7, 8))
+            assert await pub.drain(30) is True
+            nursery.cancel_scope.cancel()
+    assert got.pids == [7]
+    assert got.metadata == [{CONTAINERD_TTRPC_NAMESPACE_HEADER: ["ns1"]}]
+    assert got.envelopes[0].namespace == "ns1" and got.envelopes[0].topic == "/tasks/start"
 
 
 @dataclass
@@ -125,14 +159,27 @@ async def test_unix_scheme_address(sock_path: Path) -> None:
     assert got.pids == [1]
 
 
-async def test_events_retried_until_server_listens(sock_path: Path) -> None:
+def unreachable_warnings(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("containerd events unreachable" in r.getMessage() for r in caplog.records)
+
+
+async def wait_unreachable(caplog: pytest.LogCaptureFixture, more_than: int) -> None:
+    """Until the publisher has tried (and failed) to send once more than ``more_than`` times."""
+    while unreachable_warnings(caplog) <= more_than:
+        await trio.sleep(0.01)
+
+
+async def test_events_retried_until_server_listens(sock_path: Path, caplog) -> None:
+    caplog.set_level("WARNING", logger="shim.events")
     got = Received(expect=6)
-    with trio.fail_after(10):
+    with trio.fail_after(30):
         async with trio.open_nursery() as outer:
             pub = EventPublisher(str(sock_path), "default")
             outer.start_soon(pub.run)
             publish_starts(pub, range(1, 4))
-            # Nobody listens: nothing can be sent, nothing is dropped.
+            # Nobody listens: the publisher tried, nothing could be sent, nothing is dropped.
+            await wait_unreachable(caplog, 0)
+            assert pub.pending == 3
             assert await pub.drain(0.3) is False
             assert pub.pending == 3
             async with serving(sock_path, got.forward):
@@ -142,9 +189,10 @@ async def test_events_retried_until_server_listens(sock_path: Path) -> None:
     assert got.pids == [1, 2, 3, 4, 5, 6]  # each exactly once, in publish order
 
 
-async def test_events_retried_after_server_restart(sock_path: Path) -> None:
+async def test_events_retried_after_server_restart(sock_path: Path, caplog) -> None:
+    caplog.set_level("WARNING", logger="shim.events")
     got = Received()
-    with trio.fail_after(10):
+    with trio.fail_after(30):
         async with trio.open_nursery() as outer:
             pub = EventPublisher(str(sock_path), "default")
             outer.start_soon(pub.run)
@@ -152,8 +200,9 @@ async def test_events_retried_after_server_restart(sock_path: Path) -> None:
                 publish_starts(pub, range(1, 3))
                 assert await pub.drain(4) is True
             sock_path.unlink()  # containerd went away
+            before = unreachable_warnings(caplog)
             publish_starts(pub, range(3, 5))
-            await trio.sleep(0.2)
+            await wait_unreachable(caplog, before)  # it tried to send them, and could not
             assert pub.pending == 2
             async with serving(sock_path, got.forward):
                 assert await pub.drain(5) is True

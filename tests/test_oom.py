@@ -28,7 +28,7 @@ def write_in_place(path: Path, text: str) -> None:
         f.write(text)
 
 
-async def wait_for(pred, timeout: float = 5.0) -> None:
+async def wait_for(pred, timeout: float = 30.0) -> None:
     with trio.fail_after(timeout):
         while not pred():
             await trio.sleep(0.01)
@@ -58,9 +58,37 @@ def make_v2(tmp_path: Path, pid: int) -> tuple[Path, str]:
     return cg, str(tmp_path / "proc")
 
 
+class ReadLog:
+    """Records each memory.events read of the watcher (``oom.read_oom_kill_count``).
+
+    The watcher reads the file and decides to fire in one step, with no
+    checkpoint in between: once a read made after a write is logged, whatever
+    the watcher does about that content (fire or not) has been done.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counts: list[int | None] = []
+        real = oom.read_oom_kill_count
+
+        def spy(path: str) -> int | None:
+            count = real(path)
+            self.counts.append(count)
+            return count
+
+        monkeypatch.setattr(oom, "read_oom_kill_count", spy)
+
+    async def write_and_wait_read(self, path: Path, text: str) -> int | None:
+        """Write ``text`` to ``path``; return the count of the watcher's first read after it."""
+        seen = len(self.counts)
+        write_in_place(path, text)
+        await wait_for(lambda: len(self.counts) > seen)
+        return self.counts[seen]
+
+
 @pytest.mark.parametrize("use_inotify", [True, False])
-async def test_v2_fires_when_oom_kill_increases(tmp_path: Path, use_inotify: bool) -> None:
+async def test_v2_fires_when_oom_kill_increases(tmp_path: Path, use_inotify: bool, monkeypatch) -> None:
     cg, proc = make_v2(tmp_path, 4242)
+    reads = ReadLog(monkeypatch)
     fired: list[str] = []
     w = oom.OOMWatcher(
         root=str(tmp_path / "cg"), proc=proc, mode="v2", poll_interval=0.02, use_inotify=use_inotify
@@ -69,18 +97,19 @@ async def test_v2_fires_when_oom_kill_increases(tmp_path: Path, use_inotify: boo
         await nursery.start(w.run)
         w.add("c1", 4242, fired.append)
         assert "c1" in w
-        await trio.sleep(0.1)
+        if not use_inotify:  # polling reads the untouched file too: oom_kill 0 is no OOM
+            await wait_for(lambda: len(reads.counts) > 0)
         assert fired == []
 
-        write_in_place(cg / "memory.events", events_text(high=5, max=2))  # no OOM kill
-        await trio.sleep(0.1)
+        # no OOM kill: the watcher has read this content, and did not fire
+        assert await reads.write_and_wait_read(cg / "memory.events", events_text(high=5, max=2)) == 0
         assert fired == []
 
         write_in_place(cg / "memory.events", events_text(high=5, max=3, oom_=1, kill=1))
         await wait_for(lambda: fired == ["c1"])
-        write_in_place(cg / "memory.events", events_text(high=6, max=3, oom_=1, kill=1))
-        await trio.sleep(0.1)
-        assert fired == ["c1"]  # unchanged count: no new event
+        # unchanged count: read, and no new event
+        assert await reads.write_and_wait_read(cg / "memory.events", events_text(high=6, max=3, oom_=1, kill=1)) == 1
+        assert fired == ["c1"]
 
         write_in_place(cg / "memory.events", events_text(high=6, max=4, oom_=3, kill=3))
         await wait_for(lambda: fired == ["c1", "c1"])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from shim.proto import status_pb2
 from shim.ttrpc import CallContext, Client, Code, Server, TTRPCError, open_client
@@ -337,8 +338,11 @@ async def test_close_lets_in_flight_call_finish(sock_path: Path) -> None:
                     calls.start_soon(call)
                     await entered.wait()
                     server.close()
-                    await trio.sleep(0.05)
+                    # every task (serve's included) has run as far as it can: a serve() that
+                    # returned without waiting for the handler would have set `served` by now
+                    await trio.testing.wait_all_tasks_blocked()
                     assert not served.is_set()  # still waiting for the handler
+                    assert result == []
                     with pytest.raises(OSError):
                         await trio.open_unix_socket(str(sock_path))  # no longer accepting
                     release.set()
@@ -348,10 +352,15 @@ async def test_close_lets_in_flight_call_finish(sock_path: Path) -> None:
 
 async def test_client_disconnect_does_not_cancel_handler(sock_path: Path) -> None:
     entered, release, finished = trio.Event(), trio.Event(), trio.Event()
+    cancelled: list[bool] = []
 
     async def slow(payload: bytes, ctx: CallContext) -> bytes:
         entered.set()
-        await release.wait()
+        try:
+            await release.wait()
+        except trio.Cancelled:
+            cancelled.append(True)
+            raise
         finished.set()
         return b"late"
 
@@ -364,9 +373,13 @@ async def test_client_disconnect_does_not_cancel_handler(sock_path: Path) -> Non
         with trio.fail_after(5):
             await entered.wait()
             await raw.stream.aclose()
-            await trio.sleep(0.05)
+            # the server has read the EOF and done all it is going to do about it: a server
+            # that cancels handlers of a gone client would have cancelled this one by now
+            await trio.testing.wait_all_tasks_blocked()
+            assert cancelled == [] and not finished.is_set()
             release.set()
             await finished.wait()
+        assert cancelled == []
         async with open_client(str(sock_path)) as client:
             assert await client.call(SVC, "Echo", b"alive") == b"alive"
 

@@ -1,0 +1,345 @@
+"""shim.template's fork path, for real: fork_shim in this process, and a whole template
+process serving request_fork on a socket in tmp_path (no root, no containerd, no runc).
+
+The only stand-in is the shim's body: ``shim.daemon.main`` is replaced by FAKE_MAIN,
+which reports what the forked shim looks like from inside (pid, session, fds,
+environment, cwd, signals, title) into ``<bundle>/report.json`` and returns. Every
+process started here is ended by its pid; forked shims end by themselves.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shim import lean, template
+from shim.config import ShimConfig
+from shim.record import as_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENTUALLY = 30.0
+
+def fake_main(config: ShimConfig) -> int:
+    """The forked shim's body in these tests (the template process gets its source): report, return."""
+    import json
+    import os
+    import signal
+
+    def is_open(fd: int) -> bool:
+        try:
+            os.fstat(fd)
+            return True
+        except OSError:
+            return False
+
+    with open("/proc/self/cmdline", "rb") as f:
+        argv = [a.decode() for a in f.read().split(b"\0") if a]
+    if len(argv) == 1:
+        argv = argv[0].split()
+    report = {
+        "pid": os.getpid(), "ppid": os.getppid(), "sid": os.getsid(0), "pgid": os.getpgid(0),
+        "fds": sorted(fd for fd in map(int, os.listdir("/proc/self/fd")) if is_open(fd)),
+        "fd3_inode": os.fstat(3).st_ino, "env": dict(os.environ), "cwd": os.getcwd(),
+        "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+        "argv": argv, "config": config.encode(),
+    }
+    path = os.path.join(config.bundle, "report.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f)
+    os.rename(path + ".tmp", path)
+    return 0
+
+
+FAKE_MAIN = inspect.getsource(fake_main)
+
+
+def wait_for(predicate, timeout: float = EVENTUALLY, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """Exists and is not a zombie (an orphan's new parent may be slow to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def read_report(bundle: Path) -> dict:
+    path = bundle / "report.json"
+    wait_for(path.exists, what=f"the forked shim's report in {bundle}")
+    return json.loads(path.read_text())
+
+
+def make_config(tmp_path: Path, id: str) -> ShimConfig:
+    bundle = tmp_path / id
+    bundle.mkdir()
+    return ShimConfig(namespace="ns1", id=id, bundle=str(bundle), address="/run/test-containerd.sock",
+                      ttrpc_address="/run/test-containerd.sock.ttrpc", socket_path=str(tmp_path / f"{id}.sock"))
+
+
+def listening_socket(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(8)
+    return sock
+
+
+# -- fork_shim in this process --------------------------------------------------------------
+
+def test_fork_shim_gives_an_orphan_that_is_only_the_shim(tmp_path: Path, monkeypatch) -> None:
+    import shim.daemon
+
+    monkeypatch.setattr(shim.daemon, "main", fake_main)
+    config = make_config(tmp_path, "c1")
+    listener = listening_socket(Path(config.socket_path))
+    assert listener.fileno() != template.LISTEN_FD  # so the dup2 onto fd 3 is exercised
+    stray = os.open(tmp_path / "stray", os.O_CREAT | os.O_RDWR)  # a template fd: must not reach the shim
+    os.set_inheritable(stray, True)
+    env = {"TTRPC_ADDRESS": config.ttrpc_address, "ONLY": "this"}
+    # the template exits on SIGTERM through a handler; the shim must get the default back
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        pid = template.fork_shim(config, env, listener.fileno())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        os.close(stray)
+    report = read_report(Path(config.bundle))
+    listener_inode = os.fstat(listener.fileno()).st_ino
+    listener.close()
+
+    assert pid > 0 and report["pid"] == pid
+    # never our child: a template crash touches no shim, and we have nothing to reap
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    assert report["ppid"] != os.getpid()
+    # fork, setsid, fork: in the session the middle process led, which fork_shim reaped
+    middle = report["sid"]
+    assert middle not in (pid, os.getpid(), os.getsid(0))
+    assert report["pgid"] == middle
+    with pytest.raises(ChildProcessError):
+        os.waitpid(middle, os.WNOHANG)
+    # only stdio and the listener, on fd 3
+    assert report["fds"] == [0, 1, 2, 3]
+    assert report["fd3_inode"] == listener_inode
+    assert report["env"] == env
+    assert report["cwd"] == config.bundle
+    assert report["sigterm_default"] is True
+    assert ShimConfig.decode(report["config"]) == config
+    # as ps shows the Go shim: its binary's name and flags
+    assert report["argv"] == ["containerd-shim-runc-v2-py", "-namespace", "ns1", "-id", "c1",
+                              "-address", "/run/test-containerd.sock"]
+    wait_for(lambda: not alive(pid), what=f"forked shim {pid} to exit after main returned")
+
+
+# -- a template process -------------------------------------------------------------------------
+
+def start_template(path: Path) -> subprocess.Popen:
+    """``python -c MAIN path`` as spawn_template runs it, with the shim's body replaced."""
+    program = (
+        "from __future__ import annotations\n"  # fake_main's annotation names a class not imported there
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+        f"{FAKE_MAIN}\n"
+        "import shim.daemon; shim.daemon.main = fake_main\n"
+        f"{template.MAIN}\n"
+    )
+    return subprocess.Popen([sys.executable, "-I", "-c", program, str(path)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=EVENTUALLY)
+
+
+@pytest.fixture
+def running_template(tmp_path: Path, monkeypatch):
+    """A template at tmp_path/tpl.sock, serving; requests get a deadline generous enough for a loaded machine."""
+    monkeypatch.setattr(template, "REQUEST_TIMEOUT", EVENTUALLY)
+    path = tmp_path / "tpl.sock"
+    proc = start_template(path)
+    try:
+        def listening() -> bool:
+            assert proc.poll() is None, f"the template exited: {proc.communicate()[1].decode()}"
+            return Path(f"{path}.pid").exists() and lean.accepts(str(path), lean.SOCK_SEQPACKET)
+
+        wait_for(listening, what="the template to listen")
+        assert int(Path(f"{path}.pid").read_text()) == proc.pid
+        yield proc, path
+    finally:
+        stop(proc)
+
+
+def test_request_fork_starts_a_shim_from_the_template(running_template, tmp_path: Path) -> None:
+    proc, path = running_template
+    config = make_config(tmp_path, "c2")
+    listener = listening_socket(Path(config.socket_path))
+    try:
+        pid, there = template.request_fork(str(path), config, listener)
+        inode = os.fstat(listener.fileno()).st_ino
+    finally:
+        listener.close()
+    assert there is True and pid is not None and pid > 0
+    report = read_report(Path(config.bundle))
+    assert report["pid"] == pid
+    assert report["fd3_inode"] == inode  # the listener went over SCM_RIGHTS and landed on fd 3
+    assert report["fds"] == [0, 1, 2, 3]
+    assert report["env"] == dict(os.environ)  # the launcher's environment, not the template's
+    assert report["cwd"] == config.bundle
+    assert ShimConfig.decode(report["config"]) == config
+    assert report["ppid"] != proc.pid and report["sid"] != os.getsid(proc.pid)  # not the template's
+    assert proc.poll() is None  # the template goes on serving
+    wait_for(lambda: not alive(pid), what=f"forked shim {pid} to exit")
+
+    # and again: one template serves every start
+    again = make_config(tmp_path, "c3")
+    listener = listening_socket(Path(again.socket_path))
+    try:
+        pid2, _ = template.request_fork(str(path), again, listener)
+    finally:
+        listener.close()
+    assert pid2 not in (None, pid)
+    assert read_report(Path(again.bundle))["pid"] == pid2
+
+
+def test_a_late_request_is_refused_and_forks_nothing(running_template, tmp_path: Path, monkeypatch) -> None:
+    proc, path = running_template
+    late = make_config(tmp_path, "late")
+    listener = listening_socket(Path(late.socket_path))
+    monkeypatch.setattr(template, "REQUEST_TIMEOUT", -1.0)  # the deadline has passed when it arrives
+    monkeypatch.setattr(template, "ANSWER_MARGIN", EVENTUALLY + 1.0)  # ... but we wait for the answer
+    try:
+        assert template.request_fork(str(path), late, listener) == (None, True)  # there, and refusing
+    finally:
+        listener.close()
+    # the template answers in order: once a later request's shim has reported, a shim
+    # forked for the late one would have been forked before it
+    monkeypatch.setattr(template, "REQUEST_TIMEOUT", EVENTUALLY)
+    monkeypatch.setattr(template, "ANSWER_MARGIN", 1.0)
+    later = make_config(tmp_path, "later")
+    listener = listening_socket(Path(later.socket_path))
+    try:
+        pid, _ = template.request_fork(str(path), later, listener)
+    finally:
+        listener.close()
+    assert read_report(Path(later.bundle))["pid"] == pid
+    assert not (Path(late.bundle) / "report.json").exists()
+    assert proc.poll() is None
+
+
+def test_only_one_template_per_socket(running_template, tmp_path: Path) -> None:
+    proc, path = running_template
+    second = start_template(path)
+    try:
+        assert second.wait(timeout=EVENTUALLY) == 0  # the lock is taken: it leaves at once
+    finally:
+        stop(second)
+    assert proc.poll() is None
+    assert int(Path(f"{path}.pid").read_text()) == proc.pid
+    # the first still owns and serves the socket
+    config = make_config(tmp_path, "c4")
+    listener = listening_socket(Path(config.socket_path))
+    try:
+        pid, there = template.request_fork(str(path), config, listener)
+    finally:
+        listener.close()
+    assert there and read_report(Path(config.bundle))["pid"] == pid
+
+
+def test_sigterm_ends_the_template_and_removes_its_files(running_template, tmp_path: Path) -> None:
+    proc, path = running_template
+    # warm and serving first: a SIGTERM that lands inside the warm-up can be lost (the
+    # SystemExit its handler raises is swallowed when it fires in a weakref callback)
+    config = make_config(tmp_path, "c6")
+    listener = listening_socket(Path(config.socket_path))
+    try:
+        pid, _ = template.request_fork(str(path), config, listener)
+    finally:
+        listener.close()
+    assert read_report(Path(config.bundle))["pid"] == pid
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=EVENTUALLY) == 0
+    for leftover in (path, Path(f"{path}.pid"), Path(f"{path}.lock")):
+        assert not leftover.exists(), leftover
+
+
+def test_sigterm_during_warm_up_still_ends_the_template(tmp_path: Path) -> None:
+    """The pid file is written just before the warm-up: a SIGTERM then is held, not lost."""
+    path = tmp_path / "tpl.sock"
+    proc = start_template(path)
+    try:
+        wait_for(lambda: Path(f"{path}.pid").exists() or proc.poll() is not None, what="the template's pid file")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=EVENTUALLY) == 0
+    finally:
+        stop(proc)
+    for leftover in (path, Path(f"{path}.pid"), Path(f"{path}.lock")):
+        assert not leftover.exists(), leftover
+
+
+def test_no_template_means_fall_back(tmp_path: Path) -> None:
+    config = make_config(tmp_path, "c5")
+    listener = listening_socket(Path(config.socket_path))
+    try:
+        assert template.request_fork(str(tmp_path / "nobody.sock"), config, listener) == (None, False)
+        # a socket file nobody listens on (a dead template's) is the same
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        dead.bind(str(tmp_path / "dead.sock"))
+        dead.close()
+        assert template.request_fork(str(tmp_path / "dead.sock"), config, listener) == (None, False)
+    finally:
+        listener.close()
+    assert not (Path(config.bundle) / "report.json").exists()
+
+
+def test_config_survives_the_request_encoding() -> None:
+    """What request_fork puts on the wire is a literal the template decodes with ast, not eval."""
+    config = ShimConfig(namespace="n'\"s", id="c\\1", bundle="/b ü", address="/a", debug=True, thp_original=1)
+    request = repr({"config": config.encode(), "env": {"K": "v'\""}, "deadline": 1.5})
+    decoded = ast.literal_eval(request)
+    assert ShimConfig.decode(decoded["config"]) == config
+    assert as_dict(ShimConfig.decode(decoded["config"])) == as_dict(config)
+    assert decoded["env"] == {"K": "v'\""}
+
+
+def test_enabled() -> None:
+    assert template.enabled({}) is True
+    assert template.enabled({template.ENV_DISABLE: "1"}) is True
+    assert template.enabled({template.ENV_DISABLE: "0"}) is False
+
+
+def test_fingerprint_follows_the_code(tmp_path: Path, monkeypatch) -> None:
+    """A changed source file means another template socket, so an upgrade gets a new template."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text("x = 1\n")
+    (package / "__pycache__").mkdir()
+    monkeypatch.setattr(template, "__file__", str(package / "template.py"))
+    first = template.fingerprint()
+    assert template.fingerprint() == first
+    (package / "__pycache__" / "a.cpython.pyc").write_bytes(b"ignored")  # caches do not count
+    assert template.fingerprint() == first
+    os.utime(package / "a.py", ns=(1, 1))
+    second = template.fingerprint()
+    assert second != first
+    (package / "b.py").write_text("")
+    assert template.fingerprint() != second
+    assert template.socket_path("/run/c.sock") != template.socket_path("/run/d.sock")

@@ -233,6 +233,7 @@ def _warm_up() -> None:
     warm_up()
     gc.collect()
     immortalize_heap()
+    fill_partial_pools()  # last: anything allocated and freed after it would leave holes again
     gc.freeze()
 
 
@@ -337,3 +338,61 @@ def main() -> None:
             except OSError:
                 pass
         sock.close()
+
+
+def _malloc_stats() -> list[tuple[int, int]]:
+    """(block size, free blocks in partly used pools) per obmalloc size class.
+
+    Read from ``sys._debugmallocstats()``, which writes to the C-level stderr;
+    empty when the output cannot be read (another allocator, another format).
+    """
+    import tempfile
+
+    with tempfile.TemporaryFile() as f:
+        saved = os.dup(2)
+        try:
+            sys.stderr.flush()
+            os.dup2(f.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        text = f.read().decode(errors="replace")
+    out = []
+    for line in text.splitlines():
+        parts = line.split()  # class, size, pools, blocks in use, available blocks
+        if len(parts) == 5 and all(p.isdigit() for p in parts):
+            out.append((int(parts[1]), int(parts[4])))
+    return out
+
+
+#: What fill_partial_pools allocated: kept for the template's life (and so shared by every shim).
+_FILLER: list[object] = []
+
+
+def fill_partial_pools() -> int:
+    """Occupy the free blocks of the template's partly used obmalloc pools.
+
+    A forked shim's new small objects would otherwise land in those free
+    slots, spread over hundreds of template pages, each of which the first
+    write copies into the shim. Filled, they go to fresh pools: pages of the
+    shim's own, packed. Measured on 3.13: ~0.2 MiB less private memory per
+    shim. Returns how many blocks were filled.
+    """
+    stats = _malloc_stats()
+    sizes = dict(stats)
+    filled = sum(avail for size, avail in stats if size >= 48) + sizes.get(32, 0)
+    keep: list[object] = [None] * filled
+    i = 0
+    for size, avail in stats:
+        if size < 48:
+            continue
+        for _ in range(avail):
+            keep[i] = bytes(size - 33)  # a bytes object of length n takes 33 + n bytes
+            i += 1
+    for n in range(sizes.get(32, 0)):
+        keep[i] = (1 << 40) + n  # an int of this size takes 28: the 32-byte class
+        i += 1
+    _FILLER.append(keep)
+    return filled

@@ -28,3 +28,13 @@ def test_socket_path_differs_per_containerd() -> None:
 
     assert template.socket_path("/a/c.sock") != template.socket_path("/b/c.sock")
     assert template.socket_path("/a/c.sock").startswith("/run/containerd/s/py-template-")
+
+
+def test_fill_partial_pools_leaves_no_free_slot_for_a_shim_to_dirty() -> None:
+    from shim import template
+
+    free_before = sum(avail for size, avail in template._malloc_stats() if size >= 48)
+    filled = template.fill_partial_pools()
+    free_after = sum(avail for size, avail in template._malloc_stats() if size >= 48)
+    assert filled >= free_before > 0
+    assert free_after < free_before / 2, (free_before, free_after)  # reading the stats frees a few again

@@ -58,7 +58,7 @@ async def serve(listener: socket.socket, config: ShimConfig) -> None:
                 server.close()
                 # In-flight calls get to answer, but a Wait on a process that
                 # never exits must not keep the shim alive forever.
-                serving.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+                serving.cancel_scope.deadline = trio.current_time() + (0 if service.shutdown_now else SHUTDOWN_GRACE)
             if not await publisher.drain(EVENT_DRAIN_TIMEOUT):
                 log.error("exiting with %d events containerd never received", publisher.pending)
             processes.cancel_scope.cancel()

@@ -59,6 +59,8 @@ class TaskService:
         self.version = version
         self.containers: dict[str, Container] = {}
         self.shutdown_requested = trio.Event()
+        #: Shutdown{now: true}: in-flight calls get no grace.
+        self.shutdown_now = False
 
     def register(self, server: Server) -> None:
         """Serve containerd.task.v2.Task and its byte-identical v3 twin (containerd 2.x)."""
@@ -233,9 +235,12 @@ class TaskService:
         )
 
     async def shutdown(self, req: shim_pb2.ShutdownRequest, _: CallContext) -> empty_pb2.Empty:
-        """Exit once no container is left (or at once with ``now``), as the Go shim does."""
-        if self.containers and not req.now:
+        """Exit once no container is left, as the Go shim does: never while one exists, ``now``
+        or not (exiting would orphan its processes and lose its exit). ``now`` only skips the
+        grace in-flight calls get."""
+        if self.containers:
             return empty_pb2.Empty()
+        self.shutdown_now = self.shutdown_now or req.now
         self.shutdown_requested.set()
         return empty_pb2.Empty()
 

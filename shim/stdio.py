@@ -34,6 +34,7 @@ import errno
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -228,7 +229,13 @@ class ProcessIO:
         return Sink(self._fds, fd, kind, self.id)
 
     def _fifo_sink(self, path: str) -> Sink:
-        return self._sink(_open_fifo(path, os.O_RDWR), "fifo")
+        fd = _open_fifo(path, os.O_RDWR)
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            # A plain path naming an existing regular file: append, as the Go shim
+            # does; never overwrite what is there.
+            os.close(fd)
+            return self._sink(_open_fifo(path, os.O_WRONLY | os.O_APPEND), "file")
+        return self._sink(fd, "fifo")
 
     def _file_sink(self, path: str) -> Sink:
         try:

@@ -323,7 +323,7 @@ def main() -> None:
             with conn:
                 try:
                     _serve_one(conn)
-                except (OSError, ValueError, KeyError, SyntaxError):
+                except Exception:  # a malformed request must never end the template
                     pass
     finally:
         # Remove the socket only if it is still ours (not a successor's).

@@ -245,6 +245,30 @@ def test_a_late_request_is_refused_and_forks_nothing(running_template, tmp_path:
     assert proc.poll() is None
 
 
+@pytest.mark.parametrize("message", [b"[1, 2]", b"{'deadline': 'soon'}", b"{}", b"\xff\xfe", b"(", b"None"])
+def test_a_malformed_request_leaves_the_template_serving(running_template, tmp_path: Path, message: bytes) -> None:
+    proc, path = running_template
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    try:
+        conn.connect(str(path))
+        socket.send_fds(conn, [message], [r])
+        conn.settimeout(EVENTUALLY)
+        assert conn.recv(64) == b""  # closed unanswered
+    finally:
+        conn.close()
+        os.close(r)
+        os.close(w)
+    assert proc.poll() is None
+    config = make_config(tmp_path, "after-bad")
+    listener = listening_socket(Path(config.socket_path))
+    try:
+        pid, there = template.request_fork(str(path), config, listener)
+    finally:
+        listener.close()
+    assert there and read_report(Path(config.bundle))["pid"] == pid
+
+
 def test_only_one_template_per_socket(running_template, tmp_path: Path) -> None:
     proc, path = running_template
     second = start_template(path)

@@ -448,3 +448,45 @@ async def test_serve_stream_over_memory_streams() -> None:
         assert (by_id[id1].code, by_id[id1].payload) == (Code.OK, b"one")
         assert by_id[id2].code == Code.UNIMPLEMENTED
         await client_end.aclose()  # EOF ends serve_stream
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="needs root to connect as another user")
+async def test_a_peer_of_another_user_is_disconnected_unanswered() -> None:
+    """As the Go shim's ttrpc server (UnixSocketRequireSameUser): only the shim's own user is served,
+    even when the socket file's mode would let another connect."""
+    import os
+    import shutil
+    import sys
+    import tempfile
+
+    where = Path(tempfile.mkdtemp(prefix="ttrpc-peer-", dir="/tmp"))  # pytest's tmp dirs are 0700
+    where.chmod(0o755)
+    path = where / "open.sock"
+    calls: list[bytes] = []
+
+    async def record(payload: bytes, ctx: CallContext) -> bytes:
+        calls.append(payload)
+        return payload
+
+    server = Server()
+    server.register(SVC, "Echo", record)
+    probe = (
+        "import os, socket, sys\n"
+        "from shim.ttrpc.codec import ClientConnection\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX); s.settimeout(20); s.connect(sys.argv[1])\n"
+        f"s.sendall(ClientConnection().send_request({SVC!r}, 'Echo', b'intruder')[1])\n"
+        "try:\n    print(repr(s.recv(4096)))\n"
+        "except ConnectionResetError:\n    print(repr(b''))\n"
+    )
+    async with running(server, path):
+        path.chmod(0o777)
+        done = await trio.run_process([sys.executable, "-c", probe, str(path)], capture_stdout=True,
+                                      capture_stderr=True, check=False,
+                                      env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == b"b''"  # closed, no response
+        async with open_client(str(path)) as client:  # our own user is still served
+            assert await client.call(SVC, "Echo", b"owner") == b"owner"
+    shutil.rmtree(where)
+    assert calls == [b"owner"]

@@ -9,6 +9,9 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -38,6 +41,19 @@ Handler = Callable[[bytes, CallContext], Awaitable[bytes]]
 M = TypeVar("M", bound=Message)
 
 
+def _same_user(sock: trio.socket.SocketType) -> bool:
+    """SO_PEERCRED: the connecting process runs as our effective uid and gid."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    _pid, uid, gid = struct.unpack("3i", creds)
+    if (uid, gid) == (os.geteuid(), os.getegid()):
+        return True
+    log.warning("ttrpc: refused a connection from uid %d gid %d (not the shim's user)", uid, gid)
+    return False
+
+
 class Server:
     """Dispatches ttrpc requests to registered coroutine handlers.
 
@@ -47,7 +63,10 @@ class Server:
     slow shutdown.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, require_same_user: bool = True) -> None:
+        #: Like Go ttrpc's UnixSocketRequireSameUser: a peer whose uid and gid are not ours
+        #: is disconnected unanswered, whatever the socket file's permissions let through.
+        self.require_same_user = require_same_user
         self._handlers: dict[tuple[str, str], Handler] = {}
         self._services: set[str] = set()
         self._closed = False
@@ -131,6 +150,9 @@ class Server:
                             await trio.sleep(backoff)
                             continue
                         backoff = 0.0
+                        if self.require_same_user and not _same_user(stream.socket):
+                            await trio.aclose_forcefully(stream)
+                            continue
                         conns.start_soon(self.serve_stream, stream)
         finally:
             self._listeners.discard(listener_sock)

@@ -490,3 +490,44 @@ async def test_a_peer_of_another_user_is_disconnected_unanswered() -> None:
             assert await client.call(SVC, "Echo", b"owner") == b"owner"
     shutil.rmtree(where)
     assert calls == [b"owner"]
+
+
+async def test_a_client_that_never_reads_answers_is_no_longer_read(sock_path: Path) -> None:
+    """Pipelined requests whose responses nobody drains: the server stops reading the connection
+    after MAX_INFLIGHT_PER_CONNECTION of them, so memory stays bounded (issue 11 item 1)."""
+    from shim.ttrpc.server import MAX_INFLIGHT_PER_CONNECTION
+
+    handled = 0
+
+    async def big(payload: bytes, ctx: CallContext) -> bytes:
+        nonlocal handled
+        handled += 1
+        return b"x" * 65536  # answers that fill the socket quickly
+
+    server = Server()
+    server.register(SVC, "Big", big)
+    requests = 20000
+    async with running(server, sock_path):
+        raw = await RawClient.connect(sock_path)
+        frames = b"".join(raw.proto.send_request(SVC, "Big", b"")[1] for _ in range(requests))
+        sent = 0
+        with trio.move_on_after(30):
+            async with trio.open_nursery() as nursery:
+                async def send() -> None:
+                    nonlocal sent
+                    view = memoryview(frames)
+                    while view:
+                        n = min(len(view), 4096)
+                        await raw.stream.send_all(view[:n])
+                        sent += n
+                        view = view[n:]
+                nursery.start_soon(send)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                nursery.cancel_scope.cancel()
+        assert sent < len(frames), "the server read every request although no answer was read"
+        # in flight, plus the few answers the kernel's socket buffer took (and so released)
+        assert handled < 2 * MAX_INFLIGHT_PER_CONNECTION, handled
+        # and it is all still correct once the client reads: answers flow, reading resumes
+        first = await raw.response()
+        assert first.code == Code.OK and len(first.payload) == 65536
+        await raw.stream.aclose()

@@ -25,6 +25,14 @@ from .errors import Code, ProtocolError, TTRPCError
 log = logging.getLogger("shim.ttrpc")
 
 _READ_SIZE = 64 * 1024
+#: Requests of one connection being handled or answered at once. Past it the
+#: connection is not read until one is answered, so a client that pipelines
+#: requests and never reads the responses holds a bounded amount of memory
+#: (Go ttrpc stops reading such a client too).
+MAX_INFLIGHT_PER_CONNECTION = 64
+#: Connections served at once; more wait in the listen backlog. containerd
+#: opens one per task, so a namespace shim serving hundreds of tasks stays far below.
+MAX_CONNECTIONS = 4096
 # accept() errors that mean "out of resources, try later" (Go backs off too).
 _ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -72,6 +80,7 @@ class Server:
         self._closed = False
         self._scopes: set[trio.CancelScope] = set()  # accept loops + readers
         self._listeners: set[trio.socket.SocketType] = set()
+        self._connection_slots = trio.Semaphore(MAX_CONNECTIONS)
 
     # -- registration ------------------------------------------------------
 
@@ -136,13 +145,16 @@ class Server:
                         scope.cancel()
                     backoff = 0.0
                     while True:
+                        await self._connection_slots.acquire()
                         try:
                             stream = await listener.accept()
                         except trio.ClosedResourceError:
+                            self._connection_slots.release()
                             if self._closed:
                                 break
                             raise
                         except OSError as exc:
+                            self._connection_slots.release()
                             if exc.errno not in _ACCEPT_RETRY:
                                 raise
                             backoff = min(max(backoff * 2, 0.001), 1.0)
@@ -151,12 +163,19 @@ class Server:
                             continue
                         backoff = 0.0
                         if self.require_same_user and not _same_user(stream.socket):
+                            self._connection_slots.release()
                             await trio.aclose_forcefully(stream)
                             continue
-                        conns.start_soon(self.serve_stream, stream)
+                        conns.start_soon(self._serve_counted, stream)
         finally:
             self._listeners.discard(listener_sock)
             await trio.aclose_forcefully(listener)
+
+    async def _serve_counted(self, stream: trio.abc.Stream) -> None:
+        try:
+            await self.serve_stream(stream)
+        finally:
+            self._connection_slots.release()
 
     async def serve_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one connection until EOF, a protocol error, or ``close()``.
@@ -244,6 +263,7 @@ class _Connection:
         self.proto = ServerConnection()
         self.send_lock = trio.Lock()
         self.dead = False
+        self.slots = trio.Semaphore(MAX_INFLIGHT_PER_CONNECTION)
 
     async def read_loop(self, handlers: trio.Nursery) -> bool:
         """Read until told to stop; True if the peer is gone or misbehaved
@@ -261,10 +281,17 @@ class _Connection:
                 log.warning("ttrpc: closing connection: %s", exc)
                 return True
             for event in events:
+                await self.slots.acquire()  # backpressure: wait for an answer to go out first
                 if isinstance(event, RequestRejected):
-                    handlers.start_soon(self.respond, event.stream_id, event.code, event.message, b"")
+                    handlers.start_soon(self._slotted, self.respond, event.stream_id, event.code, event.message, b"")
                 else:
-                    handlers.start_soon(self.server._dispatch, self, event)
+                    handlers.start_soon(self._slotted, self.server._dispatch, self, event)
+
+    async def _slotted(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        try:
+            await fn(*args)
+        finally:
+            self.slots.release()
 
     async def respond(self, stream_id: int, code: int, message: str, payload: bytes) -> None:
         data = self.proto.send_response(stream_id, code, message, payload)

@@ -616,7 +616,7 @@ class Container:
             await self._before_init_exit()
         io = process.io
         if io is not None and not await io.wait_output(OUTPUT_DRAIN_TIMEOUT):
-            log.warning("%s: output still pending %.0fs after exit", self.id, OUTPUT_DRAIN_TIMEOUT)
+            log.info("%s: %s output not taken by anyone: exit published without it", self.id, process.exec_id or "init")
         if self.ctx.oom is not None:
             self.ctx.oom.check_now(self.id)  # /tasks/oom before the exit it caused
 

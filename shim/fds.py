@@ -91,6 +91,8 @@ class Sink:
         self.id = id
         self.users = 0
         self.broken = False
+        #: Bytes written so far: how ProcessIO tells moving output from output nobody takes.
+        self.written = 0
 
     def mark_broken(self, error: OSError) -> None:
         """Give up on this sink; what is written to it from now on is dropped."""
@@ -102,6 +104,7 @@ class Sink:
             return
         try:
             await self.fds.write_all(self.fd, data)
+            self.written += len(data)
         except OSError as e:
             # Keep draining the source, so the container does not block on a
             # full pipe or terminal.
@@ -111,6 +114,15 @@ class Sink:
         """The last writer of a fifo gives its reader time to take the rest."""
         if self.users == 1 and self.kind == "fifo" and self.fd in self.fds and not self.broken:
             await wait_drained(self.fd, lambda: self.fd in self.fds)
+
+    def unread(self) -> int:
+        """Bytes written to a fifo that its reader has not taken yet (0 for other sinks)."""
+        if self.kind != "fifo" or self.broken or self.fd not in self.fds:
+            return 0
+        try:
+            return unread(self.fd)
+        except OSError:
+            return 0
 
     def release(self) -> None:
         """One copy is done with the sink; the last one closes it."""
@@ -132,6 +144,15 @@ def unread(fd: int) -> int:
     buf = array.array("i", [0])
     fcntl.ioctl(fd, termios.FIONREAD, buf)
     return buf[0]
+
+
+def hung_up(fd: int) -> bool:
+    """A pipe's read end whose writers are all gone (POLLHUP), without reading from it."""
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
 async def wait_drained(fifo: int, alive=lambda: True) -> None:

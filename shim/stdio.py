@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -42,7 +43,7 @@ import trio
 
 from .console import Console
 from .errors import InvalidArgument, ShimError
-from .fds import OwnedFds, Sink, unread
+from .fds import DRAIN_POLL, OwnedFds, Sink, hung_up, unread
 from .isolation import Spawner
 from .logger import Logger, start_logger
 from .runc_client.config import Stdio
@@ -120,6 +121,15 @@ def _open_fifo(path: str, flags: int) -> int:
         return os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise InvalidArgument(f"open stdio {path}: {e.strerror}") from e
+
+
+#: How long output may stand still after an exit before nobody is taken to be reading it.
+OUTPUT_STALL = 0.15
+
+
+async def _cancel_after(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
 
 
 class ProcessIO:
@@ -355,6 +365,8 @@ class ProcessIO:
                 # Either side may be the one that would block: empty source or full sink.
                 if unread(src):
                     await trio.lowlevel.wait_writable(sink.fd)
+                elif hung_up(src):
+                    return  # empty and no writer left: EOF (splice says EAGAIN while the sink is full)
                 else:
                     await self._fds.wait_readable(src)
                 continue
@@ -363,6 +375,7 @@ class ProcessIO:
                 return
             if n == 0:
                 return
+            sink.written += n
 
     async def _copy_stdin(self, fifo: int, dst: int | None) -> None:
         try:
@@ -420,9 +433,38 @@ class ProcessIO:
         if self._console is not None:
             self._console.stop()
         with trio.move_on_after(timeout):
-            await self._output_done.wait()
-            return True
-        return False
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_after, self._output_done.wait, nursery.cancel_scope)
+                nursery.start_soon(_cancel_after, self._until_output_stalls, nursery.cancel_scope)
+        return self._output_done.is_set()
+
+    def _sinks(self) -> list[Sink]:
+        sinks = {id(sink): sink for _, sink in self._outputs}
+        if self._console is not None and self._console.sink is not None:
+            sinks[id(self._console.sink)] = self._console.sink
+        return list(sinks.values())
+
+    async def _until_output_stalls(self) -> None:
+        """Return once no output has moved for OUTPUT_STALL seconds.
+
+        Moving: bytes written to a sink, or a fifo's reader taking bytes. A
+        client that is there keeps it moving, so it gets the whole tail; with
+        nobody reading (``ctr run -d``, a detached client, a stuck logger) or
+        nothing more coming (a grandchild holding the pipe), the exit goes
+        out at once instead of after the full timeout.
+        """
+        sinks = self._sinks()
+
+        def snapshot() -> list[tuple[int, int]]:
+            return [(sink.written, sink.unread()) for sink in sinks]
+
+        last, quiet = snapshot(), 0.0
+        while quiet < OUTPUT_STALL:
+            await trio.sleep(DRAIN_POLL)
+            now = snapshot()
+            moved = any(w1 > w0 or u1 < u0 for (w0, u0), (w1, u1) in zip(last, now))
+            quiet = 0.0 if moved else quiet + DRAIN_POLL
+            last = now
 
     def close(self) -> None:
         """Stop copying, release every fd, stop the logger binary."""

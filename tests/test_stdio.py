@@ -626,3 +626,69 @@ async def test_logger_closed_before_start_is_killed(tmp_path, logger) -> None:
         await wait_pid_gone(pid, EVENTUALLY)
     finally:
         reap(pid)
+
+
+F_SETPIPE_SZ = 1031
+
+
+def _stuck_output(tmp_path, size: int) -> tuple[ProcessIO, int, int]:
+    """A ProcessIO whose stdout fifo holds only 4 KiB, and a container end with ``size`` bytes
+    written and closed: (io, fifo fd of the client, bytes written)."""
+    fout = mkfifo(tmp_path / "out")
+    client_out = os.open(fout, os.O_RDONLY | os.O_NONBLOCK)
+    fcntl.fcntl(client_out, F_SETPIPE_SZ, 4096)
+    io = ProcessIO(StdioPaths(stdout=fout))
+    c_out = os.dup(io.runc_stdio().stdout)
+    io.close_child_ends()
+    return io, client_out, c_out
+
+
+@pytest.mark.parametrize("reader", [False, True])
+async def test_exit_waits_for_output_only_while_someone_takes_it(
+        tmp_path, reader: bool, autojump_clock, monkeypatch) -> None:
+    """Nobody reading: the exit goes out after OUTPUT_STALL of virtual time, not the 3 s bound
+    (issue 11 item 5). A slow but steady reader: the exit waits and the reader gets every byte,
+    and the copier sleeps while the fifo is full (it used to spin on splice's EAGAIN once the
+    source was at EOF: thousands of calls, and under a mock clock no time ever passed)."""
+    import shim.stdio as stdio_mod
+    from shim.stdio import OUTPUT_STALL
+
+    real_splice, splices = os.splice, []
+
+    def counted_splice(*args, **kw):
+        splices.append(1)
+        return real_splice(*args, **kw)
+
+    monkeypatch.setattr(stdio_mod.os, "splice", counted_splice)
+
+    io, client_out, c_out = _stuck_output(tmp_path, 16384)
+    payload = bytes(range(256)) * 64  # 16 KiB: 4 KiB fill the fifo, the rest waits in the pipe
+    got = bytearray()
+
+    async def slow_reader() -> None:
+        while len(got) < len(payload):
+            try:
+                got.extend(os.read(client_out, 1024))
+            except BlockingIOError:
+                pass
+            await trio.sleep(OUTPUT_STALL / 3)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            os.write(c_out, payload)
+            os.close(c_out)  # the process exited
+            if reader:
+                nursery.start_soon(slow_reader)
+            t0 = trio.current_time()
+            done = await io.wait_output(3.0)
+            waited = trio.current_time() - t0
+            if reader:
+                assert done and got == payload
+                assert len(splices) < 50, len(splices)
+            else:
+                assert not done and waited < 1.0, waited  # virtual time: the number of polls made
+            io.close()
+    finally:
+        io.close()
+        os.close(client_out)

@@ -38,8 +38,11 @@ if TYPE_CHECKING:  # pragma: no cover
 SOCKET_DIR = "/run/containerd/s"
 ENV_DISABLE = "SHIM_PY_TEMPLATE"  # "0": never use or start a template
 IDLE_TIMEOUT = 600.0  # seconds without a request before the template exits
-REQUEST_TIMEOUT = 2.0  # the launcher waits this long, plus a margin, for a pid
-ANSWER_MARGIN = 1.0
+REQUEST_TIMEOUT = 1.0  # the template refuses a request it reads later than this
+ANSWER_MARGIN = 0.5  # the launcher waits REQUEST_TIMEOUT plus this for the pid
+ANSWER_POLL = 0.05  # how often a waiting launcher checks that the template is not stopped
+CONNECTION_TIMEOUT = 0.2  # a connected client that sends nothing is dropped after this
+GO = b"go"  # the launcher's word to a forked shim that it may serve
 MAX_MESSAGE = 1 << 20
 LISTEN_FD = 3
 MAIN = "from shim.template import main; main()"
@@ -75,26 +78,91 @@ def socket_path(containerd_address: str) -> str:
 def request_fork(path: str, config: ShimConfig, listener: _socket.socket) -> tuple[int | None, bool]:
     """Ask the template at path to fork a shim.
 
-    Returns (shim pid or None to fall back, whether a template is there at all).
+    Returns (shim pid or None to fall back, whether a usable template is there).
+    Two phases, so a template that answers late can never leave a second shim
+    on the socket: the request carries the read end of a "go" pipe, and the
+    forked shim serves only once it reads "go", which is written here after
+    the pid arrived in time. Falling back just closes the pipe: a shim forked
+    meanwhile reads EOF and exits. A template that does not answer within
+    REQUEST_TIMEOUT, or is stopped, is retired (killed by its pid) so the
+    caller starts a new one, and no later start waits on it.
     """
     deadline = time.monotonic() + REQUEST_TIMEOUT
     request = repr({"config": config.encode(), "env": dict(os.environ), "deadline": deadline}).encode()
     conn = lean.unix_socket(lean.SOCK_SEQPACKET)
+    go_r, go_w = os.pipe()
     try:
-        conn.settimeout(REQUEST_TIMEOUT + ANSWER_MARGIN)
         try:
+            conn.settimeout(max(REQUEST_TIMEOUT, ANSWER_POLL))
             conn.connect(path)
+            lean.send_fds(conn, request, [listener.fileno(), go_r])
         except OSError:
             return None, False
-        try:
-            lean.send_fds(conn, request, [listener.fileno()])
-            answer = conn.recv(64)
-        except OSError:
-            return None, True
+        os.close(go_r)
+        go_r = -1
+        answer = _answer(conn, path, deadline + ANSWER_MARGIN)
+        if answer is None:
+            _retire(path)
+            return None, False
+        pid = int(answer) if answer.isdigit() else 0  # anything else: the template refused
+        if pid > 0:
+            os.write(go_w, GO)
+        return (pid if pid > 0 else None), True
     finally:
         conn.close()
-    pid = int(answer) if answer.isdigit() else 0  # anything else: the template refused
-    return (pid if pid > 0 else None), True
+        os.close(go_w)
+        if go_r >= 0:
+            os.close(go_r)
+
+
+def _answer(conn: _socket.socket, path: str, deadline: float) -> bytes | None:
+    """The template's answer, or None if it does not come before deadline or the template is stopped."""
+    conn.settimeout(ANSWER_POLL)
+    while True:
+        try:
+            return conn.recv(64)
+        except TimeoutError:
+            if time.monotonic() > deadline or _stopped(_template_pid(path)):
+                return None
+        except OSError:
+            return b""
+
+
+def _template_pid(path: str) -> int:
+    """The template's pid from its pid file, if that process is the template of path."""
+    try:
+        with open(path + ".pid") as f:
+            pid = int(f.read())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return pid if path.encode() in f.read() else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def _stopped(pid: int) -> bool:
+    """SIGSTOPped or traced (it answers nobody until someone resumes it)."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"T", b"t")
+
+
+def _retire(path: str) -> None:
+    """Kill an unresponsive template (checked by pid and argv) and free its socket name."""
+    pid = _template_pid(path)
+    if pid:
+        try:
+            os.kill(pid, 9)  # SIGKILL (importing signal costs the launcher ~4 ms)
+        except OSError:
+            pass
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def spawn_template(path: str) -> None:
@@ -156,13 +224,20 @@ def _bind(path: str) -> socket.socket:
     return sock
 
 
-def _become_shim(config: ShimConfig, env: dict[str, str], listener_fd: int) -> None:
-    """In the forked grandchild: turn into the shim, never return."""
+def _become_shim(config: ShimConfig, env: dict[str, str], listener_fd: int, go_fd: int = -1) -> None:
+    """In the forked grandchild: turn into the shim, never return.
+
+    Serves only once the launcher said go (see request_fork): a launcher that
+    gave up on this fork closes the pipe, and this shim exits unseen.
+    """
     code = 1
     try:
         import signal
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if go_fd >= 0 and os.read(go_fd, len(GO)) != GO:
+            code = 0
+            return
         if listener_fd != LISTEN_FD:
             os.dup2(listener_fd, LISTEN_FD)
         os.closerange(LISTEN_FD + 1, 1 << 16)  # the template's sockets and anything else
@@ -177,7 +252,7 @@ def _become_shim(config: ShimConfig, env: dict[str, str], listener_fd: int) -> N
         os._exit(code)
 
 
-def fork_shim(config: ShimConfig, env: dict[str, str], listener_fd: int) -> int:
+def fork_shim(config: ShimConfig, env: dict[str, str], listener_fd: int, go_fd: int = -1) -> int:
     """Fork, setsid, fork: the shim is orphaned at once, never our child."""
     r, w = os.pipe()
     middle = os.fork()
@@ -188,7 +263,7 @@ def fork_shim(config: ShimConfig, env: dict[str, str], listener_fd: int) -> int:
             shim = os.fork()
             if shim == 0:
                 os.close(w)
-                _become_shim(config, env, listener_fd)
+                _become_shim(config, env, listener_fd, go_fd)
             os.write(w, str(shim).encode())
         finally:
             os._exit(0)
@@ -205,18 +280,20 @@ def _serve_one(conn: socket.socket) -> None:
     import ast
     import socket
 
-    conn.settimeout(REQUEST_TIMEOUT)
+    conn.settimeout(CONNECTION_TIMEOUT)  # one idle client must not hold up every start
     if _peer_uid(conn) != os.getuid():
         return
-    message, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 1)
+    message, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 2)
     try:
-        if len(fds) != 1:
+        if len(fds) != 2:
             return
         request = ast.literal_eval(message.decode())
+        if not isinstance(request, dict):
+            return
         if time.monotonic() > request["deadline"]:
             conn.send(b"late")
             return  # the launcher has fallen back (or is about to)
-        pid = fork_shim(ShimConfig.decode(request["config"]), request["env"], fds[0])
+        pid = fork_shim(ShimConfig.decode(request["config"]), request["env"], fds[0], fds[1])
         conn.send(str(pid).encode())
     finally:
         for fd in fds:

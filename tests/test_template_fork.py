@@ -269,6 +269,45 @@ def test_a_malformed_request_leaves_the_template_serving(running_template, tmp_p
     assert there and read_report(Path(config.bundle))["pid"] == pid
 
 
+def test_a_fork_the_launcher_gave_up_on_never_serves(running_template, tmp_path: Path) -> None:
+    """Two-phase handoff: the forked shim waits for the launcher's "go"; a launcher that fell
+    back closes the pipe instead, and the shim exits without ever running (no second shim)."""
+    proc, path = running_template
+    config = make_config(tmp_path, "abandoned")
+    listener = listening_socket(Path(config.socket_path))
+    go_r, go_w = os.pipe()
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        conn.connect(str(path))
+        request = repr({"config": config.encode(), "env": dict(os.environ), "deadline": time.monotonic() + EVENTUALLY})
+        socket.send_fds(conn, [request.encode()], [listener.fileno(), go_r])
+        os.close(go_r)
+        conn.settimeout(EVENTUALLY)
+        pid = int(conn.recv(64))
+        assert pid > 0
+        os.close(go_w)  # the launcher gave up: no "go"
+        wait_for(lambda: not alive(pid), what=f"the abandoned shim {pid} to exit")
+    finally:
+        conn.close()
+        listener.close()
+    assert not (Path(config.bundle) / "report.json").exists()  # its main never ran
+    assert proc.poll() is None
+
+
+def test_a_stopped_template_is_retired_and_the_launcher_falls_back(running_template, tmp_path: Path) -> None:
+    proc, path = running_template
+    os.kill(proc.pid, signal.SIGSTOP)
+    config = make_config(tmp_path, "while-stopped")
+    listener = listening_socket(Path(config.socket_path))
+    try:
+        assert template.request_fork(str(path), config, listener) == (None, False)  # start another
+    finally:
+        listener.close()
+    assert proc.wait(timeout=EVENTUALLY) == -signal.SIGKILL
+    assert not path.exists()  # its name is free for a new template
+    assert not (Path(config.bundle) / "report.json").exists()
+
+
 def test_only_one_template_per_socket(running_template, tmp_path: Path) -> None:
     proc, path = running_template
     second = start_template(path)

@@ -248,8 +248,9 @@ def _origin(pid: int, kind: str, argv: list[str], template_layouts: set[str]) ->
         return "exec"
     if template_layouts:  # exec'd shims now carry the same title as forked ones: ask the memory map
         return "fork" if _layout(pid) in template_layouts else "exec"
-    # no template alive (or no ASLR): the command line is all there is; a titled exec'd shim looks forked
-    return "exec" if any("shim.daemon" in a for a in argv) else "fork"
+    # No template alive: every shim carries the same title, so argv cannot tell; a shim is forked
+    # only from a live template (one that idled out leaves its shims, a rare case), so: exec'd.
+    return "exec"
 
 
 def measure(procs: dict[int, str]) -> dict:

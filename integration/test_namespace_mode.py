@@ -190,6 +190,39 @@ def test_faults_in_one_container_leave_the_shim_and_the_others_served(
     wait_for(lambda: not pid_alive(shim), timeout=EVENTUALLY, message=f"namespace shim {shim} to exit")
 
 
+GATED_LOGGER = """#!/bin/sh
+# A binary:// logger that becomes ready (closes fd 5) only when the test opens its gate.
+: > {gate}/entered
+while [ ! -e {gate}/open ]; do sleep 0.02; done
+exec 5>&-
+exec cat <&3 >/dev/null
+"""
+
+
+def test_a_slow_logger_does_not_stall_the_other_tasks(containerd, image, ns_config, new_cid, tmp_path: Path) -> None:
+    """The logger's readiness is awaited in the shim's loop, not read blocking (issue 10 item 5):
+    while one task's Create waits for its logger, the shim's other tasks are served."""
+    ids = start_many(containerd, image, ns_config, new_cid, 3, "busy")
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    logger = tmp_path / "gated-logger"
+    logger.write_text(GATED_LOGGER.format(gate=gate))
+    logger.chmod(0o755)
+    slow = new_cid("slowlog")
+    creating = containerd.ctr_popen("run", "-d", "--runtime", PY_RUNTIME, "--runtime-config-path", str(ns_config),
+                                    "--log-uri", f"binary://{logger}", image, slow, "sh", "-c", "echo hi; sleep 1000")
+    try:
+        wait_for(lambda: (gate / "entered").exists(), timeout=EVENTUALLY, message="the logger to start")
+        assert creating.poll() is None  # its Create is waiting for the logger
+        still_served(containerd, ids, "while-logger-waits")  # answered while the gate is shut
+    finally:
+        (gate / "open").touch()
+        creating.communicate(timeout=EVENTUALLY)
+    assert creating.returncode == 0
+    wait_status(containerd, slow, "RUNNING")
+    remove(containerd, ids + [slow])
+
+
 FAIR_TASKS = int(os.environ.get("SHIM_FAIRNESS_TASKS", "50"))
 FLOODERS = 10
 

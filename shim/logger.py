@@ -96,6 +96,7 @@ def start_logger(
     (binaryIO.CloseAfterStart). The ready pipe's read end is owned by ``fds``.
     """
     ready_r, ready_w = fds.pipe()
+    os.set_blocking(ready_r, False)  # waited for in the trio loop: a slow logger must not stall the shim
     high: list[int] = []
     try:
         # Above 5 first, so the dup2s onto 3, 4, 5 cannot clobber each other.

@@ -82,7 +82,12 @@ def from_any(type_url: str, value: bytes) -> RuncOptions:
     if name == RUNC_OPTIONS_TYPE:
         from .proto import runc_options_pb2
 
-        msg = runc_options_pb2.Options.FromString(value)
+        from google.protobuf.message import DecodeError
+
+        try:
+            msg = runc_options_pb2.Options.FromString(value)
+        except DecodeError as e:
+            raise InvalidArgument(f"runtime options {RUNC_OPTIONS_TYPE}: {e}") from e
         typed = set(msg.DESCRIPTOR.fields_by_name)
         return RuncOptions(**{name: getattr(msg, name) for name in field_names(RuncOptions) if name in typed})
     if name == RUNTIME_OPTIONS_TYPE:

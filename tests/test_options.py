@@ -167,3 +167,10 @@ def test_cri_runtime_options_errors_are_invalid_argument(tmp_path: Path) -> None
 
 def test_cri_runtime_options_empty_is_defaults() -> None:
     assert from_any("runtimeoptions.v1.Options", b"") == RuncOptions()
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xff\xff", b"\x0a\x05ab", b"\x08"])
+def test_corrupt_runc_options_are_invalid_argument(garbage: bytes) -> None:
+    """Not a traceback and an Unknown answer (issue 11 item 9): the caller sent bad bytes."""
+    with pytest.raises(InvalidArgument, match="containerd.runc.v1.Options"):
+        from_any(RUNC_OPTIONS_TYPE, garbage)

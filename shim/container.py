@@ -225,6 +225,8 @@ class Container:
         self._start_done = trio.Event()
         self._start_done.set()
         self._execs_starting = InFlight()
+        #: The init's exit watch: its ``exit`` is set the moment the reaper reaps the init.
+        self._init_watch: Watch | None = None
         #: Where this container's monitors and copiers run: their failures stay its own.
         self.tasks = Isolated(ctx.nursery, request.id)
 
@@ -269,6 +271,7 @@ class Container:
                 raise ShimError(f"OCI runtime create failed: {e.detail}") from e
             raise
         init.pid = watch.pid
+        self._init_watch = watch
         log.debug("%s: created, init pid %d", self.id, init.pid)
         self._publish_create(init.pid)
         self._track_cgroup(init.pid)
@@ -353,7 +356,7 @@ class Container:
             raise InvalidArgument("exec id is empty")
         if exec_id in self.execs:
             raise AlreadyExists(f"id {exec_id}: already exists")
-        self.init.lifecycle.check(Op.EXEC)
+        self._check_init_not_reaped()
         self.execs[exec_id] = Process(self.id, exec_id, stdio, exec_spec(exec_id, spec, stdio.terminal))
         self.ctx.events.publish(ev.TASK_EXEC_ADDED, events_pb2.TaskExecAdded(container_id=self.id, exec_id=exec_id))
 
@@ -406,6 +409,7 @@ class Container:
         init.io.close_child_ends()
         await init.io.start(self.tasks)
         init.pid = watch.pid
+        self._init_watch = watch
         self._track_cgroup(init.pid)
         self.tasks.start_soon(self._monitor, init, watch)
 
@@ -429,9 +433,17 @@ class Container:
             ev.TASK_CHECKPOINTED, events_pb2.TaskCheckpointed(container_id=self.id, checkpoint=request.path)
         )
 
+    def _check_init_not_reaped(self) -> None:
+        """An exec needs a live init. The init's state stays RUNNING until its exit is published
+        (after its output is out), but once it is reaped an exec could only fail, or, worse,
+        exit after the init's exit went out (containerd relies on the order; Go refuses too)."""
+        self.init.lifecycle.check(Op.EXEC)
+        if self._init_watch is not None and self._init_watch.exit is not None:
+            raise FailedPrecondition("cannot exec in a stopped container")
+
     async def _start_exec(self, process: Process) -> int:
         process.lifecycle.check(Op.START)
-        self.init.lifecycle.check(Op.EXEC)
+        self._check_init_not_reaped()
         with self._execs_starting:  # the init's exit waits until this exec has a pid or failed
             return await self._run_exec(process)
 

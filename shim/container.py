@@ -225,8 +225,6 @@ class Container:
         self._start_done = trio.Event()
         self._start_done.set()
         self._execs_starting = InFlight()
-        #: The init's exit watch: its ``exit`` is set the moment the reaper reaps the init.
-        self._init_watch: Watch | None = None
         #: Where this container's monitors and copiers run: their failures stay its own.
         self.tasks = Isolated(ctx.nursery, request.id)
 
@@ -270,8 +268,7 @@ class Container:
             if isinstance(e, RuncError):
                 raise ShimError(f"OCI runtime create failed: {e.detail}") from e
             raise
-        init.pid = watch.pid
-        self._init_watch = watch
+        init.pid, init.watch = watch.pid, watch
         log.debug("%s: created, init pid %d", self.id, init.pid)
         self._publish_create(init.pid)
         self._track_cgroup(init.pid)
@@ -294,7 +291,7 @@ class Container:
         if self.cgroup is None:
             raise NotFound(f"cgroup of {self.id} does not exist")
         try:
-            return self.cgroup.metrics_any(network=network_stats(self.init.pid) if self.init.exit is None else [])
+            return self.cgroup.metrics_any(network=network_stats(self.init.pid) if not self.init.reaped else [])
         except (OSError, ValueError) as e:
             raise ShimError(f"reading cgroup stats of {self.id}: {e}") from e
 
@@ -408,8 +405,7 @@ class Container:
             raise ShimError(f"OCI runtime restore failed: {e.detail}{_criu_log_tail(work, 'restore.log')}") from e
         init.io.close_child_ends()
         await init.io.start(self.tasks)
-        init.pid = watch.pid
-        self._init_watch = watch
+        init.pid, init.watch = watch.pid, watch
         self._track_cgroup(init.pid)
         self.tasks.start_soon(self._monitor, init, watch)
 
@@ -438,7 +434,7 @@ class Container:
         (after its output is out), but once it is reaped an exec could only fail, or, worse,
         exit after the init's exit went out (containerd relies on the order; Go refuses too)."""
         self.init.lifecycle.check(Op.EXEC)
-        if self._init_watch is not None and self._init_watch.exit is not None:
+        if self.init.reaped:
             raise FailedPrecondition("cannot exec in a stopped container")
 
     async def _start_exec(self, process: Process) -> int:
@@ -474,7 +470,7 @@ class Container:
             raise
         finally:
             os.unlink(spec_path)
-        process.pid = watch.pid
+        process.pid, process.watch = watch.pid, watch
         log.debug("%s: exec %s started, pid %d", self.id, process.exec_id, process.pid)
         process.lifecycle.apply(Op.START)
         self.ctx.events.publish(
@@ -490,6 +486,8 @@ class Container:
         if exec_id:
             if not process.pid:
                 raise FailedPrecondition(f"process {exec_id} not created")
+            if process.reaped:  # its pid may belong to another process by now
+                raise NotFound("process already finished")
             try:
                 os.kill(process.pid, signal)
             except ProcessLookupError:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from .errors import FailedPrecondition, NotFound
+from .reaper import Watch
 from .stdio import ProcessIO, StdioPaths
 
 
@@ -102,6 +103,13 @@ class Process:
         #: False while a Delete of a never-started process kills it (no TaskExit then).
         self.exit_reported = True
         self._stopped = trio.Event()
+        #: The reaper's watch on this process once it runs; its ``exit`` is set at reap time.
+        self.watch: Watch | None = None
+
+    @property
+    def reaped(self) -> bool:
+        """Reaped: gone from the kernel (its pid may be reused), even if its exit is not out yet."""
+        return self.watch is not None and self.watch.exit is not None
 
     @property
     def state(self) -> State:

@@ -37,7 +37,7 @@ import signal
 import time
 from pathlib import Path
 
-from integration.harness import GO_SHIM_BINARY, PY_SHIM_BINARY, _flag_value, all_pids
+from integration.harness import GO_SHIM_BINARY, PY_SHIM_BINARY, _flag_value, all_pids, unix_socket_holders
 
 from .shims import RUST_PATH
 
@@ -294,39 +294,9 @@ def task_address(bundle_dir: Path, cid: str) -> str | None:
 
 
 def socket_owners(paths: set[str]) -> dict[str, set[int]]:
-    """{path: pids holding a *listening* unix socket bound at path}, in one pass over /proc.
-
-    One scan for any number of sockets (a namespace-mode shim serves hundreds of
-    tasks through one; a hundred container-mode shims have a hundred).
-    """
-    out: dict[str, set[int]] = {p: set() for p in paths}
-    inode_path: dict[str, str] = {}
-    try:
-        with open("/proc/net/unix") as f:
-            next(f)
-            for line in f:
-                parts = line.split()
-                # Num RefCount Protocol Flags Type St Inode [Path]; flag 0x10000 = listening
-                if len(parts) >= 8 and parts[7] in out and int(parts[3], 16) & 0x10000:
-                    inode_path[f"socket:[{parts[6]}]"] = parts[7]
-    except OSError:
-        return out
-    if not inode_path:
-        return out
-    for pid in all_pids():
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            path = inode_path.get(target)
-            if path is not None:
-                out[path].add(pid)
-    return out
+    """{path: pids holding a *listening* unix socket bound at path}, in one pass over /proc
+    (a namespace-mode shim serves hundreds of tasks through one socket)."""
+    return unix_socket_holders(paths, listening=True)
 
 
 def variant_procs(address: str, bundle_dir: Path, plan: dict[str, tuple[str, list[str]]]) -> dict[str, dict]:

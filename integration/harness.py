@@ -317,8 +317,10 @@ def fifos_under(root: str | Path, ids: Iterable[str] | None = None) -> list[str]
     return sorted(out)
 
 
-def unix_socket_holders(paths: Iterable[str]) -> dict[str, set[int]]:
-    """For each unix socket path: the pids holding a socket bound to it (empty: orphan file)."""
+def unix_socket_holders(paths: Iterable[str], listening: bool = False) -> dict[str, set[int]]:
+    """For each unix socket path: the pids holding a socket bound to it (empty: orphan file);
+    with ``listening``, only a listening socket counts (the one a shim serves on). One pass over
+    /proc for any number of paths."""
     paths = list(paths)
     inode_to_path: dict[str, str] = {}
     try:
@@ -328,7 +330,8 @@ def unix_socket_holders(paths: Iterable[str]) -> dict[str, set[int]]:
     wanted = set(paths)
     for line in lines:
         f = line.split()
-        if len(f) >= 8 and f[7] in wanted:
+        # Num RefCount Protocol Flags Type St Inode [Path]; flag 0x10000 = listening
+        if len(f) >= 8 and f[7] in wanted and (not listening or int(f[3], 16) & 0x10000):
             inode_to_path[f"socket:[{f[6]}]"] = f[7]
     out: dict[str, set[int]] = {p: set() for p in paths}
     if not inode_to_path:

@@ -48,6 +48,7 @@ from integration.harness import (
     read_cmdline,
     shim_pids,
     umount_lazy,
+    unix_socket_holders,
 )
 from shim.proto import events_pb2, events_service_pb2, runc_options_pb2, shim_pb2
 from shim.ttrpc import CallContext, Client, Server, TTRPCError, open_client
@@ -95,31 +96,7 @@ def socket_path_for(containerd_address: str, namespace: str, id: str) -> str:
 
 def listening_pids(path: str) -> set[int]:
     """Pids holding the listening unix socket bound at ``path``."""
-    inodes = set()
-    with open("/proc/net/unix") as f:
-        next(f)
-        for line in f:
-            parts = line.split()
-            # Num RefCount Protocol Flags Type St Inode [Path]
-            if len(parts) >= 8 and parts[7] == path and int(parts[3], 16) & 0x10000:
-                inodes.add(parts[6])
-    out = set()
-    if not inodes:
-        return out
-    targets = {f"socket:[{i}]" for i in inodes}
-    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
-                    out.add(pid)
-                    break
-            except OSError:
-                continue
-    return out
+    return unix_socket_holders([path], listening=True)[path]
 
 
 def in_container_cgroup(pid: int, id: str) -> bool:

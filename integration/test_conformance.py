@@ -36,7 +36,7 @@ from integration.test_task_api_direct import (
     start_exec,
     wait_exec,
 )
-from shim.proto import introspection_pb2, runc_options_pb2, shim_pb2, task_types_pb2
+from shim.proto import introspection_pb2, runc_options_pb2, shim_pb2
 
 SHIM = PROJECT_ROOT / "bin" / "containerd-shim-runc-v2-py"
 RUNC_OPTIONS_URL = "containerd.runc.v1.Options"

@@ -198,18 +198,32 @@ SHIM_GROUPS = ("", GROUP_POD, GROUP_NAMESPACE)
 class LaunchSettings:
     """The runtime options ``start`` itself acts on."""
 
-    shim_cgroup: str = ""  # Options.shim_cgroup: the cgroup a new shim joins
-    shim_group: str = ""  # ShimGroup: "" / "pod" or "namespace"
+    shim_group: str = ""  # ShimGroup: "" / "pod" or "namespace"; decides the socket, so always read
+    typed_cgroup: str = ""  # containerd.runc.v1.Options.shim_cgroup
+    toml: str = ""  # a runtimeoptions.v1.Options TOML: ShimCgroup is parsed from it only when needed
+
+    def shim_cgroup(self) -> str:
+        """The cgroup a new shim joins (only a new shim needs it: tomllib costs ~20 ms to import)."""
+        if self.typed_cgroup or not self.toml:
+            return self.typed_cgroup
+        from .errors import ShimError
+        from .options import from_toml
+
+        try:
+            return from_toml(self.toml).shim_cgroup
+        except ShimError:
+            return ""
 
 
 def launch_settings(options: RawAny | None) -> LaunchSettings:
-    """ShimCgroup and ShimGroup from the runtime options, without protobuf.
+    """ShimGroup (and what ShimCgroup needs) from the runtime options, without protobuf.
 
     containerd.runc.v1.Options has shim_cgroup (field 3) and no group; CRI's
     and ctr's runtimeoptions.v1.Options carry a TOML (``ShimCgroup``,
-    ``ShimGroup``), parsed only when that is what was sent. Unreadable options
-    are ignored, as the Go shim's start ignores them; an unknown ShimGroup
-    is an error (ValueError), since guessing would put tasks in the wrong shim.
+    ``ShimGroup``). This runs on every start, so the TOML is only scanned for
+    the group (``toml_group``). Unreadable options are ignored, as the Go
+    shim's start ignores them; an unknown ShimGroup is an error (ValueError),
+    since guessing would put tasks in the wrong shim.
     """
     if options is None:
         return LaunchSettings()
@@ -217,21 +231,65 @@ def launch_settings(options: RawAny | None) -> LaunchSettings:
         if options.type_name == RUNC_OPTIONS_TYPE:
             for number, wire, value in _fields(options.value):
                 if number == 3 and wire == 2:
-                    return LaunchSettings(shim_cgroup=_text(value))
+                    return LaunchSettings(typed_cgroup=_text(value))
         elif options.type_name == RUNTIME_OPTIONS_TYPE:
             from .errors import ShimError
-            from .options import from_any  # rare (CRI, ctr --runtime-config-path): TOML is worth its import here
+            from .options import runtime_options_toml
 
             try:
-                parsed = from_any(options.type_url, options.value)
+                text = runtime_options_toml(options.value)
             except ShimError:
                 return LaunchSettings()
-            if parsed.shim_group not in SHIM_GROUPS:
-                raise ValueError(f"ShimGroup {parsed.shim_group!r}: must be {GROUP_POD!r} or {GROUP_NAMESPACE!r}")
-            return LaunchSettings(shim_cgroup=parsed.shim_cgroup, shim_group=parsed.shim_group)
+            group = toml_group(text)
+            if group not in SHIM_GROUPS:
+                raise ValueError(f"ShimGroup {group!r}: must be {GROUP_POD!r} or {GROUP_NAMESPACE!r}")
+            return LaunchSettings(shim_group=group, toml=text)
     except Malformed:
         return LaunchSettings()
     return LaunchSettings()
+
+
+_GROUP_KEYS = ("shimgroup", "shim_group")
+
+
+def toml_group(text: str) -> str:
+    """ShimGroup's value, read from a flat TOML line by line; tomllib only for anything less simple."""
+    if "group" not in text.lower():
+        return ""
+    value = _flat_toml_string(text, _GROUP_KEYS)
+    if value is not None:
+        return value
+    from .errors import ShimError
+    from .options import from_toml
+
+    try:
+        return from_toml(text).shim_group
+    except ShimError:
+        return ""  # unreadable options are ignored (the shim reports them at Create)
+
+
+def _flat_toml_string(text: str, keys: tuple[str, ...]) -> str | None:
+    """The plain string value of the first of ``keys`` (any case) in a TOML without tables,
+    multi-line values or escapes: "" if absent, None when tomllib must decide."""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, eq, rest = line.partition("=")
+        if not eq or line.startswith("["):
+            return None
+        if key.strip().strip('"').lower() not in keys:
+            continue
+        rest = rest.strip()
+        quote = rest[:1]
+        end = rest.find(quote, 1) if quote in ('"', "'") else -1
+        if end < 0 or (quote == '"' and "\\" in rest[1:end]):
+            return None
+        after = rest[end + 1 :].strip()
+        if after and not after.startswith("#"):
+            return None
+        return rest[1:end]
+    return ""
 
 
 def parse_start_input(stdin: bytes, flags: "Flags", env: Mapping[str, str]) -> StartInput:

@@ -186,7 +186,7 @@ def start(flags: Flags) -> int:
         finally:
             sock.close()
         _oom_score_above_parent(pid)
-        cgroup = settings.shim_cgroup
+        cgroup = settings.shim_cgroup()
         if cgroup:
             try:
                 join_cgroup(pid, cgroup)

@@ -91,18 +91,23 @@ def from_any(type_url: str, value: bytes) -> RuncOptions:
         typed = set(msg.DESCRIPTOR.fields_by_name)
         return RuncOptions(**{name: getattr(msg, name) for name in field_names(RuncOptions) if name in typed})
     if name == RUNTIME_OPTIONS_TYPE:
-        config_path, body = _runtime_options(value)
-        if not body and config_path:
-            try:
-                with open(config_path, "rb") as f:
-                    body = f.read()
-            except OSError as e:
-                raise InvalidArgument(f"runtime options config_path {config_path}: {e.strerror}") from e
-        try:
-            return from_toml(body.decode())
-        except UnicodeDecodeError as e:
-            raise InvalidArgument(f"runtime options TOML is not UTF-8: {e}") from e
+        return from_toml(runtime_options_toml(value))
     return RuncOptions()
+
+
+def runtime_options_toml(value: bytes) -> str:
+    """The TOML a runtimeoptions.v1.Options names: its config_body, else the file at config_path."""
+    config_path, body = _runtime_options(value)
+    if not body and config_path:
+        try:
+            with open(config_path, "rb") as f:
+                body = f.read()
+        except OSError as e:
+            raise InvalidArgument(f"runtime options config_path {config_path}: {e.strerror}") from e
+    try:
+        return body.decode()
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"runtime options TOML is not UTF-8: {e}") from e
 
 
 def _runtime_options(value: bytes) -> tuple[str, bytes]:

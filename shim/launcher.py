@@ -39,9 +39,32 @@ def socket_path(containerd_address: str, namespace: str, group_id: str, socket_d
     return os.path.join(socket_dir, digest)
 
 
+#: Held while a launcher decides between binding a socket and joining the shim on it.
+BIND_LOCK = ".containerd-shim-runc-v2-py.lock"
+
+
 def bind(path: str) -> _socket.socket | None:
-    """Listen on path (mode 0600); None if a live shim already serves it."""
-    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    """Listen on path (mode 0600); None if a live shim already serves it.
+
+    Under a lock shared by every launcher of the socket directory: between a
+    launcher's bind and its listen the socket refuses connections, and a
+    concurrent launcher of the same group (a pod's containers, a namespace's
+    tasks) would take it for a dead shim's leftover, remove it and start a
+    second shim. The lock is held for a bind and a connect, not while a shim starts.
+    """
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o711, exist_ok=True)
+    import fcntl
+
+    lock = os.open(os.path.join(directory, BIND_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _bind_or_join(path)
+    finally:
+        os.close(lock)
+
+
+def _bind_or_join(path: str) -> _socket.socket | None:
     sock = lean.unix_socket()
     try:
         try:
@@ -54,8 +77,8 @@ def bind(path: str) -> _socket.socket | None:
                 return None
             os.unlink(path)  # a dead shim's leftover
             sock.bind(path)
-        os.chmod(path, 0o600)
         sock.listen(4096)  # as the Go shim: a burst of connects must not get EAGAIN
+        os.chmod(path, 0o600)
     except BaseException:
         sock.close()
         raise

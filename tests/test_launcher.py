@@ -122,3 +122,40 @@ def test_a_namespace_shim_is_spawned_without_any_template(monkeypatch: pytest.Mo
     assert spawned == [config]
     with pytest.raises(AssertionError, match="template was used"):  # per-task shims still use it
         launcher._start_shim(config, None)  # type: ignore[arg-type]
+
+
+def test_a_launcher_never_removes_a_socket_another_is_still_setting_up(tmp_path) -> None:
+    """Between bind and listen a new shim's socket refuses connections; a concurrent launcher of
+    the same group must wait (the bind lock), then join it, not remove it and start a second shim."""
+    import fcntl
+    import socket
+    import threading
+
+    from shim import launcher
+
+    path = str(tmp_path / "shim.sock")
+    lock = os.open(str(tmp_path / launcher.BIND_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # launcher A, mid-way: bound, not listening yet
+    first = socket.socket(socket.AF_UNIX)
+    first.bind(path)
+    result: list[object] = []
+    second = threading.Thread(target=lambda: result.append(launcher.bind(path)))
+    second.start()
+    try:
+        second.join(timeout=0.5)
+        assert second.is_alive() and not result  # launcher B waits for A
+        first.listen(8)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        second.join(timeout=30)
+        assert result == [None]  # B joins A's shim
+        assert os.path.exists(path)
+        probe = socket.socket(socket.AF_UNIX)
+        probe.connect(path)  # and the socket on the path is still A's
+        conn, _ = first.accept()
+        conn.close()
+        probe.close()
+    finally:
+        os.close(lock)
+        first.close()
+        if isinstance(result[:1] and result[0], socket.socket):
+            result[0].close()

@@ -37,7 +37,7 @@ EVENT_DRAIN_TIMEOUT = 5.0
 SHUTDOWN_GRACE = 2.0  # how long in-flight RPCs may still run after Shutdown
 
 
-async def serve(listener: socket.socket, config: ShimConfig) -> None:
+async def serve(listener: socket.socket, config: ShimConfig, socket_inode: int = 0) -> None:
     reaper = Reaper()
     publisher = EventPublisher(config.ttrpc_address, config.namespace)
     oom = OOMWatcher()
@@ -55,6 +55,9 @@ async def serve(listener: socket.socket, config: ShimConfig) -> None:
                 log.debug("serving")
                 await service.shutdown_requested.wait()
                 log.info("shutting down")
+                # Free the address first: a start of this group from now on must bind a new
+                # shim, not join this one, which will answer no Create any more.
+                _remove_socket(config.socket_path, socket_inode)
                 server.close()
                 # In-flight calls get to answer, but a Wait on a process that
                 # never exits must not keep the shim alive forever.
@@ -71,18 +74,28 @@ def main(config: ShimConfig) -> int:
     set_child_subreaper()
     os.chdir(config.bundle)
     listener = socket.socket(fileno=config.listen_fd)
+    inode = _inode(config.socket_path)
     try:
-        trio.run(serve, listener, config)
+        trio.run(serve, listener, config, inode)
     except BaseException:
         log.exception("shim %s failed", config.id)
         return 1
     finally:
-        _remove_socket(config.socket_path)
+        _remove_socket(config.socket_path, inode)
     return 0
 
 
-def _remove_socket(path: str) -> None:
-    if path:
+def _inode(path: str) -> int:
+    try:
+        return os.stat(path).st_ino if path else 0
+    except OSError:
+        return 0
+
+
+def _remove_socket(path: str, inode: int) -> None:
+    """Remove our socket file, unless the name is another shim's by now (a shim of the same
+    group started after this one began to shut down)."""
+    if path and inode and _inode(path) == inode:
         try:
             os.unlink(path)
         except FileNotFoundError:

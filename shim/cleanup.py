@@ -70,12 +70,13 @@ def _remove_dead_socket(bundle: str) -> None:
     path = address.removeprefix("unix://")
     if not path.startswith("/") or not os.path.exists(path):
         return
-    if lean.accepts(path):
-        return  # a live shim (a pod's, serving other containers)
-    try:
-        os.unlink(path)
-    except OSError as e:
-        _warn(f"failed to remove the dead shim's socket {path}: {e}")
+    with lean.socket_dir_lock(os.path.dirname(path)):  # not while a new shim of the group is mid-start
+        if lean.accepts(path):
+            return  # a live shim (a pod's or a namespace's, serving other tasks)
+        try:
+            os.unlink(path)
+        except OSError as e:
+            _warn(f"failed to remove the dead shim's socket {path}: {e}")
 
 
 def delete(flags: Flags) -> int:

@@ -39,29 +39,19 @@ def socket_path(containerd_address: str, namespace: str, group_id: str, socket_d
     return os.path.join(socket_dir, digest)
 
 
-#: Held while a launcher decides between binding a socket and joining the shim on it.
-BIND_LOCK = ".containerd-shim-runc-v2-py.lock"
-
-
 def bind(path: str) -> _socket.socket | None:
     """Listen on path (mode 0600); None if a live shim already serves it.
 
-    Under a lock shared by every launcher of the socket directory: between a
+    Under the socket directory's lock (lean.socket_dir_lock): between a
     launcher's bind and its listen the socket refuses connections, and a
     concurrent launcher of the same group (a pod's containers, a namespace's
-    tasks) would take it for a dead shim's leftover, remove it and start a
-    second shim. The lock is held for a bind and a connect, not while a shim starts.
+    tasks), or a ``delete`` action cleaning up after a dead shim of it, would
+    take it for a dead shim's leftover, remove it and let a second shim start.
     """
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o711, exist_ok=True)
-    import fcntl
-
-    lock = os.open(os.path.join(directory, BIND_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with lean.socket_dir_lock(directory):
         return _bind_or_join(path)
-    finally:
-        os.close(lock)
 
 
 def _bind_or_join(path: str) -> _socket.socket | None:

@@ -9,6 +9,7 @@ available from the C modules underneath, so they are used directly here.
 from __future__ import annotations
 
 import _socket
+import os
 from array import array
 
 AF_UNIX = _socket.AF_UNIX
@@ -48,3 +49,27 @@ def accepts(path: str, kind: int = SOCK_STREAM) -> bool:
 def send_fds(sock: _socket.socket, data: bytes, fds: list[int]) -> None:
     """socket.send_fds without the socket module: one message, fds as SCM_RIGHTS."""
     sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array("i", fds).tobytes())])
+
+
+#: Held while one process decides whether a shim socket is live (and binds or removes it):
+#: between a new shim's bind and its listen the socket refuses connections, so a check that
+#: ran then would take a starting shim for a dead one.
+SOCKET_LOCK = ".containerd-shim-runc-v2-py.lock"
+
+
+class socket_dir_lock:
+    """``with socket_dir_lock(directory):`` an exclusive flock shared by every launcher and
+    ``delete`` action of that socket directory (held for a bind or a connect, no longer)."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, SOCKET_LOCK)
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *_: object) -> None:
+        os.close(self.fd)

@@ -134,7 +134,9 @@ def test_a_launcher_never_removes_a_socket_another_is_still_setting_up(tmp_path)
     from shim import launcher
 
     path = str(tmp_path / "shim.sock")
-    lock = os.open(str(tmp_path / launcher.BIND_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    from shim import lean
+
+    lock = os.open(str(tmp_path / lean.SOCKET_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)  # launcher A, mid-way: bound, not listening yet
     first = socket.socket(socket.AF_UNIX)
     first.bind(path)

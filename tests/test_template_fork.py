@@ -149,6 +149,15 @@ def test_fork_shim_gives_an_orphan_that_is_only_the_shim(tmp_path: Path, monkeyp
     wait_for(lambda: not alive(pid), what=f"forked shim {pid} to exit after main returned")
 
 
+def request_fork(path: Path, config: ShimConfig) -> tuple[int | None, bool]:
+    """template.request_fork as the launcher calls it, with a listener made and closed here."""
+    listener = listening_socket(Path(config.socket_path))
+    try:
+        return template.request_fork(str(path), config, listener)
+    finally:
+        listener.close()
+
+
 # -- a template process -------------------------------------------------------------------------
 
 def start_template(path: Path) -> subprocess.Popen:
@@ -211,11 +220,7 @@ def test_request_fork_starts_a_shim_from_the_template(running_template, tmp_path
 
     # and again: one template serves every start
     again = make_config(tmp_path, "c3")
-    listener = listening_socket(Path(again.socket_path))
-    try:
-        pid2, _ = template.request_fork(str(path), again, listener)
-    finally:
-        listener.close()
+    pid2, _ = request_fork(path, again)
     assert pid2 not in (None, pid)
     assert read_report(Path(again.bundle))["pid"] == pid2
 
@@ -235,11 +240,7 @@ def test_a_late_request_is_refused_and_forks_nothing(running_template, tmp_path:
     monkeypatch.setattr(template, "REQUEST_TIMEOUT", EVENTUALLY)
     monkeypatch.setattr(template, "ANSWER_MARGIN", 1.0)
     later = make_config(tmp_path, "later")
-    listener = listening_socket(Path(later.socket_path))
-    try:
-        pid, _ = template.request_fork(str(path), later, listener)
-    finally:
-        listener.close()
+    pid, _ = request_fork(path, later)
     assert read_report(Path(later.bundle))["pid"] == pid
     assert not (Path(late.bundle) / "report.json").exists()
     assert proc.poll() is None
@@ -261,11 +262,7 @@ def test_a_malformed_request_leaves_the_template_serving(running_template, tmp_p
         os.close(w)
     assert proc.poll() is None
     config = make_config(tmp_path, "after-bad")
-    listener = listening_socket(Path(config.socket_path))
-    try:
-        pid, there = template.request_fork(str(path), config, listener)
-    finally:
-        listener.close()
+    pid, there = request_fork(path, config)
     assert there and read_report(Path(config.bundle))["pid"] == pid
 
 
@@ -298,11 +295,7 @@ def test_a_stopped_template_is_retired_and_the_launcher_falls_back(running_templ
     proc, path = running_template
     os.kill(proc.pid, signal.SIGSTOP)
     config = make_config(tmp_path, "while-stopped")
-    listener = listening_socket(Path(config.socket_path))
-    try:
-        assert template.request_fork(str(path), config, listener) == (None, False)  # start another
-    finally:
-        listener.close()
+    assert request_fork(path, config) == (None, False)  # start another
     assert proc.wait(timeout=EVENTUALLY) == -signal.SIGKILL
     assert not path.exists()  # its name is free for a new template
     assert not (Path(config.bundle) / "report.json").exists()
@@ -319,11 +312,7 @@ def test_only_one_template_per_socket(running_template, tmp_path: Path) -> None:
     assert int(Path(f"{path}.pid").read_text()) == proc.pid
     # the first still owns and serves the socket
     config = make_config(tmp_path, "c4")
-    listener = listening_socket(Path(config.socket_path))
-    try:
-        pid, there = template.request_fork(str(path), config, listener)
-    finally:
-        listener.close()
+    pid, there = request_fork(path, config)
     assert there and read_report(Path(config.bundle))["pid"] == pid
 
 
@@ -332,11 +321,7 @@ def test_sigterm_ends_the_template_and_removes_its_files(running_template, tmp_p
     # warm and serving first: a SIGTERM that lands inside the warm-up can be lost (the
     # SystemExit its handler raises is swallowed when it fires in a weakref callback)
     config = make_config(tmp_path, "c6")
-    listener = listening_socket(Path(config.socket_path))
-    try:
-        pid, _ = template.request_fork(str(path), config, listener)
-    finally:
-        listener.close()
+    pid, _ = request_fork(path, config)
     assert read_report(Path(config.bundle))["pid"] == pid
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=EVENTUALLY) == 0

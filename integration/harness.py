@@ -32,6 +32,7 @@ import stat
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1140,7 +1141,13 @@ disabled_plugins = [
         """A runtime options TOML (``BinaryName = BINARY``) for ``--runtime-config-path``."""
         group = shim_group()
         path = self._need_dir() / f"runtime-{os.path.basename(binary)}{'-' + group if group else ''}.toml"
-        path.write_text(f"BinaryName = {json.dumps(binary)}\n{shim_group_toml()}")
+        text = f"BinaryName = {json.dumps(binary)}\n{shim_group_toml()}"
+        # ctr runs of concurrent threads share this file, and a launcher reads it on start:
+        # rewriting it in place let a start read it empty (no ShimGroup: a per-task shim).
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
+            tmp.write_text(text)
+            tmp.replace(path)
         return path
 
     def runc_binary_args(self, runtime: str, binary: str) -> list[str]:

@@ -245,10 +245,6 @@ def test_20_concurrent_containers_leave_nothing_behind(containerd, image, new_ci
     shims = {i: containerd.serving_shims(i) for i in ids}
     assert all(shims.values()), {i: s for i, s in shims.items() if not s}
     served_by = {p for s in shims.values() for p in s}
-    if shim_group() == "namespace" and not IS_GO_SHIM and len(served_by) > 1:
-        # Known, rare (about 1 namespace pass in 5 after two fixes): concurrent starts racing
-        # the exit of the previous test's namespace shim end up on two shims. Open under issue 10.
-        pytest.xfail(f"namespace-mode starts split over shims {sorted(served_by)} (issue 10)")
     assert len(served_by) == (1 if shim_group() == "namespace" and not IS_GO_SHIM else n), shims
 
     def ctr_ok(*args):

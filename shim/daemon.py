@@ -37,7 +37,7 @@ EVENT_DRAIN_TIMEOUT = 5.0
 SHUTDOWN_GRACE = 2.0  # how long in-flight RPCs may still run after Shutdown
 
 
-async def serve(listener: socket.socket, config: ShimConfig, socket_inode: int = 0) -> None:
+async def serve(listener: socket.socket, config: ShimConfig, name: SocketName | None = None) -> None:
     reaper = Reaper()
     publisher = EventPublisher(config.ttrpc_address, config.namespace)
     oom = OOMWatcher()
@@ -57,7 +57,8 @@ async def serve(listener: socket.socket, config: ShimConfig, socket_inode: int =
                 log.info("shutting down")
                 # Free the address first: a start of this group from now on must bind a new
                 # shim, not join this one, which will answer no Create any more.
-                _remove_socket(config.socket_path, socket_inode)
+                if name is not None:
+                    name.release()
                 server.close()
                 # In-flight calls get to answer, but a Wait on a process that
                 # never exits must not keep the shim alive forever.
@@ -74,30 +75,44 @@ def main(config: ShimConfig) -> int:
     set_child_subreaper()
     os.chdir(config.bundle)
     listener = socket.socket(fileno=config.listen_fd)
-    inode = _inode(config.socket_path)
+    name = SocketName(config.socket_path)
     try:
-        trio.run(serve, listener, config, inode)
+        trio.run(serve, listener, config, name)
     except BaseException:
         log.exception("shim %s failed", config.id)
         return 1
     finally:
-        _remove_socket(config.socket_path, inode)
+        name.release()
     return 0
 
 
-def _inode(path: str) -> int:
+def _identity(path: str) -> tuple[int, int, int] | None:
     try:
-        return os.stat(path).st_ino if path else 0
+        st = os.stat(path)
     except OSError:
-        return 0
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
-def _remove_socket(path: str, inode: int) -> None:
-    """Remove our socket file, unless the name is another shim's by now (a shim of the same
-    group started after this one began to shut down)."""
-    if path and inode and _inode(path) == inode:
+class SocketName:
+    """The shim's socket file name, given up exactly once.
+
+    A shim that shuts down frees its name first, so that a start of its group from then on
+    binds a new shim; that successor's socket may get the very inode number ours had (ext4
+    reuses freed inodes at once), so the name is released only once, and only while the file
+    there is still ours (device, inode and change time as they were when we started).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._identity = _identity(path) if path else None
+
+    def release(self) -> None:
+        identity, self._identity = self._identity, None
+        if identity is None or _identity(self.path) != identity:
+            return
         try:
-            os.unlink(path)
+            os.unlink(self.path)
         except FileNotFoundError:
             pass
 

@@ -1,14 +1,17 @@
 """One container: its bundle, rootfs, init and exec processes, and runc.
 
-Each operation asks the process's Lifecycle first, then talks to runc, then
-changes state and enqueues the matching event in the same synchronous step,
-so events leave in the order the state changed.
+Each operation runs inside ``process.operation(op)``: under the process's
+lock it asks the Lifecycle, calls the OCI runtime (``Context.runtime``, a
+protocol: runc in the shim, a fake in unit tests), then changes state and
+enqueues the matching event in one synchronous step, so events leave in the
+order the state changed and two requests on one process never interleave.
 
-Exit path of a process (``_monitor``): the reaper delivers the exit → (init)
-wait until a concurrent Start has published TaskStart, kill what is left of
-a shared pid namespace, and wait for the execs' exits → wait (bounded) until
-its output is copied out → state STOPPED + TaskExit enqueued → Wait callers
-wake. So a task's exec exits always precede its init's exit.
+Exit path of a process (``_monitor``): the reaper delivers the exit → under
+the process's lock the exit is recorded and the state is STOPPED (a Start in
+flight has published TaskStart by then) → (init) kill what is left of a
+shared pid namespace and wait for the execs' exits to be out → wait (bounded)
+until its output is copied out → TaskExit enqueued → Wait callers wake. So a
+task's exec exits always precede its init's exit.
 """
 
 from __future__ import annotations
@@ -27,10 +30,25 @@ import trio
 from google.protobuf.message import Message
 
 from . import events as ev
+from .bundle import (
+    CONFIG_FILE,
+    DELETE_RESPONSE_FILE,
+    INIT_PID_FILE,
+    PRIVATE,
+    ROOTFS_DIR,
+    RUNC_LOG,
+    read_pid_file,
+    write_atomic_bytes,
+)
 from .cgroups import ContainerCgroup, container_cgroup
-from .bundle import PRIVATE, CONFIG_FILE, DELETE_RESPONSE_FILE, INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file, write_atomic_bytes
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ShimError,
+)
 from .isolation import Isolated
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ShimError
 from .mount import MountSpec, mount_all, unmount_all
 from .netstats import network_stats
 from .oom import OOMWatcher
@@ -40,6 +58,7 @@ from .proto import events_pb2, mount_pb2
 from .reaper import ExitRouter, Watch
 from .runc_client.client import Runc
 from .runc_client.config import RuncConfig, RuncError
+from .runtime import OCIRuntime, RuntimeFactory
 from .stdio import ProcessIO, StdioPaths
 from .wire import delete_response
 
@@ -54,6 +73,8 @@ CREATED_DELETE_WAIT = 2.0
 EXEC_START_FAILED = 255
 #: How long an init's exit waits for its execs' exits to be reported first.
 EXEC_EXIT_WAIT = 10.0
+#: How long cleaning up after a failed or cancelled create may take.
+DISCARD_TIMEOUT = 10.0
 
 _GONE = ("not running", "no such process", "process already finished", "does not exist", "not exist")
 
@@ -110,6 +131,20 @@ class Context:
     nursery: trio.Nursery  # owns process monitors and IO copiers
     thp_original: int = 0
     oom: OOMWatcher | None = None
+    runtime: RuntimeFactory = Runc
+
+
+def _signal_exec(process: Process, signal: int) -> None:
+    """kill(2) an exec's pid, never a recycled one: the reaper runs in this trio loop, so a
+    pid not reaped yet (checked with no await before the kill) is still our exec or its zombie."""
+    if not process.pid:
+        raise FailedPrecondition(f"process {process.exec_id} not created")
+    if process.reaped:
+        raise NotFound("process already finished")
+    try:
+        os.kill(process.pid, signal)
+    except ProcessLookupError:
+        raise NotFound("process already finished") from None
 
 
 def _gone(error: RuncError) -> bool:
@@ -207,7 +242,7 @@ class Container:
         self.request = request
         self.ctx = ctx
         self.rootfs = os.path.join(request.bundle, ROOTFS_DIR)
-        self.runc = Runc(
+        self.runc: OCIRuntime = ctx.runtime(
             RuncConfig(
                 binary=request.options.binary,
                 root=request.options.runc_root(ctx.namespace),
@@ -222,8 +257,6 @@ class Container:
         self.execs: dict[str, Process] = {}
         self.cgroup: ContainerCgroup | None = None
         self._mounted = False
-        self._start_done = trio.Event()
-        self._start_done.set()
         self._execs_starting = InFlight()
         #: Where this container's monitors and copiers run: their failures stay its own.
         self.tasks = Isolated(ctx.nursery, request.id)
@@ -239,6 +272,8 @@ class Container:
     async def create(self) -> int:
         req = self.request
         init = self.init
+        runtime_called = False
+        watch: Watch | None = None
         try:
             self._mount_rootfs()
             log.debug("%s: rootfs mounted", self.id)
@@ -250,6 +285,7 @@ class Container:
                 return 0
             pid_file = os.path.join(self.bundle, INIT_PID_FILE)
             log.debug("%s: runc create", self.id)
+            runtime_called = True
             with self.ctx.reaper.hold():
                 await self.runc.create(
                     self.id,
@@ -264,6 +300,9 @@ class Container:
             init.io.close_child_ends()
             await init.io.start(self.tasks)
         except BaseException as e:
+            if runtime_called and (watch is not None or not isinstance(e, RuncError)):
+                # cancelled in runc create, or failed after it: what it made must not stay
+                await self._discard(watch)
             self._release()
             if isinstance(e, RuncError):
                 raise ShimError(f"OCI runtime create failed: {e.detail}") from e
@@ -315,6 +354,25 @@ class Container:
         """Call inside a reaper hold: the process may already have exited."""
         return self.ctx.reaper.watch(read_pid_file(pid_file))
 
+    def _watch_if_started(self, pid_file: str) -> Watch | None:
+        """After a runtime call that failed or was cancelled (inside its reaper hold): the
+        process it may have started anyway, per its pid file."""
+        try:
+            return self._watch_pid_file(pid_file)
+        except (OSError, ValueError):
+            return None
+
+    async def _discard(self, watch: Watch | None) -> None:
+        """``runc delete --force`` of a container whose create did not complete, even when
+        cancelled: runc state and a waiting init must not outlive the failed Create."""
+        with trio.CancelScope(shield=True), trio.move_on_after(DISCARD_TIMEOUT):
+            try:
+                await self.runc.delete(self.id, force=True)
+            except RuncError as e:
+                log.debug("%s: discarding a failed create: %s", self.id, e)
+        if watch is not None:
+            self.ctx.reaper.unwatch(watch)
+
     def _mount_rootfs(self) -> None:
         if not self.request.rootfs:
             return
@@ -360,19 +418,16 @@ class Container:
     async def start(self, exec_id: str = "") -> int:
         if exec_id:
             return await self._start_exec(self.process(exec_id))
-        self.init.lifecycle.check(Op.START)
-        self._start_done = trio.Event()
-        try:
-            if self.request.checkpoint:
-                await self._restore()
-            else:
-                await self.runc.start(self.id)
-            self.init.lifecycle.apply(Op.START)
+        async with self.init.operation(Op.START):
+            try:
+                if self.request.checkpoint:
+                    await self._restore()
+                else:
+                    await self.runc.start(self.id)
+            except RuncError as e:
+                raise ShimError(f"OCI runtime start failed: {e.detail}") from e
+            # The state changes as the block ends, with no await in between.
             self.ctx.events.publish(ev.TASK_START, events_pb2.TaskStart(container_id=self.id, pid=self.init.pid))
-        except RuncError as e:
-            raise ShimError(f"OCI runtime start failed: {e.detail}") from e
-        finally:
-            self._start_done.set()
         return self.init.pid
 
     def _criu_work_dir(self, requested: str) -> tuple[str, bool]:
@@ -410,9 +465,12 @@ class Container:
         self.tasks.start_soon(self._monitor, init, watch)
 
     async def checkpoint(self, request: CheckpointRequest) -> None:
-        self.init.lifecycle.check(Op.CHECKPOINT)
         if not request.path:
             raise InvalidArgument("checkpoint path is empty")
+        async with self.init.operation(Op.CHECKPOINT):
+            await self._checkpoint(request)
+
+    async def _checkpoint(self, request: CheckpointRequest) -> None:
         work, ours = self._criu_work_dir(request.work_path)
         try:
             await self.runc.checkpoint(self.id, request.path, work, request.runc_flags())
@@ -438,13 +496,14 @@ class Container:
             raise FailedPrecondition("cannot exec in a stopped container")
 
     async def _start_exec(self, process: Process) -> int:
-        process.lifecycle.check(Op.START)
-        self._check_init_not_reaped()
-        with self._execs_starting:  # the init's exit waits until this exec has a pid or failed
-            return await self._run_exec(process)
+        async with process.operation(Op.START):
+            self._check_init_not_reaped()
+            with self._execs_starting:  # the init's exit waits until this exec has a pid or failed
+                return await self._run_exec(process)
 
     async def _run_exec(self, process: Process) -> int:
         pid_file = os.path.join(self.bundle, f"{process.exec_id}.pid")
+        started: Watch | None = None
         fd, spec_path = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=self.bundle)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -452,19 +511,30 @@ class Container:
             process.io = self._new_io(process.stdio, process.exec_id)
             log.debug("%s: runc exec %s", self.id, process.exec_id)
             with self.ctx.reaper.hold():
-                await self.runc.exec(
-                    self.id, spec_path, pid_file, process.io.runc_stdio(), console_socket=process.io.console_socket
-                )
-                watch = self._watch_pid_file(pid_file)
+                try:
+                    await self.runc.exec(
+                        self.id, spec_path, pid_file, process.io.runc_stdio(), console_socket=process.io.console_socket
+                    )
+                except BaseException:
+                    started = self._watch_if_started(pid_file)  # cancelled after runc started it
+                    raise
+                watch = started = self._watch_pid_file(pid_file)
             process.io.close_child_ends()
             await process.io.start(self.tasks)
         except BaseException as e:
             if process.io is not None:
                 process.io.close()
-            # It will never run: release anyone waiting on it (containerd's Wait
-            # is already pending) and let Delete take it, as the Go shim does.
-            process.exit_reported = False
-            process.set_exited(EXEC_START_FAILED, time.time())
+            process.exit_reported = False  # Delete takes it; no TaskExit, as the Go shim does
+            if started is not None:
+                # It runs, but Start failed: kill it, and its real exit releases Wait.
+                if started.exit is None:
+                    os.kill(started.pid, signal.SIGKILL)
+                process.pid, process.watch = started.pid, started
+                self.tasks.start_soon(self._monitor, process, started)
+            else:
+                # It will never run: release anyone waiting on it (containerd's Wait is pending).
+                process.set_exited(EXEC_START_FAILED, time.time())
+                process.mark_reported()
             if isinstance(e, RuncError):
                 raise ShimError(f"OCI runtime exec failed: {e.detail}") from e
             raise
@@ -472,7 +542,7 @@ class Container:
             os.unlink(spec_path)
         process.pid, process.watch = watch.pid, watch
         log.debug("%s: exec %s started, pid %d", self.id, process.exec_id, process.pid)
-        process.lifecycle.apply(Op.START)
+        # The state changes to RUNNING as the caller's operation block ends, with no await in between.
         self.ctx.events.publish(
             ev.TASK_EXEC_STARTED,
             events_pb2.TaskExecStarted(container_id=self.id, exec_id=process.exec_id, pid=process.pid),
@@ -482,43 +552,38 @@ class Container:
 
     async def kill(self, exec_id: str, signal: int, all: bool = False) -> None:
         process = self.process(exec_id)
-        process.lifecycle.check(Op.KILL)
-        if exec_id:
-            if not process.pid:
-                raise FailedPrecondition(f"process {exec_id} not created")
-            if process.reaped:  # its pid may belong to another process by now
-                raise NotFound("process already finished")
+        async with process.operation(Op.KILL):
+            if exec_id:
+                _signal_exec(process, signal)
+                return
             try:
-                os.kill(process.pid, signal)
-            except ProcessLookupError:
-                raise NotFound("process already finished") from None
-            return
-        try:
-            await self.runc.kill(self.id, signal, all=all)
-        except RuncError as e:
-            if _gone(e):
-                raise NotFound("process already finished") from e
-            raise
+                await self.runc.kill(self.id, signal, all=all)
+            except RuncError as e:
+                if _gone(e):
+                    raise NotFound("process already finished") from e
+                raise
 
     async def delete(self, exec_id: str = "") -> Process:
         if exec_id:
-            return self._delete_exec(self.process(exec_id))
+            return await self._delete_exec(self.process(exec_id))
         init = self.init
-        init.lifecycle.check(Op.DELETE)
-        was_created = init.state is State.CREATED
-        # Deleting a never-started task kills its init: that death is part of
-        # the delete, not an exit to report (create → delete, no /tasks/exit).
-        init.exit_reported = not was_created
-        try:
-            await self.runc.delete(self.id, force=was_created)
-        except RuncError as e:
-            init.exit_reported = True
-            if not _gone(e):
-                raise
-        init.lifecycle.apply(Op.DELETE)
-        if was_created and init.pid:  # a restore that never ran has no process to wait for
-            with trio.move_on_after(CREATED_DELETE_WAIT):
-                await init.wait()
+        async with init.operation(Op.DELETE):
+            was_created = init.state is State.CREATED
+            # Deleting a never-started task kills its init: that death is part of
+            # the delete, not an exit to report (create → delete, no /tasks/exit).
+            init.exit_reported = not was_created
+            try:
+                await self.runc.delete(self.id, force=was_created)
+            except RuncError as e:
+                init.exit_reported = True
+                if not _gone(e):
+                    raise
+        if was_created:
+            if init.pid:  # a restore that never ran has no process to wait for
+                with trio.move_on_after(CREATED_DELETE_WAIT):
+                    await init.wait()
+        else:
+            await init.wait()  # TaskExit goes out before TaskDelete (it follows the output)
         self._release()
         if self.ctx.oom is not None:
             self.ctx.oom.remove(self.id)
@@ -550,8 +615,11 @@ class Container:
         except OSError as e:
             log.warning("%s: cannot leave the delete response: %s", self.id, e)
 
-    def _delete_exec(self, process: Process) -> Process:
-        process.lifecycle.apply(Op.DELETE)
+    async def _delete_exec(self, process: Process) -> Process:
+        async with process.operation(Op.DELETE):
+            pass
+        if process.exit is not None:
+            await process.wait()  # its TaskExit is out first
         if process.io is not None:
             process.io.close()
         del self.execs[process.exec_id]
@@ -562,21 +630,19 @@ class Container:
         return process
 
     async def pause(self) -> None:
-        self.init.lifecycle.check(Op.PAUSE)
-        await self.runc.pause(self.id)
-        self.init.lifecycle.apply(Op.PAUSE)
-        self.ctx.events.publish(ev.TASK_PAUSED, events_pb2.TaskPaused(container_id=self.id))
+        async with self.init.operation(Op.PAUSE):
+            await self.runc.pause(self.id)
+            self.ctx.events.publish(ev.TASK_PAUSED, events_pb2.TaskPaused(container_id=self.id))
 
     async def resume(self) -> None:
-        self.init.lifecycle.check(Op.RESUME)
-        await self.runc.resume(self.id)
-        self.init.lifecycle.apply(Op.RESUME)
-        self.ctx.events.publish(ev.TASK_RESUMED, events_pb2.TaskResumed(container_id=self.id))
+        async with self.init.operation(Op.RESUME):
+            await self.runc.resume(self.id)
+            self.ctx.events.publish(ev.TASK_RESUMED, events_pb2.TaskResumed(container_id=self.id))
 
     async def update(self, resources: bytes) -> None:
         """runc update with the LinuxResources JSON containerd sent."""
-        self.init.lifecycle.check(Op.UPDATE)
-        await self.runc.update(self.id, resources)
+        async with self.init.operation(Op.UPDATE):
+            await self.runc.update(self.id, resources)
 
     def close_io(self, exec_id: str) -> None:
         process = self.process(exec_id)
@@ -603,12 +669,14 @@ class Container:
 
     async def _monitor(self, process: Process, watch: Watch) -> None:
         exit = await watch.wait()
+        async with process.lock:  # after an operation in flight (a Start publishes TaskStart first)
+            report = process.set_exited(exit.status, exit.timestamp) and process.exit_reported
         try:
             await self._before_exit(process)
-        except Exception:  # whatever failed, the exit is still recorded and published
+        except Exception:  # whatever failed, the exit is still published
             self.tasks.faults += 1
             log.exception("%s: before publishing the exit of %s", self.id, process.exec_id or "init")
-        if process.set_exited(exit.status, exit.timestamp) and process.exit_reported:
+        if report:
             self.ctx.events.publish(
                 ev.TASK_EXIT,
                 events_pb2.TaskExit(
@@ -619,10 +687,10 @@ class Container:
                     exited_at=ev.timestamp(exit.timestamp),
                 ),
             )
+        process.mark_reported()
 
     async def _before_exit(self, process: Process) -> None:
         if process is self.init:
-            await self._start_done.wait()
             await self._before_init_exit()
         io = process.io
         if io is not None and not await io.wait_output(OUTPUT_DRAIN_TIMEOUT):
@@ -640,7 +708,7 @@ class Container:
                     log.warning("%s: killing leftovers after init exit: %s", self.id, e)
         with trio.move_on_after(EXEC_EXIT_WAIT):
             await self._execs_starting.idle()
-            for process in [p for p in self.execs.values() if p.pid and p.exit is None]:
+            for process in [p for p in self.execs.values() if p.pid and not p.reported]:
                 await process.wait()
             return
         log.warning("%s: execs still running %.0fs after init exit", self.id, EXEC_EXIT_WAIT)

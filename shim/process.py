@@ -13,6 +13,8 @@ is refused in one place with one error, instead of by scattered checks.
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
@@ -68,7 +70,7 @@ class Lifecycle:
         """Raise the containerd error for ``op`` in the current state, if it is not allowed."""
         if self.state in TRANSITIONS[op]:
             return
-        if op is Op.KILL and self.state is State.STOPPED:
+        if op is Op.KILL and self.state in (State.STOPPED, State.DELETED):
             raise NotFound("process already finished")
         if op is Op.EXEC:
             raise FailedPrecondition(f"cannot exec in a {self.state.value} container")
@@ -89,7 +91,19 @@ class ExitInfo:
 
 
 class Process:
-    """Init or exec process: pid, state, stdio, and the exit others wait for."""
+    """Init or exec process: pid, state, stdio, and the exit others wait for.
+
+    Every operation runs as ``async with process.operation(op):`` around its OCI runtime
+    call: the process's lock is held from the state check through the call to the state
+    change, so two requests on one process (Start and Delete, Pause and Resume, Kill and
+    Delete) never interleave, as the Go shim's per-process mutex guarantees. An exit is
+    recorded under the same lock.
+
+    An exit has two moments: ``set_exited`` at reap (the state is STOPPED from then on, so
+    State, Kill and Delete see a dead process at once) and ``mark_reported`` once its
+    TaskExit is out (after the process's output), which is when ``wait`` returns: containerd
+    closes its side of the IO when Wait returns.
+    """
 
     def __init__(self, id: str, exec_id: str = "", stdio: StdioPaths | None = None, spec: bytes = b"") -> None:
         self.id = id
@@ -99,10 +113,11 @@ class Process:
         self.io: ProcessIO | None = None
         self.pid = 0
         self.lifecycle = Lifecycle()
+        self.lock = trio.Lock()
         self.exit: ExitInfo | None = None
         #: False while a Delete of a never-started process kills it (no TaskExit then).
         self.exit_reported = True
-        self._stopped = trio.Event()
+        self._reported = trio.Event()
         #: The reaper's watch on this process once it runs; its ``exit`` is set at reap time.
         self.watch: Watch | None = None
 
@@ -112,21 +127,42 @@ class Process:
         return self.watch is not None and self.watch.exit is not None
 
     @property
+    def reported(self) -> bool:
+        """Its exit is out (or will never be): Wait has returned."""
+        return self._reported.is_set()
+
+    @property
     def state(self) -> State:
         return self.lifecycle.state
 
+    @asynccontextmanager
+    async def operation(self, op: Op) -> AsyncIterator[None]:
+        """check → (the caller's runtime call) → apply, under the process's lock.
+
+        If the body raises, the state is left as it was.
+        """
+        async with self.lock:
+            self.lifecycle.check(op)
+            yield
+            self.lifecycle.apply(op)
+
     def set_exited(self, status: int, exited_at: float) -> bool:
-        """Record the exit; False if the process was already deleted (nothing to report)."""
+        """Record the exit (hold ``lock``); False if there is nothing to report: already
+        recorded, or the process was deleted (a never-started process Delete killed)."""
         if self.exit is not None:
             return False
         self.exit = ExitInfo(status, exited_at)
-        deleted = self.state is State.DELETED
-        if not deleted:
-            self.lifecycle.apply(Op.EXIT)
-        self._stopped.set()
-        return not deleted
+        if self.state is State.DELETED:
+            return False
+        self.lifecycle.apply(Op.EXIT)
+        return True
+
+    def mark_reported(self) -> None:
+        """The exit is published (or never will be): wake Wait."""
+        assert self.exit is not None
+        self._reported.set()
 
     async def wait(self) -> ExitInfo:
-        await self._stopped.wait()
+        await self._reported.wait()
         assert self.exit is not None
         return self.exit

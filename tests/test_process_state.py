@@ -76,7 +76,7 @@ def test_allowed_transition(pair: tuple[Op, State]) -> None:
 def test_refused_transition(pair: tuple[Op, State]) -> None:
     op, state = pair
     lc = in_state(state)
-    expected = NotFound if (op, state) == (O.KILL, S.STOPPED) else FailedPrecondition
+    expected = NotFound if (op, state) in ((O.KILL, S.STOPPED), (O.KILL, S.DELETED)) else FailedPrecondition
     for call in (lc.check, lc.apply):
         with pytest.raises(ShimError) as info:
             call(op)
@@ -127,7 +127,9 @@ def test_set_exited_records_once(start: State) -> None:
     assert p.state is S.STOPPED
 
 
-async def test_wait_returns_exit_info() -> None:
+async def test_wait_returns_once_the_exit_is_reported_not_at_reap() -> None:
+    """The state is STOPPED from the reap on; Wait returns only once the exit is out
+    (containerd closes its side of the IO when Wait returns)."""
     p = Process("c1")
     p.lifecycle.apply(O.START)
     results: list[ExitInfo] = []
@@ -142,6 +144,10 @@ async def test_wait_returns_exit_info() -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert results == []
             assert p.set_exited(3, 42.0) is True
+            assert p.state is S.STOPPED and p.exit == ExitInfo(3, 42.0)
+            await trio.testing.wait_all_tasks_blocked()
+            assert results == [] and not p.reported
+            p.mark_reported()
     assert results == [ExitInfo(3, 42.0), ExitInfo(3, 42.0)]
     # After the exit, wait returns at once.
     with trio.fail_after(1):
@@ -161,7 +167,48 @@ async def test_deleted_process_exit_returns_false_but_wakes_waiters() -> None:
             nursery.start_soon(waiter)
             await trio.testing.wait_all_tasks_blocked()
             assert p.set_exited(1, 7.0) is False
+            p.mark_reported()
     assert p.state is S.DELETED
     assert results == [ExitInfo(1, 7.0)]
     assert p.set_exited(2, 8.0) is False
     assert p.exit == ExitInfo(1, 7.0)
+
+
+async def test_an_operation_holds_the_process_from_check_to_apply() -> None:
+    """Pause and Resume sent together: the second is checked only after the first applied."""
+    p = Process("c1")
+    p.lifecycle.apply(O.START)
+    order: list[str] = []
+    gate = trio.Event()
+
+    async def pause() -> None:
+        async with p.operation(O.PAUSE):
+            order.append("pause: runtime call")
+            await gate.wait()
+        order.append(f"pause: {p.state.value}")
+
+    async def resume() -> None:
+        async with p.operation(O.RESUME):
+            order.append(f"resume: runtime call in {p.state.value}")
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pause)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(resume)
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == ["pause: runtime call"]  # resume waits, it was not refused
+            gate.set()
+    assert order == ["pause: runtime call", "pause: paused", "resume: runtime call in paused"]
+    assert p.state is S.RUNNING
+
+
+async def test_a_failed_operation_changes_nothing() -> None:
+    p = Process("c1")
+    with pytest.raises(RuntimeError):
+        async with p.operation(O.START):
+            raise RuntimeError("runtime said no")
+    assert p.state is S.CREATED
+    async with p.operation(O.START):  # the lock was given back
+        pass
+    assert p.state is S.RUNNING

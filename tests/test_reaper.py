@@ -186,3 +186,31 @@ async def test_reaper_collects_real_child_status() -> None:
             assert exit.status == 7
             assert exit.timestamp > 0
             nursery.cancel_scope.cancel()
+
+
+async def test_a_cancelled_runc_call_is_killed_not_left_running(tmp_path) -> None:
+    """A runc command cut by a request's deadline (or shutdown) must not go on changing the
+    container: its process group is killed and its pid no longer watched."""
+    from shim.runc_client.client import Runc
+    from shim.runc_client.config import RuncConfig
+
+    runtime = tmp_path / "fake-runc"
+    pid_file = tmp_path / "pid"
+    runtime.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 600\n")
+    runtime.chmod(0o755)
+    reaper = Reaper()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reaper.run)
+            runc = Runc(RuncConfig(binary=str(runtime), root=str(tmp_path / "root")), reaper)
+            with trio.move_on_after(60) as scope:
+                async with trio.open_nursery() as calls:
+                    calls.start_soon(runc.pause, "c1")
+                    while not pid_file.exists() or not pid_file.read_text().strip():
+                        await trio.sleep(0.01)
+                    scope.cancel()
+            pid = int(pid_file.read_text())
+            while os.path.exists(f"/proc/{pid}"):  # killed, and reaped by the reaper
+                await trio.sleep(0.01)
+            assert reaper.watched == 0
+            nursery.cancel_scope.cancel()

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from typing import Protocol
 
 import trio
 
+from ..reaper import Watch
 from ..thp import runc_preexec
 from .config import RuncConfig, RuncError, Stdio, last_log_error, log_size
 
@@ -27,7 +29,9 @@ from .config import RuncConfig, RuncError, Stdio, last_log_error, log_size
 class ExitWatcher(Protocol):
     """What runc_client needs from the reaper."""
 
-    def watch(self, pid: int): ...
+    def watch(self, pid: int) -> Watch: ...
+
+    def unwatch(self, watch: Watch) -> None: ...
 
 
 async def _read_all(fd: int) -> bytes:
@@ -98,6 +102,11 @@ class Runc:
                     if in_w is not None:
                         nursery.start_soon(_feed, in_w, input)
                 exit = await watch.wait()
+        except BaseException:
+            # Cancelled (a request's deadline, shutdown) or failed while runc runs: a runc
+            # nobody waits for must not go on changing the container behind our back.
+            self._abandon(proc.pid, watch)
+            raise
         finally:
             # Popen must never waitpid itself (it would race the reaper, or
             # reap a recycled pid); a returncode marks it as done even when
@@ -111,6 +120,16 @@ class Runc:
                 detail = last_log_error(self.config.log_path, log_offset) or detail
             raise RuncError(args[0], exit.status, detail)
         return out
+
+    def _abandon(self, pid: int, watch: Watch) -> None:
+        """Kill runc's process group (runc is its leader) and stop watching it. Its pid is
+        still ours while the reaper (in this trio loop) has not delivered its exit."""
+        if watch.exit is None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self._reaper.unwatch(watch)
 
     async def create(
         self,

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     results["duration_s"] = time.monotonic() - t_start
     paths = report.write(results, args.results_dir)
     print(report.markdown(results))
-    for kind, p in paths.items():
+    for p in paths.values():
         log(f"wrote {p}")
     return 1 if results["errors"] or not restored else 0
 

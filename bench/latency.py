@@ -171,7 +171,7 @@ def ttrpc_state(c: Containerd, ids: dict[str, str], n: int, chunk: int = 50) -> 
 def run(c: Containerd, ref: str, runs: int, burst_n: int, burst_reps: int, state_calls: int) -> dict:
     out: dict = {}
     plan = interleaved(1, "lat")  # the resident task of each variant
-    ids = {shim: task for shim, task in plan}
+    ids = dict(plan)
     try:
         for shim, task in plan:
             run_detached(c, ref, shim, task)

@@ -25,7 +25,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from integration.cri.harness import (
     BUSYBOX_REF,

@@ -331,7 +331,7 @@ def variant_procs(address: str, bundle_dir: Path, plan: dict[str, tuple[str, lis
             if not pids:
                 unserved.append(cid)
             serving |= pids
-        procs = {pid: "shim" for pid in serving}
+        procs = dict.fromkeys(serving, "shim")
         for pid, kind in fams.get(family, {}).items():
             if kind == "template":
                 procs[pid] = "template"

@@ -129,12 +129,12 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Shim benchmark: {', '.join(label for _, label in others)} vs {ref_label} ({env['date']})",
         "",
-        f"{env['cpus']} CPUs ({env['cpu']}), kernel {env['kernel']}, {env['containerd']}, "
-        f"{env['runc']}, "
-        f"Python {env['python']}; THP at start: {env['thp_enabled_original']}. "
-        f"Run took {results['duration_s']:.0f} s{' (--quick)' if p['quick'] else ''}; load average "
-        f"{_load(env.get('loadavg_at_start'))} at start, {_load(env.get('loadavg_at_end'))} at end"
-        f"{' (other work on the machine: numbers are noisy)' if _busy(env) else ''}.",
+        (f"{env['cpus']} CPUs ({env['cpu']}), kernel {env['kernel']}, {env['containerd']}, "
+         f"{env['runc']}, "
+         f"Python {env['python']}; THP at start: {env['thp_enabled_original']}. "
+         f"Run took {results['duration_s']:.0f} s{' (--quick)' if p['quick'] else ''}; load average "
+         f"{_load(env.get('loadavg_at_start'))} at start, {_load(env.get('loadavg_at_end'))} at end"
+         f"{' (other work on the machine: numbers are noisy)' if _busy(env) else ''}."),
         "",
         f"Parameters: {p['tasks']} tasks/shim, {p['runs']} latency runs/shim, burst {p['burst']} "
         f"x{p['burst_reps']}, {p['state_calls']} State calls, {p['throughput_mib']} MiB x{p['throughput_runs']}, "
@@ -180,12 +180,12 @@ def markdown(results: dict) -> str:
     pods = results.get("pods") or {}
     if "python" in pods:
         py = pods["python"]["memory"]
-        lines += ["", f"Pods: handlers {pods['handlers']['go']} (Go) / {pods['handlers']['python']} (Python), "
-                  f"each pod = sandbox + 1 busybox `sleep`, CNI bridge; started one after another, "
-                  f"alternating, after 1 warm-up pod each. Python family with {pods['pods_per_runtime']} pods: "
-                  f"{py['count']} processes = {py['templates']} template(s), {py['forked']} shims forked "
-                  f"from a template, {py['count'] - py['templates'] - py['forked']} exec'd. "
-                  f"The CRI containerd has no handler for the other columns."]
+        lines += ["", (f"Pods: handlers {pods['handlers']['go']} (Go) / {pods['handlers']['python']} (Python), "
+                   f"each pod = sandbox + 1 busybox `sleep`, CNI bridge; started one after another, "
+                   f"alternating, after 1 warm-up pod each. Python family with {pods['pods_per_runtime']} pods: "
+                   f"{py['count']} processes = {py['templates']} template(s), {py['forked']} shims forked "
+                   f"from a template, {py['count'] - py['templates'] - py['forked']} exec'd. "
+                   f"The CRI containerd has no handler for the other columns.")]
     for sec, err in (results.get("errors") or {}).items():
         lines.append("")
         lines.append(f"**{sec} failed:** `{err.strip().splitlines()[-1] if err.strip() else err}`")
@@ -247,9 +247,8 @@ def plot(results: dict, path: Path) -> bool:
                               ("burst", None, "median_wall_s"),
                               ("ttrpc_state", "ttrpc State\n(median)", "median_s")):
         if key in lat:
-            if label is None:
-                label = f"{lat['burst']['go']['concurrency']}× ctr run -d\n(wall)"
-            items.append((label, {s: v for s, v in _each(lat[key], field).items() if v}))
+            title = label if label is not None else f"{lat['burst']['go']['concurrency']}× ctr run -d\n(wall)"
+            items.append((title, {s: v for s, v in _each(lat[key], field).items() if v}))
     if "python" in pods:
         items.append(("CRI pod start\n(median)", {s: pods[s]["start"]["median_s"] for s in names
                                                   if isinstance(pods.get(s), dict) and "start" in pods[s]}))

@@ -7,8 +7,8 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from integration.harness import EVENTUALLY, Containerd, wait_for
 

@@ -34,9 +34,10 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Self, TypeVar
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_BIN = PROJECT_ROOT / "bin"
@@ -225,16 +226,15 @@ def shim_pids(container_id: str | None = None, address: str | None = None,
     names = (binary,) if binary else (PY_SHIM_BINARY, GO_SHIM_BINARY)
 
     def match(argv: list[str]) -> bool:
-        if binary is not None or address is None:
-            if not any(os.path.basename(a) in names for a in argv[:3]):
-                return False
+        if (binary is not None or address is None) and not any(os.path.basename(a) in names for a in argv[:3]):
+            return False
         if _flag_value(argv, "id") is None:
             return False
         if os.path.basename(argv[0]) in ("ctr", "containerd", "runc", "crun"):
             return False
-        if container_id is not None and not _flag_value(argv, "id") == container_id:
+        if container_id is not None and _flag_value(argv, "id") != container_id:
             return False
-        if address is not None and not _flag_value(argv, "address") == address:
+        if address is not None and _flag_value(argv, "address") != address:
             return False
         return True
 
@@ -492,8 +492,8 @@ def release_hugetlb_v1(timeout: float = 60.0) -> list[str]:
             continue
         if time.monotonic() >= deadline:
             _umount_hugetlb()
-            return [f"hugetlb v1 hierarchy left behind: busy cgroups {busy}, "
-                    f"{hugetlb_cgroup_count()} cgroups in /proc/cgroups"]
+            return [(f"hugetlb v1 hierarchy left behind: busy cgroups {busy}, "
+                     f"{hugetlb_cgroup_count()} cgroups in /proc/cgroups")]
         time.sleep(0.1)
 
 
@@ -584,7 +584,7 @@ def _busybox_applets(busybox: str) -> list[str]:
                              check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         out = []
-    applets = set(out) | {a for a in REQUIRED_APPLETS}
+    applets = set(out) | set(REQUIRED_APPLETS)
     applets.discard("busybox")
     return sorted(a for a in applets if a and "/" not in a)
 
@@ -835,7 +835,7 @@ disabled_plugins = [
 {self.extra_config}
 """
 
-    def start(self, timeout: float = 30.0) -> "Containerd":
+    def start(self, timeout: float = 30.0) -> Self:
         if self.proc is not None:
             raise ContainerdError("already started")
         if shutil.which("containerd") is None:
@@ -845,7 +845,7 @@ disabled_plugins = [
             raise ContainerdError(f"socket path too long: {self.address}")
         self._snapshot_host_paths()
         self.config_path.write_text(self.config_toml())
-        self._log_file = open(self.log_path, "ab")
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - held for containerd's lifetime
         self.proc = subprocess.Popen(
             ["containerd", "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
@@ -889,7 +889,7 @@ disabled_plugins = [
         except (OSError, ContainerdError):
             return "<no log>"
 
-    def __enter__(self) -> "Containerd":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -254,7 +254,7 @@ class Shim:
     socket_path: str
     pid: int  # the long-lived shim process
     client: Client
-    lab: "Lab"
+    lab: Lab
     start_stdout: bytes = b""
     start_stderr: bytes = b""
 

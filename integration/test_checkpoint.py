@@ -31,7 +31,6 @@ import pytest
 import trio
 from google.protobuf import any_pb2
 
-from integration.shim_driver import expect_error
 from integration.harness import (
     EVENTUALLY,
     GO_RUNTIME,
@@ -42,6 +41,7 @@ from integration.harness import (
     pid_alive,
     wait_for,
 )
+from integration.shim_driver import expect_error
 
 RUNTIME = os.environ.get("SHIM_RUNTIME", PY_RUNTIME)
 IS_GO_SHIM = RUNTIME == GO_RUNTIME

@@ -174,7 +174,7 @@ async def test_init_exit_waits_for_an_exec_inside_runc_exec(lab: Lab) -> None:
     async def start_late_exec() -> None:
         try:
             start_result.append(await start_exec(shim, cid, "late"))
-        except Exception as e:  # the runtime refuses an exec into a dead container
+        except Exception as e:  # noqa: BLE001 - the runtime refuses an exec into a dead container
             start_result.append(e)
 
     async with trio.open_nursery() as nursery:

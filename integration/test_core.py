@@ -29,8 +29,8 @@ from integration.harness import (
     PY_SHIM_BINARY,
     SHIM_SOCKET_DIR,
     listdir,
-    orphan_sockets,
     mounts_under,
+    orphan_sockets,
     pid_alive,
     read_cmdline,
     read_status,
@@ -211,7 +211,7 @@ def test_shim_runs_with_thp_disabled(containerd, image, cid):
     run(containerd, image, cid, "sleep", "60", detach=True, check=True)
     wait_status(containerd, cid, "RUNNING")
     shims = shim_of(containerd, cid)
-    assert {p: _thp(p) for p in shims} == {p: "0" for p in shims}
+    assert {p: _thp(p) for p in shims} == dict.fromkeys(shims, "0")
 
 
 @needs_thp_field
@@ -232,7 +232,7 @@ def test_20_concurrent_containers_leave_nothing_behind(containerd, image, new_ci
     with ThreadPoolExecutor(max_workers=n) as pool:
         results = list(pool.map(
             lambda i: run(containerd, image, i, "sleep", "600", detach=True), ids))
-    failed = {i: r.stderr for i, r in zip(ids, results) if r.returncode != 0}
+    failed = {i: r.stderr for i, r in zip(ids, results, strict=True) if r.returncode != 0}
     assert not failed
 
     def all_running():

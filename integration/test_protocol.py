@@ -35,9 +35,8 @@ if shutil.which("runc") is None:
 if not os.path.isfile("/usr/bin/busybox"):
     pytest.skip("/usr/bin/busybox (busybox-static) not installed", allow_module_level=True)
 
-from integration.harness import EVENTUALLY, mounts_under, pid_alive  # noqa: E402
-from integration.shim_driver import (  # noqa: E402
-    expect_error,
+from integration.harness import EVENTUALLY, mounts_under, pid_alive
+from integration.shim_driver import (
     NAMESPACE,
     NAMESPACE_HEADER,
     RUNC_ROOT,
@@ -45,14 +44,14 @@ from integration.shim_driver import (  # noqa: E402
     Lab,
     Recorded,
     Shim,
+    expect_error,
     listening_pids,
     socket_path_for,
     thp_disabled,
     wait_until,
 )
-from shim.proto import mount_pb2, shim_pb2, task_types_pb2  # noqa: E402
-from shim.ttrpc import Code, TTRPCError  # noqa: E402
-
+from shim.proto import mount_pb2, shim_pb2, task_types_pb2
+from shim.ttrpc import Code, TTRPCError
 
 # -- fixtures --------------------------------------------------------------------------
 
@@ -150,7 +149,7 @@ async def test_full_lifecycle_and_events(lab: Lab) -> None:
         assert e.metadata.get(NAMESPACE_HEADER) == [NAMESPACE]
         assert e.event is not None and e.event.container_id == cid
         assert e.event.pid == created.pid
-    create, start, exit, delete = (e.event for e in events)
+    create, _start, exit, delete = (e.event for e in events)
     assert create.bundle == str(bundle)
     assert list(create.rootfs) == []
     assert exit.id == cid and exit.exit_status == 5 and exit.exited_at == waited.exited_at

@@ -24,19 +24,19 @@ if shutil.which("runc") is None:
 if not os.path.isfile("/usr/bin/busybox"):
     pytest.skip("/usr/bin/busybox (busybox-static) not installed", allow_module_level=True)
 
-from google.protobuf import any_pb2  # noqa: E402
+from google.protobuf import any_pb2
 
-from integration.harness import EVENTUALLY, pid_alive, wait_cmdline  # noqa: E402
-from integration.shim_driver import (  # noqa: E402
-    expect_error,
+from integration.harness import EVENTUALLY, pid_alive, wait_cmdline
+from integration.shim_driver import (
     NAMESPACE,
     NAMESPACE_HEADER,
     Lab,
     Shim,
+    expect_error,
     wait_until,
 )
-from shim.proto import runc_options_pb2, shim_pb2, task_types_pb2  # noqa: E402
-from shim.ttrpc import Code, TTRPCError  # noqa: E402
+from shim.proto import runc_options_pb2, shim_pb2, task_types_pb2
+from shim.ttrpc import Code, TTRPCError
 
 # what containerd's typeurl registrations (runtime/typeurl.go) put on the wire
 LINUX_RESOURCES_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"

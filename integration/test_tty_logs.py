@@ -63,7 +63,7 @@ class PtyRun:
         try:
             self.proc = subprocess.Popen(
                 argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-                start_new_session=True, preexec_fn=_make_controlling_tty,
+                start_new_session=True, preexec_fn=_make_controlling_tty,  # noqa: PLW1509 - syscalls only
             )
         except BaseException:
             os.close(self.master)

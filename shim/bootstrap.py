@@ -50,8 +50,9 @@ containerd 2.3 (pkg/shim/util.go ``Command``, api/runtime/bootstrap/v1/bootstrap
 from __future__ import annotations
 
 from .record import Factory, record
-from .wire import Malformed, bytes_field, text as _text, varint_field
+from .wire import Malformed, bytes_field, varint_field
 from .wire import fields as _fields
+from .wire import text as _text
 
 TYPE_CHECKING = False  # importing typing would cost the launcher ~3 ms
 if TYPE_CHECKING:
@@ -292,7 +293,7 @@ def _flat_toml_string(text: str, keys: tuple[str, ...]) -> str | None:
     return ""
 
 
-def parse_start_input(stdin: bytes, flags: "Flags", env: Mapping[str, str]) -> StartInput:
+def parse_start_input(stdin: bytes, flags: Flags, env: Mapping[str, str]) -> StartInput:
     """What containerd sent: flags, environment and stdin, of any release. Never raises
     for bad stdin: unreadable options are ignored, as the Go shims ignore them."""
     si = StartInput(

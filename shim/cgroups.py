@@ -67,9 +67,9 @@ def _fs_type(path: str, mounts: list[tuple[str, str]]) -> str | None:
     best: tuple[int, str] | None = None
     for mountpoint, fstype in mounts:
         mp = os.path.normpath(mountpoint)
-        if path == mp or path.startswith(mp.rstrip("/") + "/"):
-            if best is None or len(mp) >= best[0]:
-                best = (len(mp), fstype)
+        under = path == mp or path.startswith(mp.rstrip("/") + "/")
+        if under and (best is None or len(mp) >= best[0]):
+            best = (len(mp), fstype)
     return best[1] if best else None
 
 

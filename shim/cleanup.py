@@ -38,6 +38,7 @@ def force_delete(config: RuncConfig, id: str) -> None:
         config.global_args() + ["delete", "--force", id],
         stdin=subprocess.DEVNULL,
         capture_output=True,
+        check=False,
         preexec_fn=runc_preexec(config.thp_original),
     )
     if result.returncode != 0:

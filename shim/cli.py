@@ -9,6 +9,7 @@ parses and dispatches; each action imports what it needs, so ``start`` and
 from __future__ import annotations
 
 import sys
+
 from .record import record
 
 USAGE = "usage: containerd-shim-runc-v2-py [-namespace NS] [-address A] [-publish-binary B] [-id ID] [-bundle DIR] [-debug] [-info] start|delete"

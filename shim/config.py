@@ -38,7 +38,7 @@ class ShimConfig:
         return repr(as_dict(self))
 
     @classmethod
-    def decode(cls, text: str) -> "ShimConfig":
+    def decode(cls, text: str) -> ShimConfig:
         import ast
 
         return cls(**ast.literal_eval(text))

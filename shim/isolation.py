@@ -13,7 +13,8 @@ still published: ``Container._monitor`` records an exit whatever failed around i
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import trio
 

@@ -17,10 +17,10 @@ import errno
 import os
 import sys
 
+from . import lean, template
 from .bootstrap import DEFAULT_SOCKET_DIR, GROUP_NAMESPACE, launch_settings, parse_start_input, render_start_output
 from .bundle import ADDRESS_FILE, NAMESPACE_GROUP, group_id, write_atomic
 from .cli import Flags
-from . import lean, template
 from .config import CONFIG_ENV, ShimConfig
 from .thp import disable_for_self
 

@@ -29,7 +29,7 @@ class FifoHandler(logging.Handler):
             os.write(self.fd, line.encode(errors="replace") + b"\n")
         except (BlockingIOError, BrokenPipeError):
             pass
-        except Exception:
+        except Exception:  # noqa: BLE001 - logging.Handler convention: handleError reports it
             self.handleError(record)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+
 from .record import Factory, record
 
 MS_RDONLY = 0x1

@@ -27,7 +27,7 @@ def parse_net_dev(text: str) -> list[v1.NetworkStat]:
         if len(values) < 16:
             continue
         stat = v1.NetworkStat(name=name.strip())
-        for field, column in zip(_FIELDS, _COLUMNS):
+        for field, column in zip(_FIELDS, _COLUMNS, strict=True):
             setattr(stat, field, int(values[column]))
         stats.append(stat)
     return stats

@@ -27,8 +27,9 @@ import errno
 import logging
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import trio
 
@@ -296,7 +297,7 @@ class OOMWatcher:
                 os.read(w.fd, 8)
             except BlockingIOError:
                 continue
-            if not os.path.exists(oom_control):
+            if not os.path.exists(oom_control):  # noqa: ASYNC240 - one stat on cgroupfs
                 log.debug("memory cgroup of %s removed; stop watching", w.key)
                 return
             self._fire(w)

@@ -8,10 +8,10 @@ which protobuf's ``Any.Unpack`` does not accept, so we match names ourselves.
 from __future__ import annotations
 
 import os
-from .record import as_dict, field_names, record
 
 from .bundle import PRIVATE, write_atomic
 from .errors import InvalidArgument
+from .record import as_dict, field_names, record
 
 RUNC_ROOT = "/run/containerd/runc"
 OPTIONS_FILE = "options.json"
@@ -52,7 +52,7 @@ class RuncOptions:
         write_atomic(os.path.join(bundle, RUNC_ROOT_FILE), self.runc_root(namespace), PRIVATE)
 
     @classmethod
-    def read(cls, bundle: str) -> "RuncOptions":
+    def read(cls, bundle: str) -> RuncOptions:
         """Options a shim left in ``bundle``; defaults if there are none."""
         import json
 
@@ -80,9 +80,9 @@ def from_any(type_url: str, value: bytes) -> RuncOptions:
     """
     name = type_name(type_url) if type_url else ""
     if name == RUNC_OPTIONS_TYPE:
-        from .proto import runc_options_pb2
-
         from google.protobuf.message import DecodeError
+
+        from .proto import runc_options_pb2
 
         try:
             msg = runc_options_pb2.Options.FromString(value)

@@ -44,7 +44,7 @@ class Op(enum.Enum):
     EXIT = "exit"
 
 
-S, O = State, Op
+S, O = State, Op  # noqa: E741 - short aliases keep the table readable
 
 # op -> {state it is allowed in: state it leads to (None: unchanged)}
 TRANSITIONS: dict[Op, dict[State, State | None]] = {

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # typing itself costs ~10 ms to import
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable, TypeVar
+    from collections.abc import Callable
+    from typing import Any, TypeVar
 
     T = TypeVar("T")
 
@@ -23,14 +24,16 @@ class Factory:
         self.make = make
 
 
-def record(cls: "type[T]") -> "type[T]":
-    names = tuple(cls.__dict__.get("__annotations__", {}))
+def record(cls: type[T]) -> type[T]:
+    # Own annotations only; no inspect (heavy) on the lean path. Every @record module has
+    # `from __future__ import annotations`, which keeps them in the class dict on 3.14 too.
+    names = tuple(cls.__dict__.get("__annotations__", {}))  # noqa: RUF063
     defaults = {name: cls.__dict__[name] for name in names if name in cls.__dict__}
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         if len(args) > len(names):
             raise TypeError(f"{cls.__name__}() takes at most {len(names)} positional arguments")
-        values = dict(zip(names, args))
+        values = dict(zip(names, args, strict=False))
         for key, value in kwargs.items():
             if key not in names or key in values:
                 raise TypeError(f"{cls.__name__}() got an unexpected or repeated argument {key!r}")

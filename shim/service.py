@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 from google.protobuf import empty_pb2

@@ -86,7 +86,7 @@ def parse_stdio(uri: str) -> StdioTarget:
     scheme = m.group(1).lower()
     if scheme == "fifo":
         rest = uri[m.end() :]
-        return StdioTarget("fifo", rest[2:] if rest.startswith("//") else rest)
+        return StdioTarget("fifo", rest.removeprefix("//"))
     if scheme not in ("file", "binary"):
         raise ShimError(f"unknown STDIO scheme {scheme}")
     parts = urlsplit(uri)
@@ -462,7 +462,7 @@ class ProcessIO:
         while quiet < OUTPUT_STALL:
             await trio.sleep(DRAIN_POLL)
             now = snapshot()
-            moved = any(w1 > w0 or u1 < u0 for (w0, u0), (w1, u1) in zip(last, now))
+            moved = any(w1 > w0 or u1 < u0 for (w0, u0), (w1, u1) in zip(last, now, strict=True))
             quiet = 0.0 if moved else quiet + DRAIN_POLL
             last = now
 

@@ -27,7 +27,6 @@ import sys
 import time
 
 from . import lean
-
 from .config import PROCESS_NAME, ShimConfig, set_title
 
 TYPE_CHECKING = False
@@ -400,7 +399,7 @@ def main() -> None:
             with conn:
                 try:
                     _serve_one(conn)
-                except Exception:  # a malformed request must never end the template
+                except Exception:  # noqa: BLE001 - a malformed request must never end the template
                     pass
     finally:
         # Remove the socket only if it is still ours (not a successor's).

@@ -64,7 +64,7 @@ def _skip(buf: bytes, pos: int, wire: int) -> int:
     """Position after one field value of wire type ``wire`` (not a group)."""
     if wire == 0:
         return _varint(buf, pos)[1]
-    if wire == 1 or wire == 5:
+    if wire in (1, 5):
         end = pos + (8 if wire == 1 else 4)
     elif wire == 2:
         length, pos = _varint(buf, pos)

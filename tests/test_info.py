@@ -8,13 +8,13 @@ import stat
 from pathlib import Path
 
 import pytest
+from google.protobuf import any_pb2
 
 from shim import __version__
 from shim.bootstrap import RawAny
 from shim.cli import parse_args
 from shim.info import FEATURES_TYPE, RUNTIME_NAME, InfoError, binary_name, encode_runtime_info, look_path, runtime_info
 from shim.proto import introspection_pb2, runc_options_pb2, runtimeoptions_pb2
-from google.protobuf import any_pb2
 
 RUNC_TYPE = "containerd.runc.v1.Options"
 RUNTIMEOPTIONS_TYPE = "runtimeoptions.v1.Options"

@@ -34,7 +34,7 @@ def test_socket_path_fits_sun_path() -> None:
     long_id = "x" * 500
     path = socket_path(ADDRESS, "n" * 200, long_id)
     assert len(path) < 106
-    assert len(("unix://" + path)) < 200
+    assert len("unix://" + path) < 200
 
 
 def test_socket_path_differs_per_namespace_and_id() -> None:

@@ -9,8 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from shim.options import OPTIONS_FILE, RUNC_OPTIONS_TYPE, RUNC_ROOT, RUNC_ROOT_FILE, RUNTIME_FILE, RuncOptions, from_any, type_name
 from shim.errors import InvalidArgument
+from shim.options import (
+    OPTIONS_FILE,
+    RUNC_OPTIONS_TYPE,
+    RUNC_ROOT,
+    RUNC_ROOT_FILE,
+    RUNTIME_FILE,
+    RuncOptions,
+    from_any,
+    type_name,
+)
 from shim.proto import runc_options_pb2, runtimeoptions_pb2
 
 FULL = RuncOptions(
@@ -172,5 +181,5 @@ def test_cri_runtime_options_empty_is_defaults() -> None:
 @pytest.mark.parametrize("garbage", [b"\xff\xff\xff", b"\x0a\x05ab", b"\x08"])
 def test_corrupt_runc_options_are_invalid_argument(garbage: bytes) -> None:
     """Not a traceback and an Unknown answer (issue 11 item 9): the caller sent bad bytes."""
-    with pytest.raises(InvalidArgument, match="containerd.runc.v1.Options"):
+    with pytest.raises(InvalidArgument, match=r"containerd\.runc\.v1\.Options"):
         from_any(RUNC_OPTIONS_TYPE, garbage)

@@ -11,7 +11,7 @@ import trio.testing
 from shim.errors import FailedPrecondition, NotFound, ShimError
 from shim.process import TRANSITIONS, ExitInfo, Lifecycle, Op, Process, State
 
-S, O = State, Op
+S, O = State, Op  # noqa: E741 - as in shim/process.py
 
 # Written out from the module docstring's diagram (plus kill/exec/update, which
 # leave a live process where it is), independently of TRANSITIONS.

@@ -196,7 +196,7 @@ _FIELD = re.compile(r"^\s*(repeated\s+)?(map<[^>]+>|[\w.]+)\s+(\w+)\s*=\s*(\d+)"
 
 def _parse(text: str) -> dict[str, dict[str, tuple[str, int, bool]]]:
     """Top-level messages -> {field: (type, number, repeated)} from a flat .proto."""
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.DOTALL)
     text = re.sub(r"//[^\n]*", "", text)
     out: dict[str, dict[str, tuple[str, int, bool]]] = {}
     current = None

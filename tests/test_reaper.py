@@ -134,9 +134,8 @@ def test_nested_holds_keep_exits_until_last_closes() -> None:
 
 def test_hold_released_on_exception() -> None:
     r = ExitRouter()
-    with pytest.raises(RuntimeError):
-        with r.hold():
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), r.hold():
+        raise RuntimeError("boom")
     r.route(ex(50))
     assert r.watch(50).exit is None  # no hold left open
 

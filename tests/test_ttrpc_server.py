@@ -48,7 +48,7 @@ class RawClient:
         self.proto = ClientConnection()
 
     @classmethod
-    async def connect(cls, path: Path) -> "RawClient":
+    async def connect(cls, path: Path) -> RawClient:
         return cls(await trio.open_unix_socket(str(path)))
 
     async def request(self, service: str, method: str, payload: bytes = b"", **kw: object) -> int:
@@ -70,10 +70,9 @@ class RawClient:
 async def test_basic_call(sock_path: Path) -> None:
     server = Server()
     server.register(SVC, "Echo", echo)
-    async with running(server, sock_path):
-        async with open_client(str(sock_path)) as client:
-            assert await client.call(SVC, "Echo", b"hello") == b"hello"
-            assert await client.call(SVC, "Echo", b"") == b""
+    async with running(server, sock_path), open_client(str(sock_path)) as client:
+        assert await client.call(SVC, "Echo", b"hello") == b"hello"
+        assert await client.call(SVC, "Echo", b"") == b""
 
 
 async def test_connect_classmethod_with_unix_scheme(sock_path: Path) -> None:

@@ -37,9 +37,10 @@ import tarfile
 import threading
 import time
 import types
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Self
 
 from integration.harness import (
     CGROUP_V1_ROOT,
@@ -275,7 +276,7 @@ def icmp_echo(ip: str, count: int = 5, timeout: float = 1.0, payload: int = 56) 
                 s.settimeout(left)
                 try:
                     data, (src, _) = s.recvfrom(4096)
-                except socket.timeout:
+                except TimeoutError:
                     break
                 ihl = (data[0] & 0x0F) * 4
                 typ, _code, _c, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
@@ -442,7 +443,7 @@ class CriContainerd(Containerd):
         return base.replace(line, "") + self.cri_config()
 
     # -- lifecycle -------------------------------------------------------------
-    def start(self, timeout: float = 30.0) -> "CriContainerd":
+    def start(self, timeout: float = 30.0) -> Self:
         self._ip_forward_before = IP_FORWARD.read_text().strip()
         super().start(timeout)
         return self
@@ -695,9 +696,9 @@ class Kubelet:
         pod.ip = st.status.network.ip
         info = json.loads(st.info.get("info", "{}"))
         pod.netns = netns_path_of(info)
-        for name, iface in ((info.get("cniResult") or {}).get("Interfaces") or {}).items():
-            if not iface.get("Sandbox") and name != self.cri.bridge:
-                pod.veth = name
+        for ifname, iface in ((info.get("cniResult") or {}).get("Interfaces") or {}).items():
+            if not iface.get("Sandbox") and ifname != self.cri.bridge:
+                pod.veth = ifname
         if pod.netns:
             with self._lock:
                 self.cri.netns_seen.add(pod.netns)

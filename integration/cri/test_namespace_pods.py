@@ -26,7 +26,7 @@ def test_pods_share_one_namespace_shim(cri, kubelet, pb):
     assert len(shims) == 1, shims
     shim = shims.pop()
 
-    for pod, cid in zip(pods, containers):  # each pod's container is its own: exec, hostname
+    for pod, cid in zip(pods, containers, strict=True):  # each pod's container is its own: exec, hostname
         r = cri.client.exec_sync(cid, ["cat", "/etc/hostname"])
         assert (r.stdout.decode().strip(), r.exit_code) == (pod.name, 0)
 

@@ -21,10 +21,10 @@ import pytest
 from integration.cri.harness import (
     BUSYBOX_REF,
     GO_HANDLER,
+    GO_RUNTIME,
     PAUSE_REF,
     PY_HANDLER,
     PY_RUNTIME,
-    GO_RUNTIME,
     cgroup_dir,
     icmp_echo,
     links_on_bridge,
@@ -167,7 +167,7 @@ def test_host_network_pod(cri, kubelet, pb, handler):
 
 @pytest.mark.parametrize("handler", HANDLERS)
 def test_exit_codes_reasons_and_cri_logs(cri, kubelet, pb, handler):
-    t0 = dt.datetime.now(dt.timezone.utc)
+    t0 = dt.datetime.now(dt.UTC)
     pod = kubelet.run_pod("logs", handler)
     ok = kubelet.start_container(pod, "ok", 'echo hello; echo "to stderr" >&2; echo "two words"; printf partial')
     bad = kubelet.start_container(pod, "bad", "echo bye; exit 3")
@@ -186,7 +186,7 @@ def test_exit_codes_reasons_and_cri_logs(cri, kubelet, pb, handler):
     # a line without its newline at EOF is written as a partial (P) line
     assert by_stream == {"stdout": [("F", "hello"), ("F", "two words"), ("P", "partial")],
                          "stderr": [("F", "to stderr")]}
-    t1 = dt.datetime.now(dt.timezone.utc)
+    t1 = dt.datetime.now(dt.UTC)
     for stamp, *_ in lines:
         assert t0 - dt.timedelta(seconds=1) <= _rfc3339(stamp) <= t1 + dt.timedelta(seconds=1)
     assert [(s, t, c) for _, s, t, c in parse_cri_log(kubelet.log_path(pod, "bad").read_text())] == \

@@ -69,12 +69,13 @@ class Runc:
                 err_r, err_w = os.pipe2(os.O_CLOEXEC)
                 child_ends += [out_w, err_w]
                 child = [in_fd, out_w, err_w]
-            proc = subprocess.Popen(
+            # Popen only forks and execs; the exit comes from the reaper, never a blocking wait.
+            proc = subprocess.Popen(  # noqa: ASYNC220
                 argv,
                 stdin=child[0],
                 stdout=child[1],
                 stderr=child[2],
-                preexec_fn=runc_preexec(self.config.thp_original),
+                preexec_fn=runc_preexec(self.config.thp_original),  # noqa: PLW1509 - no threads; prctl only
                 process_group=0,
                 env={**os.environ, **self.config.extra_env} if self.config.extra_env else None,
             )

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from ..record import Factory, record
 
 from ..errors import ShimError
+from ..record import Factory, record
 
 
 class RuncError(ShimError):

@@ -9,9 +9,10 @@ while it is used as an async context manager (``open_client`` or
 from __future__ import annotations
 
 import math
-from contextlib import AsyncExitStack, asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
+from typing import Self
 
 import trio
 
@@ -23,7 +24,7 @@ _READ_SIZE = 64 * 1024
 
 def _socket_path(path: str) -> str:
     """containerd writes shim addresses as ``unix:///path``; accept both forms."""
-    return path[len("unix://") :] if path.startswith("unix://") else path
+    return path.removeprefix("unix://")
 
 
 class _Call:
@@ -47,13 +48,13 @@ class Client:
         self._reader_scope: trio.CancelScope | None = None
 
     @classmethod
-    async def connect(cls, path: str) -> "Client":
+    async def connect(cls, path: str) -> Client:
         """Connect to a unix socket. The result must be entered with
         ``async with`` before calls are made (that starts the reader)."""
         stream = await trio.open_unix_socket(_socket_path(path))
         return cls(stream)
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Self:
         if self._stack is not None:
             raise RuntimeError("Client already entered")
         stack = AsyncExitStack()
@@ -158,7 +159,7 @@ class Client:
                             call.done.set()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._fail(f"ttrpc: connection lost: {exc!r}")
-            except Exception as exc:  # ProtocolError, or a bug
+            except Exception as exc:  # noqa: BLE001 - ProtocolError, or a bug
                 self._fail(f"ttrpc: bad data from server: {exc}")
                 await trio.aclose_forcefully(self._stream)
 

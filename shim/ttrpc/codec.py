@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Union
 
 from google.protobuf.message import DecodeError
 
@@ -157,7 +156,7 @@ class ResponseReceived:
     payload: bytes
 
 
-ServerEvent = Union[RequestReceived, RequestRejected]
+ServerEvent = RequestReceived | RequestRejected
 
 
 # --- server side ----------------------------------------------------------

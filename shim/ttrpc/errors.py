@@ -32,7 +32,7 @@ class Code(enum.IntEnum):
     UNAUTHENTICATED = 16
 
     @classmethod
-    def coerce(cls, value: int) -> "Code":
+    def coerce(cls, value: int) -> Code:
         """Map a wire integer to a Code; codes we do not know become UNKNOWN
         (what grpc-go does) instead of crashing the reader."""
         try:

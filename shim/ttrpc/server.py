@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import trio
 from google.protobuf.message import DecodeError, Message
 
-from .codec import ServerConnection, RequestReceived, RequestRejected
+from .codec import RequestReceived, RequestRejected, ServerConnection
 from .errors import Code, ProtocolError, TTRPCError
 
 log = logging.getLogger("shim.ttrpc")
@@ -196,12 +196,12 @@ class Server:
         finally:
             await trio.aclose_forcefully(stream)
 
-    def _track(self, scope: trio.CancelScope) -> "_Tracked":
+    def _track(self, scope: trio.CancelScope) -> _Tracked:
         return _Tracked(self._scopes, scope)
 
     # -- dispatch ----------------------------------------------------------
 
-    async def _dispatch(self, conn: "_Connection", event: RequestReceived) -> None:
+    async def _dispatch(self, conn: _Connection, event: RequestReceived) -> None:
         req = event.request
         metadata: dict[str, list[str]] = {}
         for kv in req.metadata:
@@ -249,7 +249,7 @@ class _Tracked:
         self._scopes.add(self._scope)
         return self._scope.__enter__()
 
-    def __exit__(self, *exc: Any) -> bool | None:
+    def __exit__(self, *exc: object) -> bool | None:
         self._scopes.discard(self._scope)
         return self._scope.__exit__(*exc)
 

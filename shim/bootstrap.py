@@ -58,7 +58,7 @@ TYPE_CHECKING = False  # importing typing would cost the launcher ~3 ms
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from .cli import Flags
+    from .flags import Flags
 
 DEFAULT_SOCKET_DIR = "/run/containerd/s"
 PROTOCOL = "ttrpc"

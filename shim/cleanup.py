@@ -17,7 +17,7 @@ import time
 
 from . import wire
 from .bundle import ADDRESS_FILE, DELETE_RESPONSE_FILE, INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file
-from .cli import Flags
+from .flags import Flags
 from .mount import unmount_all
 from .options import RUNC_ROOT_FILE, RuncOptions
 from .runc_client.config import RuncConfig, last_log_error, log_size

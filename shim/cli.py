@@ -10,23 +10,9 @@ from __future__ import annotations
 
 import sys
 
-from .record import record
+from .flags import Flags
 
 USAGE = "usage: containerd-shim-runc-v2-py [-namespace NS] [-address A] [-publish-binary B] [-id ID] [-bundle DIR] [-debug] [-info] start|delete"
-
-
-@record
-class Flags:
-    namespace: str = ""
-    address: str = ""
-    publish_binary: str = ""
-    id: str = ""
-    bundle: str = ""
-    socket: str = ""
-    debug: bool = False
-    version: bool = False
-    info: bool = False
-    action: str = ""
 
 
 class UsageError(Exception):

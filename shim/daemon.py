@@ -24,10 +24,10 @@ from . import __version__
 from .config import CONFIG_ENV, ShimConfig, set_title
 from .container import Context
 from .events import EventPublisher
-from .logs import setup_logging
 from .oom import OOMWatcher
 from .reaper import Reaper
 from .service import TaskService
+from .shimlog import setup_logging
 from .thp import set_child_subreaper
 from .ttrpc import Server
 

@@ -20,8 +20,8 @@ import sys
 from . import lean, template
 from .bootstrap import DEFAULT_SOCKET_DIR, GROUP_NAMESPACE, launch_settings, parse_start_input, render_start_output
 from .bundle import ADDRESS_FILE, NAMESPACE_GROUP, group_id, write_atomic
-from .cli import Flags
 from .config import CONFIG_ENV, ShimConfig
+from .flags import Flags
 from .thp import disable_for_self
 
 TYPE_CHECKING = False

@@ -17,10 +17,10 @@ import trio
 
 from .container import Context
 from .events import TASK_EXIT, EventPublisher
-from .logs import LogrusFormatter
 from .proto import events_pb2, shim_pb2
 from .reaper import Reaper
 from .service import SERVICE_V2, TaskService
+from .shimlog import LogrusFormatter
 from .stdio import ProcessIO, StdioPaths
 from .ttrpc import Client, Server, TTRPCError
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shim.cli import Flags, UsageError, parse_args
+from shim.cli import UsageError, parse_args
+from shim.flags import Flags
 
 ADDRESS = "/run/containerd/containerd.sock"
 PUBLISH = "/usr/local/bin/containerd"

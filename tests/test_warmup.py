@@ -15,7 +15,7 @@ from pathlib import Path
 
 SHIM = Path(__file__).resolve().parent.parent / "shim"
 DAEMON_SIDE = ["daemon", "service", "container", "process", "stdio", "console", "logger", "fds", "cgroups",
-               "netstats", "oom", "events", "options", "bundle", "mount", "reaper", "logs", "runc_client/client",
+               "netstats", "oom", "events", "options", "bundle", "mount", "reaper", "shimlog", "runc_client/client",
                "runc_client/config"]
 
 

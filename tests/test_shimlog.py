@@ -1,4 +1,4 @@
-"""shim.logs.LogrusFormatter: logrus text lines, one per record."""
+"""shim.shimlog.LogrusFormatter: logrus text lines, one per record."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shim.logs import LogrusFormatter
+from shim.shimlog import LogrusFormatter
 
 CREATED = 1700000000.25  # 2023-11-14T22:13:20.250Z
 

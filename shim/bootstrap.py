@@ -57,6 +57,7 @@ from .wire import text as _text
 TYPE_CHECKING = False  # importing typing would cost the launcher ~3 ms
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from typing import Any
 
     from .flags import Flags
 
@@ -148,14 +149,14 @@ _PARAM_STRINGS = {
 }
 
 
-def decode_bootstrap_params(buf: bytes) -> dict:
+def decode_bootstrap_params(buf: bytes) -> dict[str, Any]:
     """containerd.runtime.bootstrap.v1.BootstrapParams -> dict of its set fields;
     ``extensions`` is a list of RawAny. Raises Malformed where protobuf would."""
-    out: dict = {"extensions": []}
+    out: dict[str, Any] = {"extensions": []}
     for number, wire, v in _fields(buf):
         if wire == 2 and number in _PARAM_STRINGS:
             out[_PARAM_STRINGS[number]] = _text(v)
-        elif wire == 0 and number == 3:
+        elif wire == 0 and number == 3 and isinstance(v, int):  # a varint is always an int
             out["log_level"] = _int32(v)
         elif wire == 2 and number == 8:
             # Extension { Any value = 1 }; repeated occurrences of a message field merge.

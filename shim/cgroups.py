@@ -17,7 +17,7 @@ import errno
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from google.protobuf import any_pb2
 
@@ -187,7 +187,10 @@ def _read_kv(path: str) -> dict[str, int] | None:
     return None if text is None else parse_kv(text)
 
 
-def _rdma_entries(text: str | None, entry_type) -> list:
+_Rdma = TypeVar("_Rdma", v1pb.RdmaEntry, v2pb.RdmaEntry)
+
+
+def _rdma_entries(text: str | None, entry_type: type[_Rdma]) -> list[_Rdma]:
     out = []
     for line in (text or "").splitlines():
         parts = line.split()
@@ -580,12 +583,12 @@ class ContainerCgroup:
             return CgroupV2(self.paths[""], self.root)
         return CgroupV1(self.paths, self.root, proc=self.proc)
 
-    def metrics_any(self, network: list | None = None) -> any_pb2.Any:
+    def metrics_any(self, network: list[v1pb.NetworkStat] | None = None) -> any_pb2.Any:
         """Metrics as containerd expects them; ``network`` (v1 NetworkStat) only fits v1's schema."""
         mgr = self.manager()
-        metrics = mgr.metrics()
         if isinstance(mgr, CgroupV2):
-            return any_pb2.Any(type_url=V2_TYPE_URL, value=metrics.SerializeToString())
+            return any_pb2.Any(type_url=V2_TYPE_URL, value=mgr.metrics().SerializeToString())
+        metrics = mgr.metrics()
         if network:
             metrics.network.extend(network)
         return any_pb2.Any(type_url=V1_TYPE_URL, value=metrics.SerializeToString())

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
+from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from . import events as ev
@@ -326,7 +327,7 @@ class Container:
     def _on_oom(self, _key: str) -> None:
         self.ctx.events.publish(ev.TASK_OOM, events_pb2.TaskOOM(container_id=self.id))
 
-    def stats(self) -> Message:
+    def stats(self) -> any_pb2.Any:
         if self.cgroup is None:
             raise NotFound(f"cgroup of {self.id} does not exist")
         try:

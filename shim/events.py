@@ -23,7 +23,7 @@ from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from .proto import events_service_pb2
-from .ttrpc import Code, TTRPCError, open_client
+from .ttrpc import Client, Code, TTRPCError, open_client
 
 log = logging.getLogger("shim.events")
 
@@ -117,7 +117,7 @@ class EventPublisher:
             self._wakeup = trio.Event()
             await self._wakeup.wait()
 
-    async def _send_queued(self, client) -> None:
+    async def _send_queued(self, client: Client) -> None:
         metadata = [(NAMESPACE_METADATA, self.namespace)]
         while True:
             await self._wait_for_events()

@@ -17,6 +17,11 @@ import termios
 
 import trio
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    import socket
+    from collections.abc import Callable
+
 log = logging.getLogger("shim.stdio")
 
 CHUNK = 1 << 16
@@ -131,7 +136,7 @@ class Sink:
             self.fds.close(self.fd)
 
 
-def notify_closing(fd) -> None:
+def notify_closing(fd: int | socket.socket) -> None:
     """Wake any task waiting on fd before it is closed (no-op outside trio)."""
     try:
         trio.lowlevel.notify_closing(fd)
@@ -155,7 +160,7 @@ def hung_up(fd: int) -> bool:
     return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
-async def wait_drained(fifo: int, alive=lambda: True) -> None:
+async def wait_drained(fifo: int, alive: Callable[[], bool] = lambda: True) -> None:
     """Give a reading client the chance to take the fifo's last bytes.
 
     Clients such as ctr stop reading as soon as they learn of the exit, so

@@ -16,13 +16,17 @@ AF_UNIX = _socket.AF_UNIX
 SOCK_STREAM = _socket.SOCK_STREAM
 SOCK_SEQPACKET = _socket.SOCK_SEQPACKET
 
-try:  # CPython's built-in hash modules (3.11: _sha256, 3.12+: _sha2)
-    from _sha256 import sha256
-except ImportError:  # pragma: no cover
-    try:
-        from _sha2 import sha256
-    except ImportError:
-        from hashlib import sha256
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from hashlib import sha256 as sha256  # noqa: PLC0414 - re-exported (template); typeshed knows its API
+else:
+    try:  # CPython's built-in hash modules (3.11: _sha256, 3.12+: _sha2)
+        from _sha256 import sha256
+    except ImportError:  # pragma: no cover
+        try:
+            from _sha2 import sha256
+        except ImportError:
+            from hashlib import sha256
 
 
 def sha256_hex(data: bytes) -> str:

@@ -53,7 +53,7 @@ def _inotify_watch(path: str) -> int:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
-    fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    fd: int = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
     if fd < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
@@ -163,7 +163,7 @@ class OOMWatcher:
 
     # --- public API -------------------------------------------------------------
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the per-container tasks until cancelled."""
         if self._nursery is not None or self._finished:
             raise RuntimeError("OOMWatcher.run() called twice")

@@ -69,7 +69,7 @@ class TaskService:
 
     def _register(self, server: Server, service: str) -> None:
         S = shim_pb2
-        methods: list[tuple[str, type[Message], Callable]] = [
+        methods: list[tuple[str, type[Message], Callable[..., Awaitable[Message]]]] = [
             ("Create", S.CreateTaskRequest, self.create),
             ("Start", S.StartRequest, self.start),
             ("State", S.StateRequest, self.state),
@@ -150,7 +150,7 @@ class TaskService:
         return reply
 
     async def wait(self, req: shim_pb2.WaitRequest, _: CallContext) -> shim_pb2.WaitResponse:
-        _, process = self._process(req.id, req.exec_id)
+        _container, process = self._process(req.id, req.exec_id)
         exit = await process.wait()
         return shim_pb2.WaitResponse(exit_status=exit.status, exited_at=ev.timestamp(exit.exited_at))
 

@@ -33,6 +33,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     import _socket
     import socket
+    from collections.abc import Mapping
 
 SOCKET_DIR = "/run/containerd/s"
 ENV_DISABLE = "SHIM_PY_TEMPLATE"  # "0": never use or start a template
@@ -47,7 +48,7 @@ LISTEN_FD = 3
 MAIN = "from shim.template import main; main()"
 
 
-def enabled(environ: dict[str, str] | os._Environ = os.environ) -> bool:
+def enabled(environ: Mapping[str, str] = os.environ) -> bool:
     return environ.get(ENV_DISABLE, "1") != "0"
 
 
@@ -187,7 +188,8 @@ def _peer_uid(conn: socket.socket) -> int:
     import struct
 
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[2]
+    uid: int = struct.unpack("3i", creds)[2]
+    return uid
 
 
 def _claim(path: str) -> int | None:

@@ -101,13 +101,13 @@ def _skip_group(buf: bytes, pos: int, number: int) -> int:
     return pos
 
 
-def fields(buf: bytes) -> list[tuple[int, int, object]]:
+def fields(buf: bytes) -> list[tuple[int, int, int | bytes]]:
     """The fields of one message: [(number, wire type, int | bytes)], groups skipped.
 
     Fails where protobuf's decoders fail: bad wire type, field number 0,
     truncation, unbalanced groups.
     """
-    out: list[tuple[int, int, object]] = []
+    out: list[tuple[int, int, int | bytes]] = []
     pos = 0
     while pos < len(buf):
         number, wire, pos = _key(buf, pos)
@@ -121,7 +121,7 @@ def fields(buf: bytes) -> list[tuple[int, int, object]]:
             pos = start + length
             if pos > len(buf):
                 raise Malformed("truncated field")
-            value: object = buf[start:pos]
+            value: int | bytes = buf[start:pos]
         elif wire == 0:
             value, pos = _varint(buf, pos)
         else:
@@ -131,7 +131,7 @@ def fields(buf: bytes) -> list[tuple[int, int, object]]:
     return out
 
 
-def text(value: object) -> str:
+def text(value: int | bytes) -> str:
     try:
         return bytes(value).decode("utf-8")  # proto3 strings must be valid UTF-8
     except UnicodeDecodeError:

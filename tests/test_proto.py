@@ -28,11 +28,16 @@ PROTO_DIR = Path(generate.__file__).resolve().parent
 # --- staleness ---------------------------------------------------------------
 
 
+def _generated(directory: Path) -> dict[str, bytes]:
+    """The modules and their type stubs (what mypy reads)."""
+    return {p.name: p.read_bytes() for suffix in (".py", ".pyi") for p in directory.glob(f"*_pb2{suffix}")}
+
+
 def test_checked_in_modules_match_generator(tmp_path: Path) -> None:
     generate.generate(tmp_path)
-    fresh = {p.name: p.read_bytes() for p in (tmp_path / "shim" / "proto").glob("*_pb2.py")}
-    checked_in = {p.name: p.read_bytes() for p in PROTO_DIR.glob("*_pb2.py")}
-    assert sorted(fresh) == sorted(p.stem + "_pb2.py" for p in generate.proto_files())
+    fresh = _generated(tmp_path / "shim" / "proto")
+    checked_in = _generated(PROTO_DIR)
+    assert sorted(fresh) == sorted(p.stem + "_pb2" + s for p in generate.proto_files() for s in (".py", ".pyi"))
     assert sorted(checked_in) == sorted(fresh), "run: python -m shim.proto.generate"
     stale = [name for name in fresh if fresh[name] != checked_in[name]]
     assert not stale, f"stale generated modules {stale}; run: python -m shim.proto.generate"

@@ -19,7 +19,8 @@ def proto_files() -> list[Path]:
 
 
 def generate(out_dir: Path = ROOT) -> None:
-    """Write ``shim/proto/*_pb2.py`` under ``out_dir`` (the project root by default)."""
+    """Write ``shim/proto/*_pb2.py`` and their type stubs ``*_pb2.pyi`` (what mypy reads)
+    under ``out_dir`` (the project root by default)."""
     import grpc_tools
     from grpc_tools import protoc
 
@@ -29,6 +30,7 @@ def generate(out_dir: Path = ROOT) -> None:
         f"-I{ROOT}",
         f"-I{include}",
         f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
         *(str(p.relative_to(ROOT)) for p in proto_files()),
     ]
     if protoc.main(args) != 0:

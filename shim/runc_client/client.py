@@ -17,7 +17,7 @@ import json
 import os
 import signal
 import subprocess
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -97,10 +97,10 @@ class Runc:
 
         try:
             async with trio.open_nursery() as nursery:
-                if stdio is None:
+                if out_r is not None and err_r is not None:  # stdio is None: capture
                     nursery.start_soon(collect, "out", out_r)
                     nursery.start_soon(collect, "err", err_r)
-                    if in_w is not None:
+                    if in_w is not None and input is not None:
                         nursery.start_soon(_feed, in_w, input)
                 exit = await watch.wait()
         except BaseException:
@@ -205,8 +205,9 @@ class Runc:
     async def delete(self, id: str, *, force: bool = False) -> None:
         await self.run("delete", *(["--force"] if force else []), id)
 
-    async def state(self, id: str) -> dict:
-        return json.loads(await self.run("state", id))
+    async def state(self, id: str) -> dict[str, Any]:
+        state: dict[str, Any] = json.loads(await self.run("state", id))
+        return state
 
     async def ps(self, id: str) -> list[int]:
         out = await self.run("ps", "--format", "json", id)

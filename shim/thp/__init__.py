@@ -18,6 +18,10 @@ from __future__ import annotations
 import ctypes
 import os
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
+
 PR_SET_PDEATHSIG = 1
 SIGKILL = 9  # signal.SIGKILL on Linux; the signal module costs ~4 ms to import on the start path
 PR_SET_CHILD_SUBREAPER = 36
@@ -35,7 +39,7 @@ _prctl.restype = ctypes.c_int
 
 def prctl(option: int, arg2: int = 0) -> int:
     """Call prctl(2); raise OSError on failure."""
-    result = _prctl(option, arg2, 0, 0, 0)
+    result: int = _prctl(option, arg2, 0, 0, 0)
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -63,7 +67,7 @@ def set_child_subreaper() -> None:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
-def runc_preexec(original: int):
+def runc_preexec(original: int) -> Callable[[], None]:
     """A ``preexec_fn`` for runc: restore the host's THP policy, die with the shim.
 
     Runs in the forked child before exec, so it must only make syscalls.

@@ -94,7 +94,7 @@ class FrameDecoder:
         self._skip = 0
         self._error: ProtocolError | None = None
 
-    def feed(self, data: bytes) -> list[Frame | OversizeFrame]:
+    def feed(self, data: bytes | bytearray) -> list[Frame | OversizeFrame]:
         if self._error is not None:
             raise self._error
         out: list[Frame | OversizeFrame] = []
@@ -177,7 +177,7 @@ class ServerConnection:
         self._last_id = 0
         self._open: set[int] = set()
 
-    def receive_data(self, data: bytes) -> list[ServerEvent]:
+    def receive_data(self, data: bytes | bytearray) -> list[ServerEvent]:
         events: list[ServerEvent] = []
         for frame in self._decoder.feed(data):
             if frame.type != FrameType.REQUEST:
@@ -275,7 +275,7 @@ class ClientConnection:
         self._pending.add(sid)
         return sid, encode_frame(sid, FrameType.REQUEST, body)
 
-    def receive_data(self, data: bytes) -> list[ResponseReceived]:
+    def receive_data(self, data: bytes | bytearray) -> list[ResponseReceived]:
         events: list[ResponseReceived] = []
         for frame in self._decoder.feed(data):
             if frame.type != FrameType.RESPONSE:

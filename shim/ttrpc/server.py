@@ -14,6 +14,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, TypeVar
 
 import trio
@@ -249,9 +250,14 @@ class _Tracked:
         self._scopes.add(self._scope)
         return self._scope.__enter__()
 
-    def __exit__(self, *exc: object) -> bool | None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
         self._scopes.discard(self._scope)
-        return self._scope.__exit__(*exc)
+        return self._scope.__exit__(exc_type, exc, tb)
 
 
 class _Connection:

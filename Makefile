@@ -1,8 +1,8 @@
 # Two commands set everything up on a fresh Debian 12 machine (as root):
 #   make demo   - run a container through a private containerd with this shim
-#   make test   - the whole test suite (unit + integration against real containerd/runc),
-#                 then the integration suite again with crun as the OCI runtime (test-crun)
-#                 and in namespace mode, one shim for every task (test-namespace)
+#   make test   - lint (ruff, mypy --strict), the whole test suite (unit + integration against
+#                 real containerd/runc), then the integration suite again with crun as the OCI
+#                 runtime (test-crun) and in namespace mode, one shim for every task (test-namespace)
 # The newest CPython >= 3.12 on the machine (pyenv's or on PATH), else python3. 3.12+ matters:
 # the warm template makes its heap immortal (PEP 683) so forked shims share it; on 3.11
 # everything works, with ~2.5 MiB more private memory per shim.
@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := containerd runc crun criu busybox-static containernetworking-plugins
 STAMP := $(VENV)/.installed-$(PYVER)
 
-.PHONY: setup apt venv demo test test-runc test-crun test-namespace unit install uninstall proto clean bench
+.PHONY: setup apt venv demo lint test test-runc test-crun test-namespace unit install uninstall proto clean bench
 
 setup: apt venv
 
@@ -43,9 +43,16 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m integration.demo
 
-# Both passes always run (a runc failure does not hide the crun result); fails if either failed.
+# ruff over all the Python, a strict type check of the shim; both run, fails if either failed.
+# Rules and settings: [tool.ruff] and [tool.mypy] in pyproject.toml.
+lint: venv
+	@rc=0; $(VENV)/bin/ruff check shim tests integration bench || rc=1; \
+	$(VENV)/bin/mypy || rc=1; exit $$rc
+
+# Every pass always runs (a lint or runc failure does not hide the later results); fails if any failed.
 test: setup
-	@rc=0; $(MAKE) --no-print-directory test-runc || rc=1; \
+	@rc=0; $(MAKE) --no-print-directory lint || rc=1; \
+	$(MAKE) --no-print-directory test-runc || rc=1; \
 	$(MAKE) --no-print-directory test-crun || rc=1; \
 	$(MAKE) --no-print-directory test-namespace || rc=1; exit $$rc
 
@@ -93,5 +100,5 @@ proto: venv
 	$(PY) -m shim.proto.generate
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
 	find shim integration tests -name __pycache__ -type d -prune -exec rm -rf {} +

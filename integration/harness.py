@@ -614,8 +614,12 @@ def _blob(files: dict[str, bytes], data: bytes) -> str:
 
 
 def build_busybox_image(dest_tar: Path | str, ref: str = DEFAULT_REF,
-                        busybox: str = "/usr/bin/busybox") -> str:
-    """Write an OCI image-layout tarball with a static busybox; return ``ref``."""
+                        busybox: str = "/usr/bin/busybox", extra_layers: int = 0) -> str:
+    """Write an OCI image-layout tarball with a static busybox; return ``ref``.
+
+    ``extra_layers``: that many more layers on top, layer i adding ``/layers/i`` (content
+    ``i``) — an image whose overlay lowerdir no longer fits in one page.
+    """
     dest_tar = Path(dest_tar)
     bb = Path(busybox).read_bytes()
 
@@ -635,7 +639,13 @@ def build_busybox_image(dest_tar: Path | str, ref: str = DEFAULT_REF,
     layer = lbuf.getvalue()
 
     files: dict[str, bytes] = {}
-    layer_digest = _blob(files, layer)  # uncompressed: digest == diff_id
+    layer_digests = [_blob(files, layer)]  # uncompressed: digest == diff_id
+    for i in range(1, extra_layers + 1):
+        ebuf = io.BytesIO()
+        with tarfile.open(fileobj=ebuf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            _tar_add(tf, "layers")
+            _tar_add(tf, f"layers/{i}", type_=tarfile.REGTYPE, mode=0o644, data=f"{i}\n".encode())
+        layer_digests.append(_blob(files, ebuf.getvalue()))
 
     config = {
         "architecture": goarch(),
@@ -646,7 +656,7 @@ def build_busybox_image(dest_tar: Path | str, ref: str = DEFAULT_REF,
             "Cmd": ["sh"],
             "WorkingDir": "/",
         },
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+        "rootfs": {"type": "layers", "diff_ids": layer_digests},
         "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "integration/harness.py"}],
     }
     config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
@@ -658,7 +668,7 @@ def build_busybox_image(dest_tar: Path | str, ref: str = DEFAULT_REF,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                    "digest": config_digest, "size": len(config_bytes)},
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": layer_digest, "size": len(layer)}],
+                    "digest": d, "size": len(files["blobs/sha256/" + d.split(":", 1)[1]])} for d in layer_digests],
     }
     manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     manifest_digest = _blob(files, manifest_bytes)

@@ -56,63 +56,63 @@ NAMESPACE_GROUP = "@namespace"
 
 def group_id(bundle: str, id: str, namespace_mode: bool = False) -> str:
     """Which shim serves this container: its group's, else its own (or, in
-    namespace mode, the namespace's).
+    namespace mode, the namespace's), read as the Go shim reads it.
 
     CRI puts a pod's containers (and its sandbox, whose sandbox-id is its own
     id) in one group. In namespace mode only the explicit group annotation
-    counts: every pod of the namespace shares the one shim. This runs on
-    every container start, so the raw file is searched first: no key, no
-    grouping; one plain occurrence of a key, its string value is read
-    directly; anything less simple goes through json. Known differences from
-    the Go shim (issue 10 item 7; strict xfails in tests/test_bundle.py): Go
-    groups on an empty value too, fails the start when config.json is
-    missing or unreadable, and looks only inside the top-level annotations.
+    counts: every pod of the namespace shares the one shim. As in Go, only the
+    top-level ``annotations`` object counts, the first label present decides
+    even when its value is empty, and a config.json that is missing or that Go
+    could not decode (not JSON, not an object, an annotation that is not a
+    string) fails the start (OSError or ValueError). This runs on every start:
+    the document is parsed by the C scanner under ``json`` (``_json``), since
+    importing ``json`` itself costs ~10 ms here (it compiles regular expressions).
     """
-    keys = EXPLICIT_GROUP_ANNOTATIONS if namespace_mode else GROUP_ANNOTATIONS
+    with open(os.path.join(bundle, CONFIG_FILE), "rb") as f:
+        spec = _decode_json(f.read())
+    if not isinstance(spec, dict):
+        raise ValueError(f"{CONFIG_FILE}: not a JSON object")
+    annotations = spec.get("annotations")
     fallback = NAMESPACE_GROUP if namespace_mode else id
-    try:
-        with open(os.path.join(bundle, CONFIG_FILE), "rb") as f:
-            raw = f.read()
-    except OSError:
+    if annotations is None:
         return fallback
-    if not any(key.encode() in raw for key in keys):
-        return fallback
-    values = [_plain_string_member(raw, key) for key in keys]
-    if all(value is not None for value in values):
-        return next((value for value in values if value), fallback)
-    import json
-
-    try:
-        annotations = json.loads(raw).get("annotations") or {}
-    except (ValueError, AttributeError):
-        return fallback
-    for key in keys:
-        value = annotations.get(key)
-        if isinstance(value, str) and value:
-            return value
+    if not isinstance(annotations, dict) or not all(v is None or isinstance(v, str) for v in annotations.values()):
+        raise ValueError(f"{CONFIG_FILE}: annotations must map strings to strings")
+    for key in EXPLICIT_GROUP_ANNOTATIONS if namespace_mode else GROUP_ANNOTATIONS:
+        if key in annotations:
+            # Go: the first label present decides, even empty. Namespace mode is ours: an
+            # empty explicit group there asks for no group of its own.
+            return annotations[key] or (fallback if namespace_mode else "")
     return fallback
 
 
-def _plain_string_member(raw: bytes, key: str) -> str | None:
-    """The value of ``"key": "value"`` when it occurs at most once and needs no
-    unescaping ("" if absent); None when json must decide."""
-    needle = b'"' + key.encode() + b'"'
-    start = raw.find(needle)
-    if start < 0:
-        return ""
-    if raw.find(needle, start + 1) >= 0:
-        return None
-    rest = raw[start + len(needle) :].lstrip()
-    if not rest.startswith(b":"):
-        return None
-    rest = rest[1:].lstrip()
-    if not rest.startswith(b'"'):
-        return None
-    end = rest.find(b'"', 1)
-    value = rest[1:end]
-    if end < 0 or b"\\" in value:
-        return None
+class _Strict:
+    """The decoder settings ``json.loads`` uses, for ``_json.make_scanner``."""
+
+    strict = True
+    object_hook = object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name: str) -> float:
+        raise ValueError(f"{CONFIG_FILE}: {name} is not JSON")  # Go refuses NaN and Infinity
+
+
+_JSON_SPACE = " \t\n\r"
+
+
+def _decode_json(raw: bytes) -> object:
+    """``json.loads(raw)`` without importing ``json`` (a ValueError for anything it refuses)."""
+    from _json import make_scanner
+
+    text = raw.decode()
+    start = len(text) - len(text.lstrip(_JSON_SPACE))
     try:
-        return value.decode()
-    except UnicodeDecodeError:
-        return None
+        # typeshed wants a JSONDecoder-shaped context; the C scanner reads only these attributes
+        value, end = make_scanner(_Strict())(text, start)  # type: ignore[arg-type]
+    except StopIteration as e:
+        raise ValueError(f"{CONFIG_FILE}: not JSON (at offset {e.value})") from None
+    if text[end:].strip(_JSON_SPACE):
+        raise ValueError(f"{CONFIG_FILE}: extra data after the JSON document (offset {end})")
+    return value

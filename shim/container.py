@@ -174,14 +174,24 @@ def shares_pid_namespace(bundle: str) -> bool:
     """True unless the spec gives the container a pid namespace of its own.
 
     Then the kernel does not kill the container's other processes when init
-    dies, so the shim must (as the Go shim does).
+    dies, so the shim must (as the Go shim does). A spec that cannot be read
+    counts as shared, as in Go: killing what is left is the safe side.
+    Blocking (a file read): called from a worker thread.
     """
     try:
         with open(os.path.join(bundle, CONFIG_FILE)) as f:
             namespaces = json.load(f).get("linux", {}).get("namespaces", [])
-    except (OSError, ValueError, AttributeError):
-        return False
-    return not any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+        return not any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return True
+
+
+def _criu_dump_failure(work: str, kept: str) -> str:
+    """criu's dump log tail for the error, and a copy kept in the bundle (blocking)."""
+    tail = _criu_log_tail(work, "dump.log")
+    if _keep_copy(os.path.join(work, "dump.log"), kept):
+        tail += f"\n(kept as {kept})"
+    return tail
 
 
 def exec_spec(exec_id: str, spec: bytes, terminal: bool) -> bytes:
@@ -276,7 +286,7 @@ class Container:
         runtime_called = False
         watch: Watch | None = None
         try:
-            self._mount_rootfs()
+            await self._mount_rootfs()
             log.debug("%s: rootfs mounted", self.id)
             init.io = self._new_io(req.stdio)
             req.options.write(self.bundle, self.ctx.namespace)
@@ -304,7 +314,7 @@ class Container:
             if runtime_called and (watch is not None or not isinstance(e, RuncError)):
                 # cancelled in runc create, or failed after it: what it made must not stay
                 await self._discard(watch)
-            self._release()
+            await self._release()
             if isinstance(e, RuncError):
                 raise ShimError(f"OCI runtime create failed: {e.detail}") from e
             raise
@@ -374,27 +384,36 @@ class Container:
         if watch is not None:
             self.ctx.reaper.unwatch(watch)
 
-    def _mount_rootfs(self) -> None:
+    async def _mount_rootfs(self) -> None:
+        """Mount in a worker thread: an overlay of many layers, a loop device, a slow disk
+        must not stall the other containers' requests (not cancellable: a mount either
+        happened or not, and ``_mounted`` must say which)."""
         if not self.request.rootfs:
             return
-        os.makedirs(self.rootfs, 0o711, exist_ok=True)
-        try:
+
+        def mount() -> None:
+            os.makedirs(self.rootfs, 0o711, exist_ok=True)
             mount_all(self.request.rootfs, self.rootfs)
+
+        try:
+            await trio.to_thread.run_sync(mount)
         except OSError as e:
             raise ShimError(f"failed to mount rootfs component: {e}") from e
         self._mounted = True
 
-    def _release(self) -> None:
-        """Give back fds and mounts (failed create, or delete)."""
+    async def _release(self) -> None:
+        """Give back fds and mounts (failed create, or delete), even when cancelled; the
+        unmount runs in a worker thread (a busy mount is retried for a while)."""
         for process in (self.init, *self.execs.values()):
             if process.io is not None:
                 process.io.close()
         if self._mounted:
-            try:
-                unmount_all(self.rootfs)
-            except OSError as e:
-                log.warning("unmount %s: %s", self.rootfs, e)
             self._mounted = False
+            with trio.CancelScope(shield=True):
+                try:
+                    await trio.to_thread.run_sync(unmount_all, self.rootfs)
+                except OSError as e:
+                    log.warning("unmount %s: %s", self.rootfs, e)
 
     # -- processes ----------------------------------------------------------
 
@@ -458,7 +477,8 @@ class Container:
                 )
                 watch = self._watch_pid_file(pid_file)
         except RuncError as e:
-            raise ShimError(f"OCI runtime restore failed: {e.detail}{_criu_log_tail(work, 'restore.log')}") from e
+            tail = await trio.to_thread.run_sync(_criu_log_tail, work, "restore.log")
+            raise ShimError(f"OCI runtime restore failed: {e.detail}{tail}") from e
         init.io.close_child_ends()
         await init.io.start(self.tasks)
         init.pid, init.watch = watch.pid, watch
@@ -476,14 +496,12 @@ class Container:
         try:
             await self.runc.checkpoint(self.id, request.path, work, request.runc_flags())
         except RuncError as e:
-            kept = os.path.join(self.bundle, "criu-dump.log")
-            tail = _criu_log_tail(work, "dump.log")
-            if _keep_copy(os.path.join(work, "dump.log"), kept):
-                tail += f"\n(kept as {kept})"
+            tail = await trio.to_thread.run_sync(_criu_dump_failure, work, os.path.join(self.bundle, "criu-dump.log"))
             raise ShimError(f"checkpoint failed: {e.detail}{tail}") from e
         finally:
             if ours:
-                shutil.rmtree(work, ignore_errors=True)
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
         self.ctx.events.publish(
             ev.TASK_CHECKPOINTED, events_pb2.TaskCheckpointed(container_id=self.id, checkpoint=request.path)
         )
@@ -585,7 +603,7 @@ class Container:
                     await init.wait()
         else:
             await init.wait()  # TaskExit goes out before TaskDelete (it follows the output)
-        self._release()
+        await self._release()
         if self.ctx.oom is not None:
             self.ctx.oom.remove(self.id)
         exit = init.exit
@@ -701,7 +719,7 @@ class Container:
 
     async def _before_init_exit(self) -> None:
         """Let every exec's exit go out before the init's (containerd relies on it)."""
-        if shares_pid_namespace(self.bundle):
+        if await trio.to_thread.run_sync(shares_pid_namespace, self.bundle):
             try:
                 await self.runc.kill(self.id, signal.SIGKILL, all=True)
             except RuncError as e:

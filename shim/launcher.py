@@ -85,15 +85,24 @@ def _read_stdin() -> bytes:
         return b""
 
 
-def _oom_score_above_parent(pid: int) -> None:
-    """Like the Go shim: the shim is a slightly better OOM victim than containerd."""
+def _oom_score_above_parent(pid: int, parent: int = 0) -> None:
+    """Like the Go shim: the shim is a slightly better OOM victim than containerd.
+
+    A failure fails the start (OSError), as in Go, except a refusal to raise the score
+    when we are not root (Go: unprivileged or in a user namespace), which is ignored.
+    """
+    with open(f"/proc/{parent or os.getppid()}/oom_score_adj") as f:
+        text = f.read()
     try:
-        with open(f"/proc/{os.getppid()}/oom_score_adj") as f:
-            score = int(f.read())
+        score = int(text)
+    except ValueError:
+        raise OSError(f"oom_score_adj of containerd: {text.strip()!r}") from None
+    try:
         with open(f"/proc/{pid}/oom_score_adj", "w") as f:
             f.write(str(min(score + 1, 1000)))
-    except (OSError, ValueError):
-        pass
+    except PermissionError:
+        if os.geteuid() == 0:
+            raise
 
 
 def join_cgroup(pid: int, path: str, root: str = "/sys/fs/cgroup") -> None:
@@ -198,17 +207,17 @@ def start(flags: Flags) -> int:
             raise
         finally:
             sock.close()
-        _oom_score_above_parent(pid)
-        cgroup = settings.shim_cgroup()
-        if cgroup:
-            try:
+        try:
+            _oom_score_above_parent(pid)
+            cgroup = settings.shim_cgroup()
+            if cgroup:
                 join_cgroup(pid, cgroup)
-            except OSError:
-                import signal  # only on this failure path: it costs 4 ms to import
-
-                os.kill(pid, signal.SIGKILL)  # a shim outside its cgroup must not serve
-                os.unlink(path)
-                raise
+        except OSError:
+            # As Go's start: a shim that is not the OOM victim it should be, or outside
+            # its cgroup, must not serve.
+            os.kill(pid, 9)  # SIGKILL (importing signal costs the launcher ~4 ms)
+            os.unlink(path)
+            raise
     write_atomic(os.path.join(bundle, ADDRESS_FILE), address)
     sys.stdout.buffer.write(render_start_output(address, given))
     sys.stdout.flush()

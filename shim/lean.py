@@ -38,11 +38,22 @@ def unix_socket(kind: int = SOCK_STREAM) -> _socket.socket:
     return _socket.socket(AF_UNIX, kind)
 
 
+#: How long a liveness probe may wait for a connect (a full backlog blocks it).
+PROBE_TIMEOUT = 1.0
+
+
 def accepts(path: str, kind: int = SOCK_STREAM) -> bool:
-    """Whether something listens on the unix socket at path."""
+    """Whether something listens on the unix socket at path.
+
+    A listener whose backlog is full (a busy shim) makes connect wait, or fail with
+    EAGAIN: it is alive, never a dead shim's leftover to remove.
+    """
     probe = unix_socket(kind)
+    probe.settimeout(PROBE_TIMEOUT)
     try:
         probe.connect(path)
+        return True
+    except (TimeoutError, BlockingIOError):
         return True
     except OSError:
         return False

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import struct
+import time
+from collections.abc import Callable
 
 from .record import Factory, record
 
@@ -34,6 +38,9 @@ MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 
 MNT_DETACH = 2
+#: containerd's UnmountAll: a busy mount is retried this often, this far apart, before we detach it.
+UNMOUNT_BUSY_RETRIES = 50
+UNMOUNT_BUSY_DELAY = 0.05
 
 # option -> (clear?, flag)
 _FLAG_OPTIONS: dict[str, tuple[bool, int]] = {
@@ -126,10 +133,108 @@ def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None
     _check(result, f"mount {fstype or 'bind'} {source} on {target}")
 
 
+#: mount(2) copies at most one page of option data: a longer overlay lowerdir is EINVAL.
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+#: struct loop_config: fd, block_size, struct loop_info64, 8 reserved u64
+_LOOP_CONFIG = "=II QQQQQ IIII 64s64s32s QQ 8Q"
+LOOP_ATTEMPTS = 10  # another process may take the free device between the query and ours
+
+
+def compact_lowerdir(data: str, parent_fd_path: Callable[[str], str]) -> tuple[str, str]:
+    """Overlay option data with each lowerdir given relative to the layers' common parent.
+
+    containerd's snapshots are ``<root>/snapshots/<n>/fs``: with dozens of layers the
+    absolute paths overflow the page mount(2) accepts. ``parent_fd_path(parent)`` returns a
+    short path that names the parent (``/proc/self/fd/N`` of an open fd; containerd chdirs
+    in a child instead); returns (new data, parent), or (data, "") when nothing is shorter.
+    """
+    options = data.split(",")
+    for i, option in enumerate(options):
+        if not option.startswith("lowerdir="):
+            continue
+        layers = option.removeprefix("lowerdir=").split(":")
+        parent = os.path.commonpath(layers) if all(layer.startswith("/") for layer in layers) else ""
+        if parent in ("", "/"):
+            return data, ""
+        short = parent_fd_path(parent)
+        options[i] = "lowerdir=" + ":".join(
+            short if layer == parent else f"{short}/{os.path.relpath(layer, parent)}" for layer in layers
+        )
+        return ",".join(options), parent
+    return data, ""
+
+
+def _mount_overlay(source: str, target: str, flags: int, data: str) -> None:
+    if len(data) < PAGE_SIZE:
+        _mount(source, target, "overlay", flags, data)
+        return
+    fds: list[int] = []
+
+    def through_fd(parent: str) -> str:
+        fds.append(os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        return f"/proc/self/fd/{fds[-1]}"
+
+    try:
+        compacted, _ = compact_lowerdir(data, through_fd)
+        _mount(source, target, "overlay", flags, compacted)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def attach_loop(path: str, read_only: bool) -> tuple[str, int]:
+    """A free loop device backed by ``path``: (device path, an fd on it).
+
+    The device is set to clear itself (LO_FLAGS_AUTOCLEAR) when its last user goes, so the
+    unmount frees it; the caller closes the fd once the mount holds the device (closing it
+    before would free the device at once).
+    """
+    mode = os.O_RDONLY if read_only else os.O_RDWR
+    backing = os.open(path, mode | os.O_CLOEXEC)
+    try:
+        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for _ in range(LOOP_ATTEMPTS):
+                device = f"/dev/loop{fcntl.ioctl(control, LOOP_CTL_GET_FREE)}"
+                fd = os.open(device, mode | os.O_CLOEXEC)
+                flags = LO_FLAGS_AUTOCLEAR | (LO_FLAGS_READ_ONLY if read_only else 0)
+                config = struct.pack(_LOOP_CONFIG, backing, 0, 0, 0, 0, 0, 0, 0, 0, 0, flags,
+                                     os.fsencode(path)[:63], b"", b"", 0, 0, *[0] * 8)
+                try:
+                    fcntl.ioctl(fd, LOOP_CONFIGURE, config)
+                    return device, fd
+                except OSError as e:
+                    os.close(fd)
+                    if e.errno != errno.EBUSY:
+                        raise OSError(e.errno, f"loop device for {path}: {e.strerror}") from e
+            raise OSError(errno.EBUSY, f"no free loop device for {path}")
+        finally:
+            os.close(control)
+    finally:
+        os.close(backing)
+
+
 def mount(spec: MountSpec, target: str) -> None:
-    parsed = parse_options(spec.options)
+    """One containerd mount; blocking (the shim calls it from a worker thread)."""
+    options = [option for option in spec.options if option != "loop"]
+    parsed = parse_options(options)
     flags = parsed.flags
-    _mount(spec.source, target, spec.type, flags & ~MS_REMOUNT if flags & MS_BIND else flags, parsed.data)
+    source, loop_fd = spec.source, -1
+    if len(options) != len(spec.options):  # a file system image: mount it through a loop device
+        source, loop_fd = attach_loop(spec.source, read_only=bool(flags & MS_RDONLY))
+    try:
+        if spec.type == "overlay":
+            _mount_overlay(source, target, flags, parsed.data)
+        else:
+            _mount(source, target, spec.type, flags & ~MS_REMOUNT if flags & MS_BIND else flags, parsed.data)
+    finally:
+        if loop_fd >= 0:
+            os.close(loop_fd)  # the mount holds the device now (or, failed, it clears itself)
     # A bind mount ignores MS_RDONLY and friends on the first call; remount to apply them.
     if flags & MS_BIND and flags & (MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC):
         _mount("", target, "", flags | MS_REMOUNT, "")
@@ -158,7 +263,14 @@ def unmount(target: str) -> bool:
     if err in (errno.EINVAL, errno.ENOENT):
         return False
     if err == errno.EBUSY:
-        # Something still holds it (a straggler process); detach so the bundle can go.
+        # Something still holds it (a straggler process): retry as containerd does, then
+        # detach so the bundle can go.
+        for _ in range(UNMOUNT_BUSY_RETRIES):
+            time.sleep(UNMOUNT_BUSY_DELAY)
+            if _libc.umount2(target.encode(), 0) == 0:
+                return True
+            if ctypes.get_errno() != errno.EBUSY:
+                break
         _check(_libc.umount2(target.encode(), MNT_DETACH), f"umount {target}")
         return True
     raise OSError(err, f"umount {target}: {os.strerror(err)}")

@@ -9,6 +9,7 @@ second request exactly "while runc start runs" without any sleep.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -137,9 +138,18 @@ class Harness:
     runtime: FakeRuntime
     events: Events
     router: ExitRouter
+    #: What the runtime had been asked while a racing call was parked (tests' race helper).
+    calls_while_parked: list[str] = field(default_factory=list)
 
 
-def make_container(bundle: str, nursery: trio.Nursery, id: str = "c1") -> Harness:
+#: A container with a pid namespace of its own (the common case: no kill-all at init exit).
+OWN_PID_NAMESPACE = '{"ociVersion": "1.0.2", "linux": {"namespaces": [{"type": "pid"}]}}'
+
+
+def make_container(bundle: str, nursery: trio.Nursery, id: str = "c1", config: str | None = OWN_PID_NAMESPACE) -> Harness:
+    if config is not None:
+        with open(os.path.join(bundle, "config.json"), "w") as f:
+            f.write(config)
     router = ExitRouter()
     events = Events()
     made: list[FakeRuntime] = []

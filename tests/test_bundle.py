@@ -17,14 +17,12 @@ def write_config(bundle: Path, annotations: dict[str, str] | None) -> None:
     (bundle / "config.json").write_text(json.dumps(spec))
 
 
-# Three assertions below (no config.json; an empty sandbox-id; unparsable JSON) pin
-# today's behaviour where it differs from the Go shim's: see the xfail tests at the
-# end (issue 10 item 7). They flip when group_id follows Go.
-def test_no_config_means_own_shim(tmp_path: Path) -> None:
-    assert group_id(str(tmp_path), "c1") == "c1"
+def test_no_config_fails_the_start_as_in_go(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        group_id(str(tmp_path), "c1")
 
 
-@pytest.mark.parametrize("annotations", [None, {}, {"other": "x"}, {"io.kubernetes.cri.sandbox-id": ""}])
+@pytest.mark.parametrize("annotations", [None, {}, {"other": "x"}])
 def test_no_group_annotation_means_own_shim(tmp_path: Path, annotations) -> None:
     write_config(tmp_path, annotations)
     assert group_id(str(tmp_path), "c1") == "c1"
@@ -40,9 +38,10 @@ def test_explicit_group_wins_over_sandbox_id(tmp_path: Path) -> None:
     assert group_id(str(tmp_path), "app") == "g"
 
 
-def test_unparsable_config_with_a_key_falls_back(tmp_path: Path) -> None:
+def test_unparsable_config_with_a_key_fails_the_start(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"annotations": {"io.kubernetes.cri.sandbox-id": ')
-    assert group_id(str(tmp_path), "c1") == "c1"
+    with pytest.raises(ValueError):
+        group_id(str(tmp_path), "c1")
 
 
 def test_key_outside_annotations_or_repeated_goes_through_json(tmp_path: Path) -> None:
@@ -81,7 +80,6 @@ def test_pretty_printed_config(tmp_path: Path) -> None:
 # annotations object do not count.
 
 GO_GROUP_LABELS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
-GO_DIFFERENCE = "issue 10 item 7: group_id differs from the Go shim here"
 
 
 class GoStartFails(Exception):
@@ -209,7 +207,6 @@ def test_group_id_edge_cases_agree_with_go(tmp_path: Path, raw: str, expected: s
     assert group_id(str(tmp_path), "own-id") == expected
 
 
-@pytest.mark.xfail(reason=GO_DIFFERENCE, strict=True)
 @pytest.mark.parametrize("annotations,expected", [
     ({"io.kubernetes.cri.sandbox-id": ""}, ""),
     ({"io.containerd.runc.v2.group": ""}, ""),
@@ -224,7 +221,6 @@ def test_empty_group_annotation_is_a_group_in_go(tmp_path: Path, annotations, ex
     assert group_id(str(tmp_path), "c1") == expected
 
 
-@pytest.mark.xfail(reason=GO_DIFFERENCE, strict=True)
 @pytest.mark.parametrize("raw", [
     None,  # no config.json at all
     '{"annotations": {"io.kubernetes.cri.sandbox-id": ',  # not JSON, with a label
@@ -243,7 +239,6 @@ def test_config_go_cannot_read_fails_the_start(tmp_path: Path, raw) -> None:
         group_id(str(tmp_path), "c1")
 
 
-@pytest.mark.xfail(reason=GO_DIFFERENCE, strict=True)
 @pytest.mark.parametrize("raw,expected", [
     # a label as a member of another object, once: not an annotation
     ('{"linux": {"sysctl": {"io.kubernetes.cri.sandbox-id": "fake"}}}', "c1"),

@@ -8,6 +8,7 @@ per-process lock the second request ran its runtime call in the middle of the fi
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ async def running(tmp_path: Path, nursery: trio.Nursery) -> Harness:
     return h
 
 
-async def outcome(call) -> str:  # type: ignore[no-untyped-def]
+async def outcome(call: Callable[[], Awaitable[object]]) -> str:
     """'ok' or the containerd error's class name: what a racing request got."""
     try:
         await call()
@@ -44,27 +45,35 @@ async def outcome(call) -> str:  # type: ignore[no-untyped-def]
     return "ok"
 
 
+async def race(
+    h: Harness, nursery: trio.Nursery, parked: str, first: Callable[[], Awaitable[object]],
+    second: Callable[[], Awaitable[object]],
+) -> list[str]:
+    """Run ``first`` until its runtime call ``parked`` is inside the runtime, send ``second``,
+    let the runtime answer; the two outcomes once both are done."""
+    gate = h.runtime.gate(parked)
+    results = ["", ""]
+
+    async def run(i: int, call: Callable[[], Awaitable[object]]) -> None:
+        results[i] = await outcome(call)
+
+    nursery.start_soon(run, 0, first)
+    await gate.entered.wait()
+    nursery.start_soon(run, 1, second)
+    await trio.testing.wait_all_tasks_blocked()
+    h.calls_while_parked = h.runtime.commands()
+    gate.release.set()
+    await trio.testing.wait_all_tasks_blocked()
+    return results
+
+
 async def test_delete_waits_for_start_in_flight_and_is_then_refused(tmp_path: Path) -> None:
     """Before: Delete of a CREATED task ran `runc delete --force` while `runc start` ran."""
     async with trio.open_nursery() as nursery:
         h = await created(tmp_path, nursery)
-        gate = h.runtime.gate("start")
-        results: dict[str, str] = {}
-
-        async def start() -> None:
-            results["start"] = await outcome(h.container.start)
-
-        async def delete() -> None:
-            results["delete"] = await outcome(h.container.delete)
-
-        nursery.start_soon(start)
-        await gate.entered.wait()
-        nursery.start_soon(delete)
-        await trio.testing.wait_all_tasks_blocked()
-        assert h.runtime.commands() == ["create", "start"]  # no delete while start runs
-        gate.release.set()
-        await trio.testing.wait_all_tasks_blocked()
-        assert results == {"start": "ok", "delete": "FailedPrecondition"}
+        results = await race(h, nursery, "start", h.container.start, h.container.delete)
+        assert h.calls_while_parked == ["create", "start"]  # no delete while start runs
+        assert results == ["ok", "FailedPrecondition"]
         assert h.runtime.commands() == ["create", "start"]
         assert h.container.init.state is State.RUNNING
         h.runtime.exit(h.runtime.init_pid, 0)
@@ -76,22 +85,8 @@ async def test_pause_and_resume_sent_together_both_apply_in_order(tmp_path: Path
     """Before: Resume was checked while Pause's runc call ran (state still RUNNING): refused."""
     async with trio.open_nursery() as nursery:
         h = await running(tmp_path, nursery)
-        gate = h.runtime.gate("pause")
-        results: dict[str, str] = {}
-
-        async def pause() -> None:
-            results["pause"] = await outcome(h.container.pause)
-
-        async def resume() -> None:
-            results["resume"] = await outcome(h.container.resume)
-
-        nursery.start_soon(pause)
-        await gate.entered.wait()
-        nursery.start_soon(resume)
-        await trio.testing.wait_all_tasks_blocked()
-        gate.release.set()
-        await trio.testing.wait_all_tasks_blocked()
-        assert results == {"pause": "ok", "resume": "ok"}
+        results = await race(h, nursery, "pause", h.container.pause, h.container.resume)
+        assert results == ["ok", "ok"]
         assert h.runtime.commands() == ["create", "start", "pause", "resume"]
         assert h.container.init.state is State.RUNNING
         h.runtime.exit(h.runtime.init_pid, 0)
@@ -118,21 +113,8 @@ async def test_kill_racing_delete_gets_a_documented_code(tmp_path: Path) -> None
         h = await running(tmp_path, nursery)
         h.runtime.exit(h.runtime.init_pid, 137)
         await h.container.init.wait()
-        gate = h.runtime.gate("delete")
-        results: dict[str, str] = {}
-
-        async def delete() -> None:
-            results["delete"] = await outcome(h.container.delete)
-
-        async def kill() -> None:
-            results["kill"] = await outcome(lambda: h.container.kill("", 9))
-
-        nursery.start_soon(delete)
-        await gate.entered.wait()
-        nursery.start_soon(kill)
-        await trio.testing.wait_all_tasks_blocked()
-        gate.release.set()
-    assert results == {"delete": "ok", "kill": "NotFound"}
+        results = await race(h, nursery, "delete", h.container.delete, lambda: h.container.kill("", 9))
+    assert results == ["ok", "NotFound"]
     assert "kill" not in h.runtime.commands()  # a stopped task is never signalled
     assert h.events.topics()[-2:] == [ev.TASK_EXIT, ev.TASK_DELETE]
 
@@ -174,22 +156,8 @@ async def test_exec_start_and_delete_of_the_exec_race(tmp_path: Path) -> None:
         h = await running(tmp_path, nursery)
         c = h.container
         c.add_exec("e1", StdioPaths(), json.dumps({"args": ["true"], "cwd": "/"}).encode())
-        gate = h.runtime.gate("exec")
-        results: dict[str, str] = {}
-
-        async def start() -> None:
-            results["start"] = await outcome(lambda: c.start("e1"))
-
-        async def delete() -> None:
-            results["delete"] = await outcome(lambda: c.delete("e1"))
-
-        nursery.start_soon(start)
-        await gate.entered.wait()
-        nursery.start_soon(delete)
-        await trio.testing.wait_all_tasks_blocked()
-        gate.release.set()
-        await trio.testing.wait_all_tasks_blocked()
-        assert results == {"start": "ok", "delete": "FailedPrecondition"}
+        results = await race(h, nursery, "exec", lambda: c.start("e1"), lambda: c.delete("e1"))
+        assert results == ["ok", "FailedPrecondition"]
         assert c.execs["e1"].state is State.RUNNING
         h.runtime.exit(h.runtime.exec_pids[0], 0)
         await c.execs["e1"].wait()
@@ -253,3 +221,21 @@ async def test_refused_operations_name_the_state(tmp_path: Path) -> None:
         await h.container.delete()
     assert h.runtime.calls[-1] == ("delete", "c1", "--force")
     assert h.events.topics() == [ev.TASK_CREATE, ev.TASK_DELETE]  # no exit for a never-started task
+
+
+@pytest.mark.parametrize("config,kills_all", [
+    (None, True),  # unreadable spec: kill what is left, as Go does
+    ('{"linux": {"namespaces": [{"type": "mount"}]}}', True),  # the host's (or a shared) pid namespace
+    ('{"linux": {"namespaces": [{"type": "pid", "path": "/proc/1/ns/pid"}]}}', True),  # joined
+    ('{"linux": {"namespaces": [{"type": "pid"}]}}', False),  # its own: the kernel kills the rest
+])
+async def test_init_exit_kills_the_rest_unless_the_pid_namespace_is_its_own(
+    tmp_path: Path, config: str | None, kills_all: bool
+) -> None:
+    async with trio.open_nursery() as nursery:
+        h = make_container(str(tmp_path), nursery, config=config)
+        await h.container.create()
+        await h.container.start()
+        h.runtime.exit(h.runtime.init_pid, 0)
+        await h.container.init.wait()
+    assert (("kill", "c1", "9") in h.runtime.calls) is kills_all

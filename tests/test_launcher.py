@@ -161,3 +161,22 @@ def test_a_launcher_never_removes_a_socket_another_is_still_setting_up(tmp_path)
         first.close()
         if isinstance(result[:1] and result[0], socket.socket):
             result[0].close()
+
+
+def test_the_shim_is_made_a_slightly_better_oom_victim_or_the_start_fails() -> None:
+    import subprocess
+
+    from shim.launcher import _oom_score_above_parent
+
+    with open(f"/proc/{os.getpid()}/oom_score_adj") as f:
+        ours = int(f.read())
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        _oom_score_above_parent(child.pid, parent=os.getpid())
+        with open(f"/proc/{child.pid}/oom_score_adj") as f:
+            assert int(f.read()) == min(ours + 1, 1000)
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(OSError):  # as Go's start: it cannot be set, no start
+        _oom_score_above_parent(child.pid, parent=os.getpid())

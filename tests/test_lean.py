@@ -129,3 +129,33 @@ def test_lean_imports_neither_socket_nor_hashlib() -> None:
     out = subprocess.run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {probe}"],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_a_listener_with_a_full_backlog_is_alive(tmp_path) -> None:
+    """A busy shim whose backlog is full must not be taken for a dead one (its socket would
+    be removed and a second shim started), nor hang the probe."""
+    import socket
+
+    from shim import lean
+
+    path = str(tmp_path / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(0)
+    fillers = []
+    try:
+        while True:  # fill the backlog (never accepted)
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                s.close()
+                break
+            fillers.append(s)
+        assert lean.accepts(path)
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+    assert not lean.accepts(path)  # closed: refused, a dead leftover

@@ -85,3 +85,31 @@ def test_propagation_is_separated(option: str, propagation: int) -> None:
 
 def test_last_propagation_wins() -> None:
     assert parse_options(["rshared", "rprivate"]).propagation == MS_PRIVATE | MS_REC
+
+
+def test_compact_lowerdir_names_layers_through_their_common_parent() -> None:
+    from shim.mount import compact_lowerdir
+
+    root = "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots"
+    layers = [f"{root}/{n}/fs" for n in range(64, 0, -1)]
+    data = f"index=off,lowerdir={':'.join(layers)},upperdir={root}/65/fs,workdir={root}/65/work"
+    assert len(data) > 4096
+    compacted, parent = compact_lowerdir(data, lambda path: "/proc/self/fd/9")
+    assert parent == root
+    assert len(compacted) < 4096
+    options = compacted.split(",")
+    assert options[0] == "index=off"
+    assert options[1] == "lowerdir=" + ":".join(f"/proc/self/fd/9/{n}/fs" for n in range(64, 0, -1))
+    assert options[2:] == [f"upperdir={root}/65/fs", f"workdir={root}/65/work"]  # untouched
+
+
+def test_compact_lowerdir_leaves_what_it_cannot_shorten() -> None:
+    from shim.mount import compact_lowerdir
+
+    def never(path: str) -> str:
+        raise AssertionError("no parent to open")
+
+    assert compact_lowerdir("lowerdir=/a:/b", never) == ("lowerdir=/a:/b", "")  # only "/" in common
+    assert compact_lowerdir("lowerdir=rel/a:rel/b", never) == ("lowerdir=rel/a:rel/b", "")
+    assert compact_lowerdir("upperdir=/x", never) == ("upperdir=/x", "")
+    assert compact_lowerdir("lowerdir=/l/a", lambda p: "/proc/self/fd/3") == ("lowerdir=/proc/self/fd/3", "/l/a")

@@ -108,4 +108,5 @@ def test_namespace_mode_groups_everything_but_an_explicit_group(tmp_path: Path) 
     assert group_id(explicit, "c2", namespace_mode=True) == "mine"
     empty = bundle_with(tmp_path / "empty", {"io.containerd.runc.v2.group": ""})
     assert group_id(empty, "c3", namespace_mode=True) == NAMESPACE_GROUP
-    assert group_id(str(tmp_path / "missing"), "c4", namespace_mode=True) == NAMESPACE_GROUP
+    with pytest.raises(FileNotFoundError):  # as Go's start: no config.json, no start
+        group_id(str(tmp_path / "missing"), "c4", namespace_mode=True)

@@ -172,6 +172,8 @@ def started(release: Release) -> Iterator[tuple[Started, list[int]]]:
     try:
         bundle = os.path.join(tmp, "bundle")
         os.mkdir(bundle)
+        with open(os.path.join(bundle, "config.json"), "w") as f:  # containerd always writes one
+            f.write('{"ociVersion": "1.0.2", "annotations": {}}')
         grpc = os.path.join(tmp, "containerd.sock")  # unique: so is the socket's hash
         ttrpc = grpc + ".ttrpc"
         id = f"bs-{release.name}-{secrets.token_hex(3)}"

@@ -9,19 +9,24 @@ order. While containerd cannot be reached the head event is retried with
 backoff and nothing behind it overtakes it. Only an event containerd itself
 rejects (a status other than Unavailable/DeadlineExceeded) is given up after a
 few tries, so one bad event cannot wedge the queue forever.
+
+Memory stays bounded however long containerd stays away: past a thousand
+events the queue spills to an unnamed file (``shim.event_queue``), written and
+read back in worker threads. Delivery is at least once: an event whose
+Forward was cut by a broken connection is sent again on the next one (containerd
+may then see it twice); in the normal path every event is sent exactly once.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
-from dataclasses import dataclass
 
 import trio
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
+from .event_queue import EventQueue, Pending
 from .proto import events_service_pb2
 from .ttrpc import Client, Code, TTRPCError, open_client
 
@@ -56,18 +61,12 @@ def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return ts
 
 
-@dataclass
-class _Pending:
-    topic: str
-    payload: bytes
-    rejections: int = 0
-
-
 class EventPublisher:
-    def __init__(self, ttrpc_address: str, namespace: str) -> None:
+    def __init__(self, ttrpc_address: str, namespace: str, spill_directory: str = ".") -> None:
         self.address = ttrpc_address
         self.namespace = namespace
-        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queue = EventQueue(spill_directory)
+        self._spill_wakeup = trio.Event()
         self._wakeup = trio.Event()
         self._empty = trio.Event()
         self._empty.set()
@@ -78,10 +77,12 @@ class EventPublisher:
             timestamp=timestamp(time.time()), namespace=self.namespace, topic=topic, event=pack_any(event)
         )
         payload = events_service_pb2.ForwardRequest(envelope=envelope).SerializeToString()
-        self._queue.append(_Pending(topic, payload))
+        self._queue.append(Pending(topic, payload))
         if self._empty.is_set():
             self._empty = trio.Event()
         self._wakeup.set()
+        if self._queue.needs_flush():
+            self._spill_wakeup.set()
 
     @property
     def pending(self) -> int:
@@ -95,6 +96,40 @@ class EventPublisher:
         return False
 
     async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._spill)
+                await self._publish()
+        finally:
+            self._queue.close()
+
+    async def _spill(self) -> None:
+        """Write spilled events out as chunks fill (the file IO in a worker thread)."""
+        while True:
+            while not self._queue.needs_flush():
+                self._spill_wakeup = trio.Event()
+                await self._spill_wakeup.wait()
+            data, offset, count = self._queue.take_chunk()
+            try:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._queue.write, data, offset)
+            except OSError as e:
+                log.error("event spill file: %s; %d events kept in memory for now", e, count)
+                self._queue.flush_failed(data, count)
+                await trio.sleep(1.0)
+                continue
+            self._queue.flushed(len(data), count)
+            self._wakeup.set()  # a publisher may wait for them to be readable
+
+    async def _head(self) -> Pending | None:
+        """The oldest event, read back from the spill file if it is there."""
+        if self._queue.needs_refill():
+            offset, length = self._queue.refill_range()
+            data = await trio.to_thread.run_sync(self._queue.read, offset, length)
+            self._queue.refilled(data)
+        return self._queue.head()
+
+    async def _publish(self) -> None:
         backoff = 0.05
         while True:
             await self._wait_for_events()
@@ -112,16 +147,18 @@ class EventPublisher:
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
 
-    async def _wait_for_events(self) -> None:
-        while not self._queue:
-            self._wakeup = trio.Event()
+    async def _wait_for_events(self) -> Pending:
+        while True:
+            head = await self._head() if self._queue else None
+            if head is not None:
+                return head
+            self._wakeup = trio.Event()  # nothing queued, or the next ones are still being written
             await self._wakeup.wait()
 
     async def _send_queued(self, client: Client) -> None:
         metadata = [(NAMESPACE_METADATA, self.namespace)]
         while True:
-            await self._wait_for_events()
-            head = self._queue[0]
+            head = await self._wait_for_events()
             try:
                 await client.call(SERVICE, "Forward", head.payload, metadata=metadata, timeout=SEND_TIMEOUT)
             except TTRPCError as e:

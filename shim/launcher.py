@@ -167,7 +167,7 @@ def _start_shim(config: ShimConfig, sock: _socket.socket, shared: bool = False) 
     """
     if shared or not template.enabled():
         return spawn(config, sock)
-    template_path = template.socket_path(config.address)
+    template_path = template.socket_path(config.address, os.path.dirname(config.socket_path))
     pid, template_alive = template.request_fork(template_path, config, sock)
     if pid is not None:
         return pid

@@ -66,10 +66,11 @@ def fingerprint() -> str:
     return h.hexdigest()
 
 
-def socket_path(containerd_address: str) -> str:
-    """One template per containerd (its -address) and per installed version."""
+def socket_path(containerd_address: str, directory: str = SOCKET_DIR) -> str:
+    """One template per containerd (its -address) and per installed version, in the
+    directory of the shims' sockets (containerd 2.3 may name another one)."""
     digest = lean.sha256_hex(f"{fingerprint()}\0{containerd_address}".encode())[:32]
-    return os.path.join(SOCKET_DIR, f"py-template-{digest}")
+    return os.path.join(directory, f"py-template-{digest}")
 
 
 # -- launcher side --------------------------------------------------------------
@@ -169,14 +170,18 @@ def spawn_template(path: str) -> None:
     """Start a template in the background for the next start (not waited for)."""
     import subprocess
 
-    proc = subprocess.Popen(
-        [sys.executable, "-I", "-c", MAIN, path],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd="/",
-        start_new_session=True,
-    )
+    log = os.open(path + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", MAIN, path],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,  # the template's log: what went wrong, kept while it is not empty
+            cwd="/",
+            start_new_session=True,
+        )
+    finally:
+        os.close(log)
     proc.returncode = 0  # it outlives us
 
 
@@ -256,7 +261,12 @@ def _become_shim(config: ShimConfig, env: dict[str, str], listener_fd: int, go_f
 def fork_shim(config: ShimConfig, env: dict[str, str], listener_fd: int, go_fd: int = -1) -> int:
     """Fork, setsid, fork: the shim is orphaned at once, never our child."""
     r, w = os.pipe()
-    middle = os.fork()
+    try:
+        middle = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        raise
     if middle == 0:
         try:
             os.close(r)
@@ -402,7 +412,7 @@ def main() -> None:
                 try:
                     _serve_one(conn)
                 except Exception:  # noqa: BLE001 - a malformed request must never end the template
-                    pass
+                    _log_failure()
     finally:
         # Remove the socket only if it is still ours (not a successor's).
         try:
@@ -415,7 +425,25 @@ def main() -> None:
                 os.unlink(leftover)
             except OSError:
                 pass
+        _remove_if_empty(path + ".log")
         sock.close()
+
+
+def _log_failure() -> None:
+    """A request the template could not serve: its traceback, timestamped, on stderr (the log)."""
+    import traceback
+
+    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}: request failed\n")
+    traceback.print_exc()
+    sys.stderr.flush()
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        if os.stat(path).st_size == 0:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _malloc_stats() -> list[tuple[int, int]]:

@@ -244,3 +244,30 @@ async def test_no_address_drops_events() -> None:
             assert await pub.drain(1) is True
             assert pub.pending == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_events_beyond_the_memory_limit_spill_and_arrive_in_order_once(sock_path: Path, tmp_path: Path,
+                                                                              caplog) -> None:
+    """containerd away while 20 000 events are published: at most MEMORY_LIMIT stay in
+    memory, the rest wait in the spill file; all arrive once, in order, when it is back."""
+    from shim.event_queue import MEMORY_LIMIT
+
+    caplog.set_level("WARNING", logger="shim.events")
+    total = 20_000
+    got = Received(expect=total)
+    with trio.fail_after(120):
+        async with trio.open_nursery() as outer:
+            pub = EventPublisher(str(sock_path), "default", spill_directory=str(tmp_path))
+            outer.start_soon(pub.run)
+            publish_starts(pub, range(1, total + 1))
+            await wait_unreachable(caplog, 0)
+            assert pub.pending == total
+            assert pub._queue.in_memory <= MEMORY_LIMIT
+            while pub._queue.spilled and pub._queue._chunk_count > 4096:  # chunks are written out
+                await trio.sleep(0.01)
+            assert len(pub._queue._chunk) < 2 * 64 * 1024
+            async with serving(sock_path, got.forward):
+                assert await pub.drain(100) is True
+            outer.cancel_scope.cancel()
+    assert got.pids == list(range(1, total + 1))
+    assert [p.name for p in tmp_path.iterdir()] == ["ev.sock"]  # the spill file has no name: nothing to clean

@@ -391,3 +391,32 @@ def test_fingerprint_follows_the_code(tmp_path: Path, monkeypatch) -> None:
     (package / "b.py").write_text("")
     assert template.fingerprint() != second
     assert template.socket_path("/run/c.sock") != template.socket_path("/run/d.sock")
+
+
+def test_a_failed_fork_closes_its_pipe(monkeypatch, tmp_path: Path) -> None:
+    """fork(2) can fail (EAGAIN under a pids limit): the template must not leak the pipe it
+    made for the shim's pid, or a template under pressure runs out of fds."""
+    from shim import template
+
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    before = sorted(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(template.os, "fork", no_fork)
+    with pytest.raises(BlockingIOError):
+        template.fork_shim(make_config(tmp_path, "nofork"), {}, 0)
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_template_lives_in_the_shims_socket_directory(tmp_path: Path) -> None:
+    """containerd 2.3 may give the shims another socket directory: the template goes there too."""
+    from shim import template
+
+    assert template.socket_path("/run/c.sock", str(tmp_path)).startswith(f"{tmp_path}/py-template-")
+    log = tmp_path / "t.log"
+    log.write_text("")
+    template._remove_if_empty(str(log))
+    assert not log.exists()
+    log.write_text("something went wrong\n")
+    template._remove_if_empty(str(log))
+    assert log.exists()  # kept for whoever looks into it

@@ -6,12 +6,10 @@ protocol: runc in the shim, a fake in unit tests), then changes state and
 enqueues the matching event in one synchronous step, so events leave in the
 order the state changed and two requests on one process never interleave.
 
-Exit path of a process (``_monitor``): the reaper delivers the exit → under
-the process's lock the exit is recorded and the state is STOPPED (a Start in
-flight has published TaskStart by then) → (init) kill what is left of a
-shared pid namespace and wait for the execs' exits to be out → wait (bounded)
-until its output is copied out → TaskExit enqueued → Wait callers wake. So a
-task's exec exits always precede its init's exit.
+Exits are ``shim.exits``'s: one module from reap to publish. Events leave
+through ``Context.events`` (``shim.task_events.TaskEventSink``) as plain
+values: protobuf stays in the service layer. Checkpoint/restore details are
+``shim.checkpoint``'s.
 """
 
 from __future__ import annotations
@@ -19,20 +17,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import trio
-from google.protobuf import any_pb2
-from google.protobuf.message import Message
 
-from . import events as ev
+from . import checkpoint as criu
+from . import exits
 from .bundle import (
-    CONFIG_FILE,
     DELETE_RESPONSE_FILE,
     INIT_PID_FILE,
     PRIVATE,
@@ -42,6 +36,7 @@ from .bundle import (
     write_atomic_bytes,
 )
 from .cgroups import ContainerCgroup, container_cgroup
+from .checkpoint import CheckpointRequest
 from .errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -49,39 +44,29 @@ from .errors import (
     NotFound,
     ShimError,
 )
+from .exits import InFlight, gone
 from .isolation import Isolated
 from .mount import MountSpec, mount_all, unmount_all
-from .netstats import network_stats
 from .oom import OOMWatcher
 from .options import RuncOptions
 from .process import ExitInfo, Op, Process, State
-from .proto import events_pb2, mount_pb2
 from .reaper import ExitRouter, Watch
 from .runc_client.client import Runc
 from .runc_client.config import RuncConfig, RuncError
 from .runtime import OCIRuntime, RuntimeFactory
 from .stdio import ProcessIO, StdioPaths
+from .task_events import TaskEventSink
 from .wire import delete_response
 
 log = logging.getLogger("shim.container")
 
-#: How long an exit may wait for the process's output to be copied out.
-#: Output nobody reads (a detached client) must not hold the exit forever.
-OUTPUT_DRAIN_TIMEOUT = 3.0
 #: How long Delete of a never-started container waits for runc's kill to land.
 CREATED_DELETE_WAIT = 2.0
 #: Exit status reported for an exec whose process never started.
 EXEC_START_FAILED = 255
-#: How long an init's exit waits for its execs' exits to be reported first.
-EXEC_EXIT_WAIT = 10.0
 #: How long cleaning up after a failed or cancelled create may take.
 DISCARD_TIMEOUT = 10.0
 
-_GONE = ("not running", "no such process", "process already finished", "does not exist", "not exist")
-
-
-class Publisher(Protocol):
-    def publish(self, topic: str, event: Message) -> None: ...
 
 
 @dataclass
@@ -96,39 +81,12 @@ class CreateRequest:
 
 
 @dataclass
-class CheckpointRequest:
-    """CheckpointTaskRequest with its containerd.runc.v1.CheckpointOptions."""
-
-    path: str
-    exit: bool = False
-    open_tcp: bool = False
-    external_unix_sockets: bool = False
-    terminal: bool = False
-    file_locks: bool = False
-    empty_namespaces: list[str] = field(default_factory=list)
-    cgroups_mode: str = ""
-    work_path: str = ""
-
-    def runc_flags(self) -> list[str]:
-        flags = [] if self.exit else ["--leave-running"]
-        flags += ["--tcp-established"] if self.open_tcp else []
-        flags += ["--ext-unix-sk"] if self.external_unix_sockets else []
-        flags += ["--shell-job"] if self.terminal else []
-        flags += ["--file-locks"] if self.file_locks else []
-        for ns in self.empty_namespaces:
-            flags += ["--empty-ns", ns]
-        if self.cgroups_mode:
-            flags += ["--manage-cgroups-mode", self.cgroups_mode]
-        return flags
-
-
-@dataclass
 class Context:
     """What every container shares with the shim."""
 
     namespace: str
     reaper: ExitRouter
-    events: Publisher
+    events: TaskEventSink
     nursery: trio.Nursery  # owns process monitors and IO copiers
     thp_original: int = 0
     oom: OOMWatcher | None = None
@@ -148,52 +106,6 @@ def _signal_exec(process: Process, signal: int) -> None:
         raise NotFound("process already finished") from None
 
 
-def _gone(error: RuncError) -> bool:
-    return any(text in error.detail.lower() for text in _GONE)
-
-
-def _criu_log_tail(work: str, name: str, lines: int = 15) -> str:
-    """The end of criu's log, which says why a dump or restore failed."""
-    try:
-        with open(os.path.join(work, name), errors="replace") as f:
-            tail = f.read().splitlines()[-lines:]
-    except OSError:
-        return ""
-    return f"\ncriu {name} ({work}):\n" + "\n".join(tail)
-
-
-def _keep_copy(source: str, target: str) -> bool:
-    try:
-        shutil.copyfile(source, target)
-        return True
-    except OSError:
-        return False
-
-
-def shares_pid_namespace(bundle: str) -> bool:
-    """True unless the spec gives the container a pid namespace of its own.
-
-    Then the kernel does not kill the container's other processes when init
-    dies, so the shim must (as the Go shim does). A spec that cannot be read
-    counts as shared, as in Go: killing what is left is the safe side.
-    Blocking (a file read): called from a worker thread.
-    """
-    try:
-        with open(os.path.join(bundle, CONFIG_FILE)) as f:
-            namespaces = json.load(f).get("linux", {}).get("namespaces", [])
-        return not any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
-    except (OSError, ValueError, AttributeError, TypeError):
-        return True
-
-
-def _criu_dump_failure(work: str, kept: str) -> str:
-    """criu's dump log tail for the error, and a copy kept in the bundle (blocking)."""
-    tail = _criu_log_tail(work, "dump.log")
-    if _keep_copy(os.path.join(work, "dump.log"), kept):
-        tail += f"\n(kept as {kept})"
-    return tail
-
-
 def exec_spec(exec_id: str, spec: bytes, terminal: bool) -> bytes:
     """The exec's OCI process spec with the request's terminal flag, which wins.
 
@@ -211,35 +123,6 @@ def exec_spec(exec_id: str, spec: bytes, terminal: bool) -> bytes:
         return spec
     process["terminal"] = terminal
     return json.dumps(process).encode()
-
-
-class InFlight:
-    """Counts operations in progress; ``idle()`` returns once none is.
-
-    An exec inside ``runc exec`` has no pid yet, so it is not among the
-    running execs an init's exit waits for; counting it here lets the init's
-    exit wait until it has either started (its exit then goes first) or
-    failed, as the Go shim's ``pendingExecs`` does.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._idle = trio.Event()
-        self._idle.set()
-
-    def __enter__(self) -> None:
-        if self.count == 0:
-            self._idle = trio.Event()
-        self.count += 1
-
-    def __exit__(self, *_: object) -> None:
-        self.count -= 1
-        if self.count == 0:
-            self._idle.set()
-
-    async def idle(self) -> None:
-        while self.count:
-            await self._idle.wait()
 
 
 class Container:
@@ -268,7 +151,7 @@ class Container:
         self.execs: dict[str, Process] = {}
         self.cgroup: ContainerCgroup | None = None
         self._mounted = False
-        self._execs_starting = InFlight()
+        self.execs_starting = InFlight()
         #: Where this container's monitors and copiers run: their failures stay its own.
         self.tasks = Isolated(ctx.nursery, request.id)
 
@@ -322,7 +205,7 @@ class Container:
         log.debug("%s: created, init pid %d", self.id, init.pid)
         self._publish_create(init.pid)
         self._track_cgroup(init.pid)
-        self.tasks.start_soon(self._monitor, init, watch)
+        self.tasks.start_soon(exits.monitor, self, init, watch)
         return init.pid
 
     def _track_cgroup(self, pid: int) -> None:
@@ -334,32 +217,16 @@ class Container:
         except (OSError, ValueError) as e:
             log.warning("%s: cgroup of pid %d: %s (no stats/OOM events)", self.id, pid, e)
 
-    def _on_oom(self, _key: str) -> None:
-        self.ctx.events.publish(ev.TASK_OOM, events_pb2.TaskOOM(container_id=self.id))
+    @property
+    def events(self) -> TaskEventSink:
+        return self.ctx.events
 
-    def stats(self) -> any_pb2.Any:
-        if self.cgroup is None:
-            raise NotFound(f"cgroup of {self.id} does not exist")
-        try:
-            return self.cgroup.metrics_any(network=network_stats(self.init.pid) if not self.init.reaped else [])
-        except (OSError, ValueError) as e:
-            raise ShimError(f"reading cgroup stats of {self.id}: {e}") from e
+    def _on_oom(self, _key: str) -> None:
+        self.events.oom(self.id)
 
     def _publish_create(self, pid: int) -> None:
         req = self.request
-        self.ctx.events.publish(
-            ev.TASK_CREATE,
-            events_pb2.TaskCreate(
-                container_id=self.id,
-                bundle=self.bundle,
-                rootfs=[mount_pb2.Mount(type=m.type, source=m.source, options=m.options) for m in req.rootfs],
-                io=events_pb2.TaskIO(
-                    stdin=req.stdio.stdin, stdout=req.stdio.stdout, stderr=req.stdio.stderr, terminal=req.stdio.terminal
-                ),
-                checkpoint=req.checkpoint,
-                pid=pid,
-            ),
-        )
+        self.events.created(self.id, self.bundle, req.rootfs, req.stdio, req.checkpoint, pid)
 
     def _watch_pid_file(self, pid_file: str) -> Watch:
         """Call inside a reaper hold: the process may already have exited."""
@@ -433,7 +300,7 @@ class Container:
             raise AlreadyExists(f"id {exec_id}: already exists")
         self._check_init_not_reaped()
         self.execs[exec_id] = Process(self.id, exec_id, stdio, exec_spec(exec_id, spec, stdio.terminal))
-        self.ctx.events.publish(ev.TASK_EXEC_ADDED, events_pb2.TaskExecAdded(container_id=self.id, exec_id=exec_id))
+        self.events.exec_added(self.id, exec_id)
 
     async def start(self, exec_id: str = "") -> int:
         if exec_id:
@@ -447,20 +314,13 @@ class Container:
             except RuncError as e:
                 raise ShimError(f"OCI runtime start failed: {e.detail}") from e
             # The state changes as the block ends, with no await in between.
-            self.ctx.events.publish(ev.TASK_START, events_pb2.TaskStart(container_id=self.id, pid=self.init.pid))
+            self.events.started(self.id, self.init.pid)
         return self.init.pid
-
-    def _criu_work_dir(self, requested: str) -> tuple[str, bool]:
-        """(work dir, whether it is ours to remove): containerd's ``work`` link, as the Go shim uses."""
-        if requested:
-            return requested, False
-        base = os.path.join(self.bundle, "work")
-        return os.path.join(base if os.path.isdir(base) else self.bundle, "criu-work"), True
 
     async def _restore(self) -> None:
         req, init = self.request, self.init
         assert init.io is not None
-        work, _ = self._criu_work_dir(req.options.criu_work_path)
+        work, _ = criu.work_dir(self.bundle, req.options.criu_work_path)
         pid_file = os.path.join(self.bundle, INIT_PID_FILE)
         try:
             with self.ctx.reaper.hold():
@@ -477,13 +337,13 @@ class Container:
                 )
                 watch = self._watch_pid_file(pid_file)
         except RuncError as e:
-            tail = await trio.to_thread.run_sync(_criu_log_tail, work, "restore.log")
+            tail = await trio.to_thread.run_sync(criu.log_tail, work, "restore.log")
             raise ShimError(f"OCI runtime restore failed: {e.detail}{tail}") from e
         init.io.close_child_ends()
         await init.io.start(self.tasks)
         init.pid, init.watch = watch.pid, watch
         self._track_cgroup(init.pid)
-        self.tasks.start_soon(self._monitor, init, watch)
+        self.tasks.start_soon(exits.monitor, self, init, watch)
 
     async def checkpoint(self, request: CheckpointRequest) -> None:
         if not request.path:
@@ -492,19 +352,18 @@ class Container:
             await self._checkpoint(request)
 
     async def _checkpoint(self, request: CheckpointRequest) -> None:
-        work, ours = self._criu_work_dir(request.work_path)
+        work, ours = criu.work_dir(self.bundle, request.work_path)
         try:
             await self.runc.checkpoint(self.id, request.path, work, request.runc_flags())
         except RuncError as e:
-            tail = await trio.to_thread.run_sync(_criu_dump_failure, work, os.path.join(self.bundle, "criu-dump.log"))
+            kept = os.path.join(self.bundle, "criu-dump.log")
+            tail = await trio.to_thread.run_sync(criu.dump_failure, work, kept)
             raise ShimError(f"checkpoint failed: {e.detail}{tail}") from e
         finally:
             if ours:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
-        self.ctx.events.publish(
-            ev.TASK_CHECKPOINTED, events_pb2.TaskCheckpointed(container_id=self.id, checkpoint=request.path)
-        )
+                    await trio.to_thread.run_sync(criu.remove_work_dir, work)
+        self.events.checkpointed(self.id, request.path)
 
     def _check_init_not_reaped(self) -> None:
         """An exec needs a live init. The init's state stays RUNNING until its exit is published
@@ -517,7 +376,7 @@ class Container:
     async def _start_exec(self, process: Process) -> int:
         async with process.operation(Op.START):
             self._check_init_not_reaped()
-            with self._execs_starting:  # the init's exit waits until this exec has a pid or failed
+            with self.execs_starting:  # the init's exit waits until this exec has a pid or failed
                 return await self._run_exec(process)
 
     async def _run_exec(self, process: Process) -> int:
@@ -549,7 +408,7 @@ class Container:
                 if started.exit is None:
                     os.kill(started.pid, signal.SIGKILL)
                 process.pid, process.watch = started.pid, started
-                self.tasks.start_soon(self._monitor, process, started)
+                self.tasks.start_soon(exits.monitor, self, process, started)
             else:
                 # It will never run: release anyone waiting on it (containerd's Wait is pending).
                 process.set_exited(EXEC_START_FAILED, time.time())
@@ -562,11 +421,8 @@ class Container:
         process.pid, process.watch = watch.pid, watch
         log.debug("%s: exec %s started, pid %d", self.id, process.exec_id, process.pid)
         # The state changes to RUNNING as the caller's operation block ends, with no await in between.
-        self.ctx.events.publish(
-            ev.TASK_EXEC_STARTED,
-            events_pb2.TaskExecStarted(container_id=self.id, exec_id=process.exec_id, pid=process.pid),
-        )
-        self.tasks.start_soon(self._monitor, process, watch)
+        self.events.exec_started(self.id, process.exec_id, process.pid)
+        self.tasks.start_soon(exits.monitor, self, process, watch)
         return process.pid
 
     async def kill(self, exec_id: str, signal: int, all: bool = False) -> None:
@@ -578,7 +434,7 @@ class Container:
             try:
                 await self.runc.kill(self.id, signal, all=all)
             except RuncError as e:
-                if _gone(e):
+                if gone(e):
                     raise NotFound("process already finished") from e
                 raise
 
@@ -595,7 +451,7 @@ class Container:
                 await self.runc.delete(self.id, force=was_created)
             except RuncError as e:
                 init.exit_reported = True
-                if not _gone(e):
+                if not gone(e):
                     raise
         if was_created:
             if init.pid:  # a restore that never ran has no process to wait for
@@ -608,15 +464,7 @@ class Container:
             self.ctx.oom.remove(self.id)
         exit = init.exit
         self._leave_delete_response(init.pid, exit)
-        self.ctx.events.publish(
-            ev.TASK_DELETE,
-            events_pb2.TaskDelete(
-                container_id=self.id,
-                pid=init.pid,
-                exit_status=exit.status if exit else 0,
-                exited_at=ev.timestamp(exit.exited_at) if exit else None,
-            ),
-        )
+        self.events.deleted(self.id, init.pid, exit.status if exit else 0, exit.exited_at if exit else None)
         return init
 
     def _leave_delete_response(self, pid: int, exit: ExitInfo | None) -> None:
@@ -651,12 +499,12 @@ class Container:
     async def pause(self) -> None:
         async with self.init.operation(Op.PAUSE):
             await self.runc.pause(self.id)
-            self.ctx.events.publish(ev.TASK_PAUSED, events_pb2.TaskPaused(container_id=self.id))
+            self.events.paused(self.id)
 
     async def resume(self) -> None:
         async with self.init.operation(Op.RESUME):
             await self.runc.resume(self.id)
-            self.ctx.events.publish(ev.TASK_RESUMED, events_pb2.TaskResumed(container_id=self.id))
+            self.events.resumed(self.id)
 
     async def update(self, resources: bytes) -> None:
         """runc update with the LinuxResources JSON containerd sent."""
@@ -678,56 +526,8 @@ class Container:
         try:
             pids = await self.runc.ps(self.id)
         except RuncError as e:
-            if _gone(e):
+            if gone(e):
                 return []
             raise
         exec_ids = {p.pid: p.exec_id for p in self.execs.values() if p.pid}
         return [(pid, exec_ids.get(pid, "")) for pid in pids]
-
-    # -- exits --------------------------------------------------------------
-
-    async def _monitor(self, process: Process, watch: Watch) -> None:
-        exit = await watch.wait()
-        async with process.lock:  # after an operation in flight (a Start publishes TaskStart first)
-            report = process.set_exited(exit.status, exit.timestamp) and process.exit_reported
-        try:
-            await self._before_exit(process)
-        except Exception:  # whatever failed, the exit is still published
-            self.tasks.faults += 1
-            log.exception("%s: before publishing the exit of %s", self.id, process.exec_id or "init")
-        if report:
-            self.ctx.events.publish(
-                ev.TASK_EXIT,
-                events_pb2.TaskExit(
-                    container_id=self.id,
-                    id=process.exec_id or self.id,
-                    pid=process.pid,
-                    exit_status=exit.status,
-                    exited_at=ev.timestamp(exit.timestamp),
-                ),
-            )
-        process.mark_reported()
-
-    async def _before_exit(self, process: Process) -> None:
-        if process is self.init:
-            await self._before_init_exit()
-        io = process.io
-        if io is not None and not await io.wait_output(OUTPUT_DRAIN_TIMEOUT):
-            log.info("%s: %s output not taken by anyone: exit published without it", self.id, process.exec_id or "init")
-        if self.ctx.oom is not None:
-            self.ctx.oom.check_now(self.id)  # /tasks/oom before the exit it caused
-
-    async def _before_init_exit(self) -> None:
-        """Let every exec's exit go out before the init's (containerd relies on it)."""
-        if await trio.to_thread.run_sync(shares_pid_namespace, self.bundle):
-            try:
-                await self.runc.kill(self.id, signal.SIGKILL, all=True)
-            except RuncError as e:
-                if not _gone(e):
-                    log.warning("%s: killing leftovers after init exit: %s", self.id, e)
-        with trio.move_on_after(EXEC_EXIT_WAIT):
-            await self._execs_starting.idle()
-            for process in [p for p in self.execs.values() if p.pid and not p.reported]:
-                await process.wait()
-            return
-        log.warning("%s: execs still running %.0fs after init exit", self.id, EXEC_EXIT_WAIT)

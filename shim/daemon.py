@@ -28,6 +28,7 @@ from .oom import OOMWatcher
 from .reaper import Reaper
 from .service import TaskService
 from .shimlog import setup_logging
+from .task_events import TaskEvents
 from .thp import set_child_subreaper
 from .ttrpc import Server
 
@@ -47,7 +48,7 @@ async def serve(listener: socket.socket, config: ShimConfig, name: SocketName | 
         await nursery.start(oom.run)
         nursery.start_soon(publisher.run)
         async with trio.open_nursery() as processes:
-            ctx = Context(config.namespace, reaper, publisher, processes, config.thp_original, oom)
+            ctx = Context(config.namespace, reaper, TaskEvents(publisher), processes, config.thp_original, oom)
             service = TaskService(ctx, version=__version__)
             service.register(server)
             async with trio.open_nursery() as serving:

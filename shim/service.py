@@ -13,13 +13,15 @@ import re
 from collections.abc import Awaitable, Callable
 
 import trio
-from google.protobuf import empty_pb2
+from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import Message
 
 from . import events as ev
-from .container import CheckpointRequest, Container, Context, CreateRequest
+from .checkpoint import CheckpointRequest
+from .container import Container, Context, CreateRequest
 from .errors import AlreadyExists, InvalidArgument, NotFound, ShimError
 from .mount import MountSpec
+from .netstats import network_stats
 from .options import from_any, type_name
 from .process import Process, State
 from .proto import runc_options_pb2, shim_pb2, task_types_pb2
@@ -226,7 +228,20 @@ class TaskService:
         return empty_pb2.Empty()
 
     async def stats(self, req: shim_pb2.StatsRequest, _: CallContext) -> shim_pb2.StatsResponse:
-        return shim_pb2.StatsResponse(stats=self._container(req.id).stats())
+        container = self._container(req.id)
+        cgroup = container.cgroup
+        if cgroup is None:
+            raise NotFound(f"cgroup of {container.id} does not exist")
+        # A dead init's pid may be reused: no network stats from its /proc then.
+        pid = 0 if container.init.reaped else container.init.pid
+
+        def read() -> any_pb2.Any:  # cgroup and /proc files: in a worker thread
+            return cgroup.metrics_any(network=network_stats(pid) if pid else [])
+
+        try:
+            return shim_pb2.StatsResponse(stats=await trio.to_thread.run_sync(read))
+        except (OSError, ValueError) as e:
+            raise ShimError(f"reading cgroup stats of {container.id}: {e}") from e
 
     async def connect(self, req: shim_pb2.ConnectRequest, _: CallContext) -> shim_pb2.ConnectResponse:
         container = self.containers.get(req.id)

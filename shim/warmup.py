@@ -22,6 +22,7 @@ from .reaper import Reaper
 from .service import SERVICE_V2, TaskService
 from .shimlog import LogrusFormatter
 from .stdio import ProcessIO, StdioPaths
+from .task_events import TaskEvents
 from .ttrpc import Client, Server, TTRPCError
 
 _REQUESTS = [
@@ -40,7 +41,7 @@ async def _exercise() -> None:
     server = Server()
     a, b = socket.socketpair()
     async with trio.open_nursery() as nursery:
-        ctx = Context("warm", reaper, publisher, nursery)
+        ctx = Context("warm", reaper, TaskEvents(publisher), nursery)
         TaskService(ctx).register(server)
         nursery.start_soon(server.serve_stream, trio.SocketStream(trio.socket.from_stdlib_socket(a)))
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(b))

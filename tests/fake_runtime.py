@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from shim import events as ev
 from shim.container import Container, Context, CreateRequest
 from shim.reaper import Exit, ExitRouter
 from shim.runc_client.config import RuncConfig, RuncError, Stdio
@@ -120,13 +121,43 @@ class FakeRuntime:
 
 
 class Events:
-    """A Publisher that keeps (topic, message) pairs."""
+    """A TaskEventSink that keeps (topic, arguments) pairs, topics named as containerd's."""
 
     def __init__(self) -> None:
-        self.published: list[tuple[str, object]] = []
+        self.published: list[tuple[str, tuple[object, ...]]] = []
 
-    def publish(self, topic: str, event: object) -> None:
-        self.published.append((topic, event))
+    def _record(self, topic: str, *args: object) -> None:
+        self.published.append((topic, args))
+
+    def created(self, *args: object) -> None:
+        self._record(ev.TASK_CREATE, *args)
+
+    def started(self, *args: object) -> None:
+        self._record(ev.TASK_START, *args)
+
+    def exited(self, *args: object) -> None:
+        self._record(ev.TASK_EXIT, *args)
+
+    def deleted(self, *args: object) -> None:
+        self._record(ev.TASK_DELETE, *args)
+
+    def exec_added(self, *args: object) -> None:
+        self._record(ev.TASK_EXEC_ADDED, *args)
+
+    def exec_started(self, *args: object) -> None:
+        self._record(ev.TASK_EXEC_STARTED, *args)
+
+    def paused(self, *args: object) -> None:
+        self._record(ev.TASK_PAUSED, *args)
+
+    def resumed(self, *args: object) -> None:
+        self._record(ev.TASK_RESUMED, *args)
+
+    def oom(self, *args: object) -> None:
+        self._record(ev.TASK_OOM, *args)
+
+    def checkpointed(self, *args: object) -> None:
+        self._record(ev.TASK_CHECKPOINTED, *args)
 
     def topics(self) -> list[str]:
         return [t for t, _ in self.published]

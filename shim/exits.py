@@ -1,0 +1,141 @@
+"""Exits, from reap to publish: the one module that decides when an exit is known and when it goes out.
+
+The reaper (``shim.reaper``) collects every child and hands the exit to the
+process's watch; ``monitor`` takes it from there, once per started process:
+
+1. record: under the process's lock (after an operation in flight, so a Start
+   has published TaskStart), the exit is set and the state is STOPPED: State,
+   Kill, Exec and Delete see a dead process from now on;
+2. order (init only): what is left of a shared pid namespace is killed, and
+   the init's exit waits until every exec's exit is out, including an exec
+   still inside ``runc exec`` (``InFlight``), since containerd relies on a
+   task's exec exits preceding its init's;
+3. drain: the process's output is copied out (bounded: output nobody reads
+   must not hold the exit), and a pending OOM event goes first;
+4. publish: TaskExit, unless the exit is part of a Delete (a never-started
+   task killed by it), then Wait returns (containerd closes its IO then).
+
+Whatever fails in 2-3 is logged and counted, and the exit is still published.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from typing import TYPE_CHECKING
+
+import trio
+
+from .bundle import CONFIG_FILE
+from .process import Process
+from .reaper import Watch
+from .runc_client.config import RuncError
+
+if TYPE_CHECKING:
+    from .container import Container
+
+log = logging.getLogger("shim.exits")
+
+#: How long an exit may wait for the process's output to be copied out.
+#: Output nobody reads (a detached client) must not hold the exit forever.
+OUTPUT_DRAIN_TIMEOUT = 3.0
+#: How long an init's exit waits for its execs' exits to be reported first.
+EXEC_EXIT_WAIT = 10.0
+
+
+class InFlight:
+    """Counts operations in progress; ``idle()`` returns once none is.
+
+    An exec inside ``runc exec`` has no pid yet, so it is not among the
+    running execs an init's exit waits for; counting it here lets the init's
+    exit wait until it has either started (its exit then goes first) or
+    failed, as the Go shim's ``pendingExecs`` does.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def __enter__(self) -> None:
+        if self.count == 0:
+            self._idle = trio.Event()
+        self.count += 1
+
+    def __exit__(self, *_: object) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        while self.count:
+            await self._idle.wait()
+
+
+def shares_pid_namespace(bundle: str) -> bool:
+    """True unless the spec gives the container a pid namespace of its own.
+
+    Then the kernel does not kill the container's other processes when init
+    dies, so the shim must (as the Go shim does). A spec that cannot be read
+    counts as shared, as in Go: killing what is left is the safe side.
+    Blocking (a file read): called from a worker thread.
+    """
+    try:
+        with open(os.path.join(bundle, CONFIG_FILE)) as f:
+            namespaces = json.load(f).get("linux", {}).get("namespaces", [])
+        return not any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return True
+
+
+def gone(error: RuncError) -> bool:
+    """The OCI runtime's way of saying the process or container no longer exists."""
+    return any(text in error.detail.lower() for text in _GONE)
+
+
+_GONE = ("not running", "no such process", "process already finished", "does not exist", "not exist")
+
+
+async def monitor(container: Container, process: Process, watch: Watch) -> None:
+    """Steps 1-4 above for one started process of ``container``."""
+    exit = await watch.wait()
+    async with process.lock:
+        report = process.set_exited(exit.status, exit.timestamp) and process.exit_reported
+    try:
+        if process is container.init:
+            await _after_the_execs(container)
+        await _drain(container, process)
+    except Exception:  # whatever failed, the exit is still published
+        container.tasks.faults += 1
+        log.exception("%s: before publishing the exit of %s", container.id, process.exec_id or "init")
+    if report:
+        container.events.exited(container.id, process.exec_id or container.id, process.pid, exit.status,
+                                exit.timestamp)
+    process.mark_reported()
+
+
+async def _after_the_execs(container: Container) -> None:
+    """Let every exec's exit go out before the init's (containerd relies on it)."""
+    if await trio.to_thread.run_sync(shares_pid_namespace, container.bundle):
+        try:
+            await container.runc.kill(container.id, signal.SIGKILL, all=True)
+        except RuncError as e:
+            if not gone(e):
+                log.warning("%s: killing leftovers after init exit: %s", container.id, e)
+    with trio.move_on_after(EXEC_EXIT_WAIT):
+        await container.execs_starting.idle()
+        for process in [p for p in container.execs.values() if p.pid and not p.reported]:
+            await process.wait()
+        return
+    log.warning("%s: execs still running %.0fs after init exit", container.id, EXEC_EXIT_WAIT)
+
+
+async def _drain(container: Container, process: Process) -> None:
+    io = process.io
+    if io is not None and not await io.wait_output(OUTPUT_DRAIN_TIMEOUT):
+        log.info("%s: %s output not taken by anyone: exit published without it", container.id,
+                 process.exec_id or "init")
+    if container.ctx.oom is not None:
+        container.ctx.oom.check_now(container.id)  # /tasks/oom before the exit it caused

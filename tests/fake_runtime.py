@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import trio
 
@@ -126,38 +128,18 @@ class Events:
     def __init__(self) -> None:
         self.published: list[tuple[str, tuple[object, ...]]] = []
 
-    def _record(self, topic: str, *args: object) -> None:
-        self.published.append((topic, args))
+    #: TaskEventSink's methods and the topics containerd knows them by
+    TOPICS: ClassVar[dict[str, str]] = {
+        "created": ev.TASK_CREATE, "started": ev.TASK_START, "exited": ev.TASK_EXIT, "deleted": ev.TASK_DELETE,
+        "exec_added": ev.TASK_EXEC_ADDED, "exec_started": ev.TASK_EXEC_STARTED, "paused": ev.TASK_PAUSED,
+        "resumed": ev.TASK_RESUMED, "oom": ev.TASK_OOM, "checkpointed": ev.TASK_CHECKPOINTED,
+    }
 
-    def created(self, *args: object) -> None:
-        self._record(ev.TASK_CREATE, *args)
-
-    def started(self, *args: object) -> None:
-        self._record(ev.TASK_START, *args)
-
-    def exited(self, *args: object) -> None:
-        self._record(ev.TASK_EXIT, *args)
-
-    def deleted(self, *args: object) -> None:
-        self._record(ev.TASK_DELETE, *args)
-
-    def exec_added(self, *args: object) -> None:
-        self._record(ev.TASK_EXEC_ADDED, *args)
-
-    def exec_started(self, *args: object) -> None:
-        self._record(ev.TASK_EXEC_STARTED, *args)
-
-    def paused(self, *args: object) -> None:
-        self._record(ev.TASK_PAUSED, *args)
-
-    def resumed(self, *args: object) -> None:
-        self._record(ev.TASK_RESUMED, *args)
-
-    def oom(self, *args: object) -> None:
-        self._record(ev.TASK_OOM, *args)
-
-    def checkpointed(self, *args: object) -> None:
-        self._record(ev.TASK_CHECKPOINTED, *args)
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name not in self.TOPICS:
+            raise AttributeError(name)
+        topic = self.TOPICS[name]
+        return lambda *args: self.published.append((topic, args))
 
     def topics(self) -> list[str]:
         return [t for t, _ in self.published]

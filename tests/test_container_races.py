@@ -119,19 +119,22 @@ async def test_kill_racing_delete_gets_a_documented_code(tmp_path: Path) -> None
     assert h.events.topics()[-2:] == [ev.TASK_EXIT, ev.TASK_DELETE]
 
 
-async def test_state_is_stopped_at_reap_and_delete_waits_for_the_exit_event(tmp_path: Path) -> None:
+async def test_state_is_stopped_at_reap_and_delete_waits_for_the_exit_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Reaped means STOPPED at once (State, Kill see a dead process); TaskExit still goes
     out before TaskDelete, whenever Delete comes."""
+    from shim import exits
+
+    hold = trio.Event()
+
+    async def output_still_draining(container: object, process: object) -> None:
+        await hold.wait()
+
+    monkeypatch.setattr(exits, "_drain", output_still_draining)
     async with trio.open_nursery() as nursery:
         h = await running(tmp_path, nursery)
         init = h.container.init
-        init.exit_reported = True
-        hold = trio.Event()
-
-        async def slow_before_exit(process: object) -> None:  # output still draining
-            await hold.wait()
-
-        h.container._before_exit = slow_before_exit  # type: ignore[method-assign]
         h.runtime.exit(h.runtime.init_pid, 1)
         await trio.testing.wait_all_tasks_blocked()
         assert init.state is State.STOPPED and init.exit is not None and init.exit.status == 1

@@ -144,3 +144,47 @@ def test_disabled_template_spawns_every_shim(image):
         for cid in ids:
             assert exec_works(containerd, cid)
             remove(containerd, cid)
+
+
+def test_templates_stopped_during_50_starts_never_cause_two_shims_on_a_socket(containerd, image, new_cid):
+    """Issue 10 item 6: 50 starts, 10 at a time, while every template that appears is
+    SIGSTOPped (the stopped one is retired and a new one started, which is stopped in turn):
+    each container ends up with exactly one shim, and each shim socket with one holder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    run_detached(containerd, image, new_cid("warm"))
+    ids = [new_cid(f"s{i}") for i in range(50)]
+    stopped: set[int] = set()
+    done = False
+
+    def stop_templates() -> None:
+        while not done:
+            pid = containerd.template_pid()
+            if pid and pid not in stopped and pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                stopped.add(pid)
+            time.sleep(0.005)  # a poller, not a wait: it races the starts on purpose
+
+    try:
+        with ThreadPoolExecutor(max_workers=11) as pool:
+            stopper = pool.submit(stop_templates)
+            results = list(pool.map(
+                lambda cid: containerd.ctr("run", "-d", "--runtime", RUNTIME, image, cid, "sleep", "120",
+                                           check=False), ids))
+            done = True
+            stopper.result()
+    finally:
+        done = True
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert [r.returncode for r in results] == [0] * 50, [r.stderr for r in results if r.returncode]
+    assert stopped, "no template was ever stopped"
+    for cid in ids:
+        shims = shim_pids(cid, address=containerd.address)
+        assert len(shims) == 1, (cid, shims)
+        socket = str(SHIM_SOCKET_DIR / containerd.shim_socket_name(cid))
+        assert unix_socket_holders([socket])[socket] == {shims[0]}, cid
+    for cid in ids:
+        remove(containerd, cid)

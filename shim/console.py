@@ -36,7 +36,8 @@ log = logging.getLogger("shim.stdio")  # the name the shim's log has always show
 #: has already returned by then, so the connection is normally queued.
 CONSOLE_ACCEPT_TIMEOUT = 30.0
 #: After the process exited (or the terminal was hung up), how long the
-#: terminal copy keeps waiting for more output before it stops.
+#: terminal copy keeps waiting for more output before it stops, counted from
+#: the last output (a slow reader of the copy must not cut off the tail).
 CONSOLE_SETTLE = 0.05
 
 _SOCKET_PATH_MAX = 107
@@ -155,6 +156,7 @@ class Console:
                     raise
                 if not data:
                     break
+                self._stop_deadline = None  # output still moves: a fresh settle window after it
                 if sink is not None:
                     await sink.write(data)
             if sink is not None:

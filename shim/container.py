@@ -312,6 +312,8 @@ class Container:
                 else:
                     await self.runc.start(self.id)
             except RuncError as e:
+                if self._init_dead():  # killed meanwhile (a Kill of the created task)
+                    raise FailedPrecondition("cannot start a stopped process") from e
                 raise ShimError(f"OCI runtime start failed: {e.detail}") from e
             # The state changes as the block ends, with no await in between.
             self.events.started(self.id, self.init.pid)
@@ -365,6 +367,18 @@ class Container:
                     await trio.to_thread.run_sync(criu.remove_work_dir, work)
         self.events.checkpointed(self.id, request.path)
 
+    def _init_dead(self) -> bool:
+        """After a runtime call failed: did it fail because the init is gone? Reaped, or a
+        zombie the reaper has not collected yet (its pid is still ours: no reuse)."""
+        if self.init.reaped or not self.init.pid:
+            return self.init.reaped
+        try:
+            with open(f"/proc/{self.init.pid}/stat", "rb") as f:  # procfs: never blocks
+                stat = f.read()
+        except OSError:
+            return True
+        return stat[stat.rindex(b")") + 2 :][:1] in (b"Z", b"X")
+
     def _check_init_not_reaped(self) -> None:
         """An exec needs a live init. The init's state stays RUNNING until its exit is published
         (after its output is out), but once it is reaped an exec could only fail, or, worse,
@@ -414,6 +428,8 @@ class Container:
                 process.set_exited(EXEC_START_FAILED, time.time())
                 process.mark_reported()
             if isinstance(e, RuncError):
+                if self._init_dead():  # the init died while runc exec ran
+                    raise FailedPrecondition("cannot exec in a stopped container") from e
                 raise ShimError(f"OCI runtime exec failed: {e.detail}") from e
             raise
         finally:

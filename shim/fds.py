@@ -108,7 +108,12 @@ class Sink:
         if self.broken:
             return
         try:
-            await self.fds.write_all(self.fd, data)
+            if self.kind == "file":
+                # A regular file never says EAGAIN: a slow disk would block the loop, and every
+                # other container of this shim with it. Its writes go through a worker thread.
+                await trio.to_thread.run_sync(_write_all_blocking, self.fd, data)
+            else:
+                await self.fds.write_all(self.fd, data)
             self.written += len(data)
         except OSError as e:
             # Keep draining the source, so the container does not block on a
@@ -134,6 +139,12 @@ class Sink:
         self.users -= 1
         if self.users <= 0:
             self.fds.close(self.fd)
+
+
+def _write_all_blocking(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def notify_closing(fd: int | socket.socket) -> None:

@@ -52,6 +52,7 @@ UP = b"up\n"
 class Tally:
     done: int = 0
     wrong: int = 0
+    lost_output: int = 0  # exit status right, output not (ctr stops reading at the exit event)
     first_wrong: list[str] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     expect: dict = field(default_factory=dict)  # (container id, exec id | None) -> exit status
@@ -62,6 +63,7 @@ class Tally:
         self.done += 1
         if rc != want_rc or out != want_out:
             self.wrong += 1
+            self.lost_output += rc == want_rc
             if len(self.first_wrong) < 10:
                 self.first_wrong.append(f"{what}: exit {rc} out {out[:80]!r}, expected {want_rc} {want_out!r}")
 
@@ -188,6 +190,8 @@ def run(c: Containerd, ids: Ids, runs: int, execs: int, sample_every: int) -> Se
 
 def _count(t: Tally, n: int) -> str:
     text = f"{t.done - t.wrong}/{n} right"
+    if t.lost_output:
+        text += f" ({t.lost_output} with the right exit code and their output lost)"
     if t.error:
         text += f"; stream died: {t.error}"
     return text
@@ -247,5 +251,5 @@ def _kib(v: float | None) -> str:
 
 
 def _detail(t: Tally) -> dict:
-    return {"done": t.done, "wrong": t.wrong, "first_wrong": t.first_wrong, "error": t.error,
+    return {"done": t.done, "wrong": t.wrong, "lost_output": t.lost_output, "first_wrong": t.first_wrong, "error": t.error,
             "median_s": _med(t.times), "max_s": max(t.times) if t.times else None}

@@ -32,6 +32,7 @@ FIRST_CODE = 20
 #: how long after containerd is back the soak waits for the outage's exit events; the Go shim
 #: retries a failed publish at 2, 4, 6, ... s and gives up after 5 retries
 DELIVERY_WAIT = 45.0
+FULL_OUTAGE = 60.0  # the check
 
 
 def reachable(c: Containerd, names: list[str], probe: str) -> list[str]:
@@ -115,9 +116,10 @@ def run(c: Containerd, ids: Ids, n: int, exits: int, outage: float) -> Section:
         sec.judged(f"SIGKILL restart: the other {n - exits} tasks/shim RUNNING + exec answers",
                    len(rest["go"]) == n - exits, len(rest["python"]) == n - exits,
                    f"{len(rest['go'])}/{n - exits}", f"{len(rest['python'])}/{n - exits}")
-        sec.notes.append(f"the outage was {outage:.0f} s (the issue's full check: 60 s); containerd's ttrpc "
-                         f"endpoint opened once the event subscriber was live ({time.monotonic() - opened:.1f} s "
-                         f"of waiting for events after it)")
+        shorter = "" if outage >= FULL_OUTAGE else f", shorter than the issue's {FULL_OUTAGE:.0f} s"
+        sec.notes.append(f"the outage was {outage:.0f} s{shorter}; containerd's ttrpc endpoint was opened to the "
+                         f"shims once the event subscriber was live; the soak then waited up to {DELIVERY_WAIT:.0f} s "
+                         f"for the exit events ({time.monotonic() - opened:.1f} s)")
         sec.details["exit_events"] = {k: {"after_s": v[0], "status": v[1]} for k, v in seen.items()}
     finally:
         remove_tasks(c, everything)

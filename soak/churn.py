@@ -3,9 +3,10 @@
 Four streams run at once (run --rm and exec, for each shim), each sequential in itself, so both
 shims see the same machine load and the run fits its time budget on two cores. Every run's and
 exec's exit code and output are checked as ctr returns, and its event sequence afterwards from
-one recorded ``ctr events`` stream. The exec target's shim is sampled (fds, Pss, Rss) every
+one recorded ``ctr events`` stream. The exec target's shim is sampled (fds, Pss, USS, Rss) every
 ``sample_every`` execs: a leak shows as growth per 1000 execs once the first window has warmed
-it up.
+it up. USS (private pages) is the leak measure: a forked Python shim's Pss also moves with how
+many other shims share the template's pages, i.e. with the run --rm stream next to it.
 
 Exit codes vary: ``exit K`` for most, and a process killed by SIGKILL (137) or SIGTERM (143).
 A container's init is pid 1 of its pid namespace and so cannot die by SIGTERM; the SIGTERM runs
@@ -220,12 +221,12 @@ def _rows(sec: Section, rm: dict, ex: dict, problems: dict, runs: int, execs: in
     fd_ok = {s: len(fds[s]) >= 2 and fds[s][-1] <= fds[s][min(1, len(fds[s]) - 1)] + 2 for s in (g, p)}
     sec.judged("exec target's shim fds: start → after first window → end (leak: > +2 after the first window)",
                fd_ok[g], fd_ok[p], " → ".join(map(str, _ends(fds[g]))), " → ".join(map(str, _ends(fds[p]))))
-    pss = {s: growth_per_1000(ex[s].samples, "pss") for s in (g, p)}
-    sec.measured("exec target's shim Pss growth per 1000 execs (after the first window)", pss[g], pss[p], _kib)
-    start_end = {s: (ex[s].samples[0].get("pss"), ex[s].samples[-1].get("pss")) if ex[s].samples else (None, None)
-                 for s in (g, p)}
-    sec.text("exec target's shim Pss: start → end", " → ".join(mib(v) for v in start_end[g]),
-             " → ".join(mib(v) for v in start_end[p]))
+    for key, label in (("uss", "USS (private)"), ("pss", "Pss")):
+        slope = {s: growth_per_1000(ex[s].samples, key) for s in (g, p)}
+        sec.measured(f"exec target's shim {label} growth per 1000 execs (slope after the first window)",
+                     slope[g], slope[p], _kib)
+        ends = {s: " → ".join(mib(x.get(key)) for x in (ex[s].samples[:1] + ex[s].samples[-1:])) for s in (g, p)}
+        sec.text(f"exec target's shim {label}: start → end", ends[g], ends[p])
     for s in (g, p):
         sec.details[s] = {"run_rm": _detail(rm[s]), "exec": _detail(ex[s]) | {"samples": ex[s].samples}}
     sec.details["event_problems"] = dict(list(problems.items())[:50])

@@ -138,9 +138,10 @@ def fd_count(pid: int) -> int | None:
 
 
 def memory(pid: int) -> dict[str, int] | None:
-    """{"rss", "pss"} in bytes (smaps_rollup), None if the process is gone."""
+    """{"rss", "pss", "uss"} in bytes (smaps_rollup; USS = Private_Clean + Private_Dirty), None if gone."""
     s = smaps_rollup(pid)
-    return None if s is None else {"rss": s.get("Rss", 0), "pss": s.get("Pss", 0)}
+    return None if s is None else {"rss": s.get("Rss", 0), "pss": s.get("Pss", 0),
+                                   "uss": s.get("Private_Clean", 0) + s.get("Private_Dirty", 0)}
 
 
 def remove_tasks(c: Containerd, names: list[str]) -> None:

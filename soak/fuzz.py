@@ -30,7 +30,7 @@ from shim.ttrpc.errors import Code
 
 from .common import SHIMS, Ids, address_of, ctr_or_raise, log, memory, mib, remove_tasks, run_args, serving_pid, wait_status
 from .report import Section
-from .wire import CLOSED_CODE, connect, request, state
+from .wire import CLOSED_CODE, connect, read_responses, request, state
 
 HEADER = struct.Struct(">IIBB")
 BATCH = 250
@@ -161,6 +161,25 @@ def _name(code: int) -> str:
         return str(code)
 
 
+#: a valid State, then in the same write a protocol violation: (replies expected from a server that ignores it)
+VIOLATIONS = {
+    "an unknown frame type (7)": (lambda st, ns: request(1, "State", st, ns) + _frame(3, 7, 0, b""), 1),
+    "a stream id going backwards": (lambda st, ns: request(5, "State", st, ns) + request(1, "State", st, ns), 2),
+}
+
+
+def violation_probe(path: str, task: str, ns: str) -> dict[str, dict]:
+    """Is the valid request before a violation answered, and is the connection kept?"""
+    out = {}
+    st = shim_pb2.StateRequest(id=task).SerializeToString()
+    for label, (build, want) in VIOLATIONS.items():
+        with connect(path) as s:
+            s.sendall(build(st, ns))
+            codes, closed = read_responses(s, FrameDecoder(), want, 1.0)
+        out[label] = {"replies": [_name(x) for x in codes], "closed": closed}
+    return out
+
+
 def fuzz_one(c: Containerd, name: str, frames: int, seed: int) -> dict:
     path, pid = address_of(c, name), serving_pid(c, name)
     gen = Frames(random.Random(seed), name, c.namespace)
@@ -184,9 +203,11 @@ def fuzz_one(c: Containerd, name: str, frames: int, seed: int) -> dict:
         stop.set()
         watcher.join()
     code, t = state(path, name, c.namespace)
-    rss |= {"peak": peak[0], "after": (memory(pid) or {}).get("rss")}
+    probe = violation_probe(path, name, c.namespace)
+    after = (memory(pid) or {}).get("rss")
+    rss |= {"peak": max(peak[0], after or 0), "after": after}
     return {"frames": sent, "seconds": time.monotonic() - t0, "alive": pid_alive(pid), "state_after": code,
-            "state_after_s": t, "kinds": dict(tally), "codes": dict(codes.most_common()), "rss": rss}
+            "state_after_s": t, "violations": probe, "kinds": dict(tally), "codes": dict(codes.most_common()), "rss": rss}
 
 
 def run(c: Containerd, ids: Ids, frames: int, seed: int) -> Section:
@@ -219,10 +240,26 @@ def run(c: Containerd, ids: Ids, frames: int, seed: int) -> Section:
         sec.text(f"… batches {which}: closed by the shim / sentinel unanswered",
                  *[f"{_closed(r['kinds'], which)} / {r['kinds'].get(f'sentinel not answered within 10 s ({which})', 0)}"
                    f" of {r['kinds'].get(f'batches {which}', 0)}" for r in (g, p)])
+    for label in VIOLATIONS:
+        outcome = [_violation_text(r["violations"][label]) for r in (g, p)]
+        differs = outcome[0] != outcome[1]
+        sec.text(f"a valid State, then in the same write {label}", *outcome,
+                 "**differs from Go** (see notes)" if differs else "same")
+        if differs and not sec.notes:
+            sec.notes.append("a frame of unknown type, or a request id lower than the last, is a protocol error to the "
+                             "Python shim (shim/ttrpc/codec.py): it closes the connection, and a valid request that "
+                             "arrived just before it in the same read is dropped unanswered; the Go shim (ttrpc 1.1) "
+                             "ignores unknown frame types \"for future compat\", does not check the order, and "
+                             "answers every request")
     sec.details = res
     if CLOSED_CODE in (g["state_after"], p["state_after"]):
         sec.notes.append("State after the fuzz found the connection closed")
     return sec
+
+
+def _violation_text(v: dict) -> str:
+    replies = f"replies {', '.join(v['replies'])}" if v["replies"] else "no reply"
+    return f"{replies}; connection {'closed' if v['closed'] else 'kept'}"
 
 
 def _closed(kinds: dict, which: str) -> int:

@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := containerd runc crun criu busybox-static containernetworking-plugins
 STAMP := $(VENV)/.installed-$(PYVER)
 
-.PHONY: setup apt venv demo lint test test-runc test-crun test-namespace unit install uninstall proto clean bench
+.PHONY: setup apt venv demo lint test test-runc test-crun test-namespace unit install uninstall proto clean bench soak
 
 setup: apt venv
 
@@ -80,6 +80,13 @@ bench: setup
 	@$(PY) -c 'import matplotlib' 2>/dev/null || \
 		$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]' --config-settings editable_mode=compat
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Go shim vs this shim under churn, containerd restarts, kills, stuck containers, hostile
+# clients and a fuzzer, in one private containerd (root); not part of make test:
+#   make soak                       full run, <= 30 min on 2 cores; results in soak/results/latest.*
+#   make soak SOAK_ARGS=--quick     smoke run, ~2 min
+soak: setup
+	$(PY) -m soak $(SOAK_ARGS)
 
 # Make any containerd on this machine find the shim (runtime io.containerd.runc.v2-py):
 # a copy of the launcher with this checkout's absolute path baked in, so it works

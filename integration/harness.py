@@ -879,12 +879,16 @@ disabled_plugins = [
             raise
         return self
 
-    def restart(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+    def restart(self, sig: int = signal.SIGTERM, timeout: float = 30.0,
+                while_down: Callable[[], None] | None = None) -> None:
         """Stop containerd with ``sig`` and start it again on the same config, state and socket;
-        shims and containers are left running, as on a node whose containerd restarts."""
+        shims and containers are left running, as on a node whose containerd restarts.
+        ``while_down`` runs after containerd has exited and before it starts again (an outage)."""
         assert self.proc is not None and self._log_file is not None
         self.proc.send_signal(sig)
         self.proc.wait(timeout=timeout)
+        if while_down is not None:
+            while_down()
         self.proc = subprocess.Popen(
             ["containerd", "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,

@@ -91,12 +91,24 @@ def test_oversize_skipped_in_chunks_then_next_frame_decodes() -> None:
     assert dec.feed(tail) == [Frame(7, FrameType.REQUEST, 0, b"ok")]
 
 
-def test_unknown_frame_type_is_protocol_error_and_sticky() -> None:
+def test_a_frame_of_unknown_type_is_skipped_as_go_does() -> None:
+    """ttrpc's "ignore for future compat": the frames around it still count."""
     dec = FrameDecoder()
-    with pytest.raises(ProtocolError):
-        dec.feed(b"GET / HTTP/1.1\r\n\r\n")
-    with pytest.raises(ProtocolError):
-        dec.feed(encode_frame(1, FrameType.REQUEST, b""))
+    unknown = raw_header(3, 5, 7) + b"abc"
+    frames = dec.feed(encode_frame(1, FrameType.REQUEST, b"a") + unknown + encode_frame(3, FrameType.REQUEST, b"b"))
+    assert frames == [Frame(1, FrameType.REQUEST, 0, b"a"), Frame(3, FrameType.REQUEST, 0, b"b")]
+    assert dec.error is None
+    assert dec.feed(raw_header(4, 9, 0x42) + b"ab") == []  # split: the rest is skipped when it comes
+    assert dec.feed(b"cd" + encode_frame(5, FrameType.REQUEST, b"c")) == [Frame(5, FrameType.REQUEST, 0, b"c")]
+
+
+def test_a_peer_not_speaking_ttrpc_is_an_error_after_the_frames_before_it() -> None:
+    dec = FrameDecoder()
+    frames = dec.feed(encode_frame(1, FrameType.REQUEST, b"a") + b"GET / HTTP/1.1\r\n\r\n")
+    assert frames == [Frame(1, FrameType.REQUEST, 0, b"a")]  # what came before is kept
+    assert isinstance(dec.error, ProtocolError)
+    with pytest.raises(ProtocolError):  # sticky
+        dec.feed(encode_frame(3, FrameType.REQUEST, b""))
 
 
 # --- server connection -------------------------------------------------------
@@ -138,19 +150,24 @@ def test_server_even_stream_id_rejected_like_go() -> None:
     assert isinstance(conn.receive_data(request_frame(1))[0], RequestReceived)
 
 
-def test_server_even_stream_id_reused_in_flight_is_protocol_error() -> None:
+def test_server_even_stream_id_reused_in_flight_is_a_violation() -> None:
     conn = ServerConnection()
     conn.receive_data(request_frame(2))
+    assert conn.receive_data(request_frame(2)) == [] and isinstance(conn.violation, ProtocolError)
     with pytest.raises(ProtocolError):
-        conn.receive_data(request_frame(2))
+        conn.receive_data(request_frame(5))
 
 
 @pytest.mark.parametrize("second", [1, 3])
-def test_server_non_increasing_stream_id_is_protocol_error(second: int) -> None:
+def test_server_non_increasing_stream_id_is_a_violation_after_the_valid_requests(second: int) -> None:
+    """The valid requests that came in the same read are returned (the transport answers
+    them, then closes): nothing valid is lost to a violation behind it."""
     conn = ServerConnection()
-    conn.receive_data(request_frame(3))
+    events = conn.receive_data(request_frame(3) + request_frame(second) + request_frame(7))
+    assert [e.stream_id for e in events] == [3]
+    assert isinstance(conn.violation, ProtocolError)
     with pytest.raises(ProtocolError):
-        conn.receive_data(request_frame(second))
+        conn.receive_data(request_frame(9))
 
 
 def test_server_ignores_non_request_frames() -> None:
@@ -159,9 +176,17 @@ def test_server_ignores_non_request_frames() -> None:
     assert conn.receive_data(data) == []
 
 
-def test_server_garbage_header_is_protocol_error() -> None:
-    with pytest.raises(ProtocolError):
-        ServerConnection().receive_data(raw_header(0, 1, 0x42))
+def test_server_unknown_frame_type_is_ignored_like_go() -> None:
+    conn = ServerConnection()
+    events = conn.receive_data(request_frame(1) + raw_header(0, 3, 7) + request_frame(3))
+    assert [e.stream_id for e in events] == [1, 3] and conn.violation is None
+
+
+def test_server_garbage_is_a_violation_after_the_valid_requests() -> None:
+    conn = ServerConnection()
+    events = conn.receive_data(request_frame(1) + b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert [e.stream_id for e in events] == [1]
+    assert isinstance(conn.violation, ProtocolError)
 
 
 def test_send_response_encodes_status() -> None:

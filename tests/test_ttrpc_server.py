@@ -277,6 +277,27 @@ async def test_reused_stream_id_closes_connection(sock_path: Path) -> None:
         await raw.stream.aclose()
 
 
+@pytest.mark.parametrize("after", ["backwards", "not ttrpc"])
+async def test_a_request_before_a_violation_is_answered_then_the_connection_closes(
+    sock_path: Path, after: str
+) -> None:
+    """A valid request and, in the same write, a protocol violation: the request is answered
+    (it was valid; Go answers it too), then the connection closes (Go keeps it)."""
+    server = Server()
+    server.register(SVC, "Echo", echo)
+    async with running(server, sock_path):
+        raw = await RawClient.connect(sock_path)
+        _, first = raw.proto.send_request(SVC, "Echo", b"valid")
+        _, second = raw.proto.send_request(SVC, "Echo", b"second")
+        bad = first if after == "backwards" else b"GET / HTTP/1.1\r\n\r\n"
+        await raw.stream.send_all(first + second + bad)
+        assert (await raw.response()).payload == b"valid"
+        assert (await raw.response()).payload == b"second"
+        with trio.fail_after(5):
+            assert await raw.stream.receive_some() == b""
+        await raw.stream.aclose()
+
+
 async def test_oversize_request_answered_and_connection_kept(sock_path: Path) -> None:
     server = Server()
     server.register(SVC, "Echo", echo)

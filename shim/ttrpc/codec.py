@@ -85,18 +85,21 @@ class FrameDecoder:
     """Incremental frame parser: accepts arbitrary chunks (split or merged
     frames). Oversize payloads are skipped as they arrive, never buffered.
 
-    An unknown type byte means the peer is not speaking ttrpc (e.g. an HTTP
-    or gRPC preface); that raises ProtocolError and the decoder stays broken.
+    A frame of a type this version does not know is skipped whole, as Go's
+    ttrpc does ("ignore for future compat"): the frames around it still count.
+    One that also claims more than MAX_PAYLOAD bytes is not a future frame but
+    a peer not speaking ttrpc (an HTTP or gRPC preface): ``feed`` returns the
+    frames before it and sets ``error``, and the next ``feed`` raises it.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._skip = 0
-        self._error: ProtocolError | None = None
+        self.error: ProtocolError | None = None
 
     def feed(self, data: bytes | bytearray) -> list[Frame | OversizeFrame]:
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
         out: list[Frame | OversizeFrame] = []
         if self._skip:
             n = min(self._skip, len(data))
@@ -108,10 +111,20 @@ class FrameDecoder:
         while len(buf) - pos >= HEADER_SIZE:
             length, stream_id, raw_type, flags = _HEADER.unpack_from(buf, pos)
             try:
-                ftype = FrameType(raw_type)
+                ftype: FrameType | None = FrameType(raw_type)
             except ValueError:
-                self._error = ProtocolError(f"unknown frame type {raw_type:#x}")
-                raise self._error from None
+                ftype = None
+            if ftype is None and length > MAX_PAYLOAD:
+                self.error = ProtocolError(f"unknown frame type {raw_type:#x} of {length} bytes: not ttrpc")
+                break
+            if ftype is None:  # a later version's frame: skipped whole
+                pos += HEADER_SIZE
+                n = min(length, len(buf) - pos)
+                pos += n
+                self._skip = length - n
+                if self._skip:
+                    break
+                continue
             if length > MAX_PAYLOAD:
                 pos += HEADER_SIZE
                 n = min(length, len(buf) - pos)
@@ -167,24 +180,36 @@ class ServerConnection:
 
     Follows containerd/ttrpc server.go: oversize or undecodable requests and
     even stream ids get an error status on that stream; response/data frames
-    sent to a server are ignored (Go: "ignore for future compat"). Beyond Go,
-    a request id that does not increase is a ProtocolError: answering it could
-    hand the client two responses for one stream.
+    and frames of unknown types sent to a server are ignored (Go: "ignore for
+    future compat"). Beyond Go, a request id that does not increase is a
+    protocol violation: answering it could hand the client two responses for
+    one stream. The requests before it are still returned (and answered by
+    the transport before it closes the connection: nothing valid is lost);
+    ``violation`` says what happened, and a later ``receive_data`` raises it.
     """
 
     def __init__(self) -> None:
         self._decoder = FrameDecoder()
         self._last_id = 0
         self._open: set[int] = set()
+        self.violation: ProtocolError | None = None
 
     def receive_data(self, data: bytes | bytearray) -> list[ServerEvent]:
+        if self.violation is not None:
+            raise self.violation
         events: list[ServerEvent] = []
         for frame in self._decoder.feed(data):
             if frame.type != FrameType.REQUEST:
                 continue
-            event = self._on_request_frame(frame)
+            try:
+                event = self._on_request_frame(frame)
+            except ProtocolError as exc:
+                self.violation = exc
+                break
             self._open.add(event.stream_id)
             events.append(event)
+        if self.violation is None and self._decoder.error is not None:
+            self.violation = self._decoder.error
         return events
 
     def _on_request_frame(self, frame: Frame | OversizeFrame) -> ServerEvent:
@@ -277,7 +302,10 @@ class ClientConnection:
 
     def receive_data(self, data: bytes | bytearray) -> list[ResponseReceived]:
         events: list[ResponseReceived] = []
-        for frame in self._decoder.feed(data):
+        frames = self._decoder.feed(data)
+        if self._decoder.error is not None:
+            raise self._decoder.error
+        for frame in frames:
             if frame.type != FrameType.RESPONSE:
                 raise ProtocolError(f"unexpected {frame.type.name} frame from server")
             sid = frame.stream_id

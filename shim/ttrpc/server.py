@@ -292,6 +292,10 @@ class _Connection:
                     handlers.start_soon(self._slotted, self.respond, event.stream_id, event.code, event.message, b"")
                 else:
                     handlers.start_soon(self._slotted, self.server._dispatch, self, event)
+            if self.proto.violation is not None:
+                # The requests before the violation are answered, then the connection closes.
+                log.warning("ttrpc: closing connection after answering: %s", self.proto.violation)
+                return False
 
     async def _slotted(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         try:

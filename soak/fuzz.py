@@ -246,11 +246,11 @@ def run(c: Containerd, ids: Ids, frames: int, seed: int) -> Section:
         sec.text(f"a valid State, then in the same write {label}", *outcome,
                  "**differs from Go** (see notes)" if differs else "same")
         if differs and not sec.notes:
-            sec.notes.append("a frame of unknown type, or a request id lower than the last, is a protocol error to the "
-                             "Python shim (shim/ttrpc/codec.py): it closes the connection, and a valid request that "
-                             "arrived just before it in the same read is dropped unanswered; the Go shim (ttrpc 1.1) "
-                             "ignores unknown frame types \"for future compat\", does not check the order, and "
-                             "answers every request")
+            sec.notes.append("a request id lower than the last is a protocol violation to the Python shim "
+                             "(shim/ttrpc/codec.py: answering it could give one stream two responses): the valid "
+                             "requests before it are answered, then the connection closes; the Go shim (ttrpc 1.1) "
+                             "does not check the order and answers every request. Frames of unknown type are "
+                             "skipped by both")
     sec.details = res
     if CLOSED_CODE in (g["state_after"], p["state_after"]):
         sec.notes.append("State after the fuzz found the connection closed")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import trio
 
 from . import checkpoint as criu
-from . import exits
+from . import exits, lean
 from .bundle import (
     DELETE_RESPONSE_FILE,
     INIT_PID_FILE,
@@ -372,12 +372,7 @@ class Container:
         zombie the reaper has not collected yet (its pid is still ours: no reuse)."""
         if self.init.reaped or not self.init.pid:
             return self.init.reaped
-        try:
-            with open(f"/proc/{self.init.pid}/stat", "rb") as f:  # procfs: never blocks
-                stat = f.read()
-        except OSError:
-            return True
-        return stat[stat.rindex(b")") + 2 :][:1] in (b"Z", b"X")
+        return lean.process_state(self.init.pid) in (b"", b"Z", b"X")  # procfs: never blocks
 
     def _check_init_not_reaped(self) -> None:
         """An exec needs a live init. The init's state stays RUNNING until its exit is published

@@ -66,6 +66,15 @@ def send_fds(sock: _socket.socket, data: bytes, fds: list[int]) -> None:
     sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array("i", fds).tobytes())])
 
 
+def process_state(pid: int) -> bytes:
+    """The state letter of /proc/<pid>/stat (b"R", b"S", b"T", b"Z", ...); b"" if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return b""
+
+
 #: Held while one process decides whether a shim socket is live (and binds or removes it):
 #: between a new shim's bind and its listen the socket refuses connections, so a check that
 #: ran then would take a starting shim for a dead one.

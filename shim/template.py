@@ -142,14 +142,7 @@ def _template_pid(path: str) -> int:
 
 def _stopped(pid: int) -> bool:
     """SIGSTOPped or traced (it answers nobody until someone resumes it)."""
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state in (b"T", b"t")
+    return bool(pid) and lean.process_state(pid) in (b"T", b"t")
 
 
 def _retire(path: str) -> None:

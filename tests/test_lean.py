@@ -159,3 +159,17 @@ def test_a_listener_with_a_full_backlog_is_alive(tmp_path) -> None:
             s.close()
         listener.close()
     assert not lean.accepts(path)  # closed: refused, a dead leftover
+
+
+def test_process_state_reads_the_letter_after_the_command_name() -> None:
+    import os
+    import subprocess
+
+    from shim import lean
+
+    assert lean.process_state(os.getpid()) in (b"R", b"S")
+    child = subprocess.Popen(["sh", "-c", "exit 0"])
+    while lean.process_state(child.pid) != b"Z":  # exited, not yet waited for: a zombie
+        pass
+    child.wait()
+    assert lean.process_state(child.pid) == b""

@@ -19,17 +19,17 @@ from pathlib import Path
 
 from integration.harness import Containerd, build_busybox_image
 
-from . import environment, latency, memory, pods, procs, report, shims, throughput
+from . import environment, latency, memory, pods, procs, report, shims, throughput, timeline
 from .tasks import SHIMS, log
 from .thp import ThpGuard
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("memory", "latency", "throughput", "pods")
+SECTIONS = ("memory", "latency", "throughput", "pods", "timeline")
 CTR_SECTIONS = ("memory", "latency", "throughput")  # the ones that use the plain containerd
 FULL = dict(tasks=100, runs=30, settle=2.0, burst=50, burst_reps=2, state_calls=1000,
-            throughput_mib=256, throughput_runs=3, pods=20)
+            throughput_mib=256, throughput_runs=3, pods=20, timeline_rounds=15)
 QUICK = dict(tasks=10, runs=5, settle=1.0, burst=10, burst_reps=1, state_calls=200,
-             throughput_mib=32, throughput_runs=2, pods=5)
+             throughput_mib=32, throughput_runs=2, pods=5, timeline_rounds=3)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--throughput-mib", type=int, help=f"MiB written to stdout ({FULL['throughput_mib']})")
     ap.add_argument("--throughput-runs", type=int, help=f"throughput runs per shim ({FULL['throughput_runs']})")
     ap.add_argument("--pods", type=int, help=f"CRI pods per runtime handler (default {FULL['pods']})")
+    ap.add_argument("--timeline-rounds", type=int,
+                    help=f"task lifecycles per shim in the phase timeline (default {FULL['timeline_rounds']})")
     ap.add_argument("--thp-modes", default="madvise,always",
                     help="THP policies for the memory rounds; '' = leave the host's policy alone")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
@@ -64,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if os.environ.get(shims.RUST_ENV, "").strip() and "rust" not in shims.BY_NAME:
         ap.error(f"Rust shim: {shims.RUST_STATUS}")
     if args.tasks < 1 or args.runs < 1 or args.burst < 1 or args.state_calls < 1 or args.throughput_runs < 1 \
-            or args.pods < 1:
+            or args.pods < 1 or args.timeline_rounds < 1:
         ap.error("counts must be >= 1")
     return args
 
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                         if c.dir is not None:  # the plain containerd's warm template would share pages
                             procs.stop_templates(c.address)
                         results["pods"] = pods.run(args.pods, args.settle)
+                    elif section == "timeline":  # plays containerd itself: no containerd involved
+                        results["timeline"] = timeline.run(args.timeline_rounds)
                 except Exception:  # noqa: BLE001 - record, go on with the next section
                     results["errors"][section] = traceback.format_exc()
                     log(f"{section} FAILED:\n{results['errors'][section]}")

@@ -186,6 +186,12 @@ def markdown(results: dict) -> str:
                    f"{py['count']} processes = {py['templates']} template(s), {py['forked']} shims forked "
                    f"from a template, {py['count'] - py['templates'] - py['forked']} exec'd. "
                    f"The CRI containerd has no handler for the other columns.")]
+    if results.get("timeline"):
+        from .timeline import table
+
+        lines += ["", (f"Timeline of one task ({results['timeline']['rounds']} rounds per shim, the bench playing "
+                       "containerd over ttrpc, overlay rootfs, our warm template; `bench/timeline.py`):"), ""]
+        lines += table(results["timeline"])
     for sec, err in (results.get("errors") or {}).items():
         lines.append("")
         lines.append(f"**{sec} failed:** `{err.strip().splitlines()[-1] if err.strip() else err}`")

@@ -172,7 +172,9 @@ class Container:
             await self._mount_rootfs()
             log.debug("%s: rootfs mounted", self.id)
             init.io = self._new_io(req.stdio)
+            log.debug("%s: stdio opened", self.id)
             req.options.write(self.bundle, self.ctx.namespace)
+            log.debug("%s: options written", self.id)
             if req.checkpoint:
                 # Like the Go shim: a restore happens at Start; Create only prepares.
                 self._publish_create(0)
@@ -191,8 +193,10 @@ class Container:
                     console_socket=init.io.console_socket,
                 )
                 watch = self._watch_pid_file(pid_file)
+            log.debug("%s: runc create returned, pid file read", self.id)
             init.io.close_child_ends()
             await init.io.start(self.tasks)
+            log.debug("%s: stdio copiers started", self.id)
         except BaseException as e:
             if runtime_called and (watch is not None or not isinstance(e, RuncError)):
                 # cancelled in runc create, or failed after it: what it made must not stay

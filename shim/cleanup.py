@@ -21,7 +21,7 @@ from .flags import Flags
 from .mount import unmount_all
 from .options import RUNC_ROOT_FILE, RuncOptions
 from .runc_client.config import RuncConfig, last_log_error, log_size
-from .thp import runc_preexec
+from .thp import runc_command
 
 KILLED = 128 + 9
 
@@ -34,12 +34,13 @@ def force_delete(config: RuncConfig, id: str) -> None:
     import subprocess
 
     offset = log_size(config.log_path)
+    argv, preexec = runc_command(config.global_args() + ["delete", "--force", id], config.thp_original)
     result = subprocess.run(
-        config.global_args() + ["delete", "--force", id],
+        argv,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         check=False,
-        preexec_fn=runc_preexec(config.thp_original),
+        preexec_fn=preexec,
     )
     if result.returncode != 0:
         detail = result.stderr.decode(errors="replace").strip() or last_log_error(config.log_path, offset)

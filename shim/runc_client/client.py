@@ -1,9 +1,9 @@
 """Drive runc through subprocesses, waited for by the shim's reaper.
 
 Every invocation: ``runc --root R --log <bundle>/log.json --log-format json
-[--systemd-cgroup] <command> ...``, started with a ``preexec_fn`` that puts the
-host's THP policy back (the shim itself runs with THP disabled) and kills runc
-if the shim dies. Its exit status comes from the reaper, never from
+[--systemd-cgroup] <command> ...``, started through ``shim.thp.runc_command``,
+which puts the host's THP policy back (the shim itself runs with THP disabled)
+and kills runc if the shim dies. Its exit status comes from the reaper, never from
 ``Popen.wait`` (which would race the reaper's ``waitpid(-1)``).
 
 runc reports failures both on stderr and as ``"level":"error"`` lines in the
@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import trio
 
 from ..reaper import Watch
-from ..thp import runc_preexec
+from ..thp import runc_command
 from .config import RuncConfig, RuncError, Stdio, last_log_error, log_size
 
 log = logging.getLogger("shim.runc")
@@ -57,7 +57,7 @@ class Runc:
         With ``stdio`` the command's stdio are the given fds (create/exec hand
         them to the container) and nothing is captured.
         """
-        argv = self.config.global_args() + list(args)
+        argv, preexec = runc_command(self.config.global_args() + list(args), self.config.thp_original)
         began = time.perf_counter()
         log_offset = log_size(self.config.log_path)
         child_ends: list[int] = []  # closed in the parent once runc holds them
@@ -80,7 +80,7 @@ class Runc:
                 stdin=child[0],
                 stdout=child[1],
                 stderr=child[2],
-                preexec_fn=runc_preexec(self.config.thp_original),  # noqa: PLW1509 - no threads; prctl only
+                preexec_fn=preexec,  # noqa: PLW1509 - None where thp-exec is built; else prctl calls only
                 process_group=0,
                 env={**os.environ, **self.config.extra_env} if self.config.extra_env else None,
             )

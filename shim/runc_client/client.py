@@ -21,8 +21,9 @@ from typing import Any, Protocol
 
 import trio
 
-from ..reaper import Watch
-from ..thp import runc_preexec
+from shim.daemon.reaper import Watch
+from shim.thp import runc_preexec
+
 from .config import RuncConfig, RuncError, Stdio, last_log_error, log_size
 
 

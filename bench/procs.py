@@ -8,7 +8,7 @@ A family is every process of one shim implementation serving *our* containerd:
   one was found: bench/shims.py).
 * ``python``: processes whose command line shows this project's shim: the
   daemon (``python -I -c "from shim.daemon import ..."``), the launcher
-  (``shim.cli``), anything titled ``containerd-shim-runc-v2-py ...`` (shims
+  (``shim.launch.cli``), anything titled ``containerd-shim-runc-v2-py ...`` (shims
   forked from a template, and the template itself, set that title), and any
   process whose command line mentions ``shim.template`` (a template or a shim
   forked from it that could not set a title).
@@ -42,7 +42,7 @@ from integration.harness import GO_SHIM_BINARY, PY_SHIM_BINARY, _flag_value, all
 from .shims import RUST_PATH
 
 FAMILIES = ("go", "python", "rust")
-PY_MARKERS = ("shim.daemon", "shim.template", "shim.cli")
+PY_MARKERS = ("shim.daemon", "shim.template", "shim.launch.cli")
 TEMPLATE_MARKER = "shim.template"
 TEMPLATE_SOCKET_PREFIX = "/run/containerd/s/py-template-"
 

@@ -54,8 +54,8 @@ from integration.shim_driver import (
     make_rootfs_template,
     namespace_dirs,
 )
+from shim.launch.template_client import socket_path as template_socket_path
 from shim.proto import mount_pb2
-from shim.template import socket_path as template_socket_path
 
 from .tasks import log, summary
 

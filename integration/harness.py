@@ -911,7 +911,7 @@ disabled_plugins = [
 
     def template_pid(self) -> int | None:
         """The warm shim template serving this containerd (one per -address), if any."""
-        from shim import template as shim_template
+        from shim.launch import template_client as shim_template
 
         path = shim_template.socket_path(self.address)
         try:

@@ -28,7 +28,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
 from integration.harness import PROJECT_BIN, pid_alive
-from shim.launcher import socket_path
+from shim.launch.grouping import socket_path
 from shim.proto import bootstrap_pb2, runc_options_pb2, shim_pb2
 from shim.ttrpc import Code, TTRPCError, open_client
 

@@ -351,7 +351,7 @@ async def test_delete_of_unrestored_checkpoint_task_is_prompt(lab) -> None:
     """A task created from a checkpoint has no process until Start restores it: Delete must not
     wait CREATED_DELETE_WAIT for that process's exit (trio never ends such a wait early, so a
     Delete that waited took at least that long; one that did not is one runtime delete)."""
-    from shim.container import CREATED_DELETE_WAIT
+    from shim.daemon.container import CREATED_DELETE_WAIT
 
     await lab.start_sink()
     cid = lab.new_id("unrestored")

@@ -1,4 +1,4 @@
-"""An OCI runtime in memory (shim.runtime.OCIRuntime) for unit tests of the container logic.
+"""An OCI runtime in memory (shim.daemon.runtime.OCIRuntime) for unit tests of the container logic.
 
 Processes are pids above the kernel's pid_max (nothing real is ever signalled by
 them); a test ends one with ``exit(pid, status)``, which routes the exit through
@@ -17,9 +17,9 @@ from typing import ClassVar
 
 import trio
 
-from shim import events as ev
-from shim.container import Container, Context, CreateRequest
-from shim.reaper import Exit, ExitRouter
+from shim.daemon import events as ev
+from shim.daemon.container import Container, Context, CreateRequest
+from shim.daemon.reaper import Exit, ExitRouter
 from shim.runc_client.config import RuncConfig, RuncError, Stdio
 
 FIRST_PID = 10_000_000  # above any pid_max: a fake pid never names a real process

@@ -1,4 +1,4 @@
-"""shim.bootstrap: what each containerd release sends to ``start`` and what we answer.
+"""shim.launch.bootstrap: what each containerd release sends to ``start`` and what we answer.
 
 Pure: no sockets, no processes. Each release's invocation is rebuilt the way
 its ``Command`` builds it (sources named per fixture, containerd/containerd at
@@ -17,9 +17,9 @@ from google.protobuf import any_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
-from shim import bootstrap
-from shim.bootstrap import (
-    DEFAULT_SOCKET_DIR,
+from shim.common.config import SOCKET_DIR
+from shim.launch import bootstrap
+from shim.launch.bootstrap import (
     Malformed,
     RawAny,
     decode_any,
@@ -28,8 +28,8 @@ from shim.bootstrap import (
     parse_start_input,
     render_start_output,
 )
-from shim.cli import parse_args
-from shim.launcher import SOCKET_DIR, socket_path
+from shim.launch.cli import parse_args
+from shim.launch.grouping import socket_path
 from shim.proto import bootstrap_pb2, runc_options_pb2, runtimeoptions_pb2
 
 NS = "k8s.io"
@@ -81,7 +81,7 @@ def bootstrap_params(**overrides) -> bootstrap_pb2.BootstrapParams:
         containerd_ttrpc_address=TTRPC,
         containerd_binary=CONTAINERD_BIN,
         extensions=[bootstrap_pb2.Extension(value=RUNC_OPTS)],
-        socket_dir=DEFAULT_SOCKET_DIR,  # 2.3 always sets it (shim_manager.go defaultSocketDir)
+        socket_dir=SOCKET_DIR,  # 2.3 always sets it (shim_manager.go defaultSocketDir)
     )
     fields.update(overrides)
     return bootstrap_pb2.BootstrapParams(**fields)
@@ -233,7 +233,7 @@ def test_bootstrap_values_win_over_flags_and_env() -> None:
     assert (si.ttrpc_address, si.containerd_binary, si.debug) == ("/other.ttrpc", "/opt/containerd", True)
     unset = bootstrap_pb2.BootstrapParams(instance_id=CID, namespace=NS).SerializeToString()
     si = start_input(unset, ENV_17)
-    assert si.bootstrap and si.socket_dir is None and si.socket_directory == DEFAULT_SOCKET_DIR
+    assert si.bootstrap and si.socket_dir is None and si.socket_directory == SOCKET_DIR
     assert (si.ttrpc_address, si.grpc_address, si.options_any) == (TTRPC, GRPC, None)
 
 
@@ -377,7 +377,7 @@ def test_socket_path_takes_a_directory() -> None:
 HEAVY = ("google", "trio", "typing", "dataclasses", "json", "subprocess", "inspect", "signal")
 
 
-@pytest.mark.parametrize("entry, allowed", [("shim.launcher", ()), ("shim.cleanup", ())])
+@pytest.mark.parametrize("entry, allowed", [("shim.launch.launcher", ()), ("shim.launch.cleanup", ())])
 def test_start_and_delete_paths_stay_lean(entry: str, allowed: tuple[str, ...]) -> None:
     """Each of these runs in a fresh interpreter per container: no heavy imports.
 
@@ -387,13 +387,13 @@ def test_start_and_delete_paths_stay_lean(entry: str, allowed: tuple[str, ...]) 
     import sys
 
     heavy = tuple(m for m in HEAVY if m not in allowed)
-    probe = f"import sys, shim.cli, {entry}; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}))"
+    probe = f"import sys, shim.launch.cli, {entry}; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}))"
     out = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_wire_delete_response_matches_protobuf() -> None:
-    from shim import wire
+    from shim.common import wire
     from shim.proto import shim_pb2
 
     for pid, status, ns in [(0, 0, 0), (1234, 137, 1_764_000_000_123_456_789), (2**31, 255, 5)]:

@@ -1,4 +1,4 @@
-"""shim.cgroups against fake cgroup trees (v1 and v2 layouts, real file formats),
+"""shim.daemon.cgroups against fake cgroup trees (v1 and v2 layouts, real file formats),
 plus the io.containerd.cgroups.v1/v2 Metrics schemas."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from shim import cgroups
+from shim.daemon import cgroups
 from shim.proto import cgroups_v1_metrics_pb2 as v1pb
 from shim.proto import cgroups_v2_metrics_pb2 as v2pb
 

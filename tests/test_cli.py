@@ -1,11 +1,11 @@
-"""shim.cli.parse_args: Go flag package syntax, and what containerd 1.6 sends."""
+"""shim.launch.cli.parse_args: Go flag package syntax, and what containerd 1.6 sends."""
 
 from __future__ import annotations
 
 import pytest
 
-from shim.cli import UsageError, parse_args
-from shim.flags import Flags
+from shim.launch.cli import UsageError, parse_args
+from shim.launch.flags import Flags
 
 ADDRESS = "/run/containerd/containerd.sock"
 PUBLISH = "/usr/local/bin/containerd"

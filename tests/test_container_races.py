@@ -16,10 +16,10 @@ import trio
 import trio.testing
 from fake_runtime import Harness, make_container
 
-from shim import events as ev
-from shim.errors import FailedPrecondition, NotFound, ShimError
-from shim.process import State
-from shim.stdio import StdioPaths
+from shim.common.errors import FailedPrecondition, NotFound, ShimError
+from shim.daemon import events as ev
+from shim.daemon.process import State
+from shim.daemon.stdio import StdioPaths
 
 pytestmark = pytest.mark.trio
 
@@ -124,7 +124,7 @@ async def test_state_is_stopped_at_reap_and_delete_waits_for_the_exit_event(
 ) -> None:
     """Reaped means STOPPED at once (State, Kill see a dead process); TaskExit still goes
     out before TaskDelete, whenever Delete comes."""
-    from shim import exits
+    from shim.daemon import exits
 
     hold = trio.Event()
 
@@ -185,7 +185,7 @@ async def test_a_cancelled_exec_start_kills_what_runc_started(tmp_path: Path) ->
             await trio.sleep_forever()  # runc has not returned when the deadline hits
 
         h.runtime.exec = exec_then_hang  # type: ignore[method-assign]
-        import shim.container as container_module
+        import shim.daemon.container as container_module
 
         def fake_kill(pid: int, sig: int) -> None:
             killed.append(pid)

@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from shim.daemon import SocketName
+from shim.daemon.main import SocketName
 
 
 def _bound(path: Path) -> socket.socket:

@@ -1,11 +1,11 @@
-"""shim.event_queue: FIFO order across memory, the unwritten chunk and the spill file."""
+"""shim.daemon.event_queue: FIFO order across memory, the unwritten chunk and the spill file."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
-from shim.event_queue import CHUNK_BYTES, EventQueue, Pending, decode, encode
+from shim.daemon.event_queue import CHUNK_BYTES, EventQueue, Pending, decode, encode
 
 
 def item(n: int) -> Pending:

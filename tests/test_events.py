@@ -1,4 +1,4 @@
-"""shim.events: Any packing and the EventPublisher against a real in-process ttrpc server."""
+"""shim.daemon.events: Any packing and the EventPublisher against a real in-process ttrpc server."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from shim import events
-from shim.events import NAMESPACE_METADATA, SERVICE, EventPublisher, pack_any, timestamp
+from shim.daemon import events
+from shim.daemon.events import NAMESPACE_METADATA, SERVICE, EventPublisher, pack_any, timestamp
 from shim.proto import events_pb2, events_service_pb2
 from shim.ttrpc import CallContext, Code, Server, TTRPCError
 
@@ -250,7 +250,7 @@ async def test_events_beyond_the_memory_limit_spill_and_arrive_in_order_once(soc
                                                                               caplog) -> None:
     """containerd away while 20 000 events are published: at most MEMORY_LIMIT stay in
     memory, the rest wait in the spill file; all arrive once, in order, when it is back."""
-    from shim.event_queue import MEMORY_LIMIT
+    from shim.daemon.event_queue import MEMORY_LIMIT
 
     caplog.set_level("WARNING", logger="shim.events")
     total = 20_000

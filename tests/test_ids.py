@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shim.errors import InvalidArgument
-from shim.service import MAX_ID_LENGTH, check_id
+from shim.common.errors import InvalidArgument
+from shim.daemon.service import MAX_ID_LENGTH, check_id
 
 
 @pytest.mark.parametrize("value", ["a", "exec-1", "a.b_c-d", "0123456789abcdef" * 4, "x" * MAX_ID_LENGTH])

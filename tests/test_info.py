@@ -1,4 +1,4 @@
-"""shim.info: the ``-info`` answer, decoded with the generated RuntimeInfo module."""
+"""shim.launch.info: the ``-info`` answer, decoded with the generated RuntimeInfo module."""
 
 from __future__ import annotations
 
@@ -11,9 +11,17 @@ import pytest
 from google.protobuf import any_pb2
 
 from shim import __version__
-from shim.bootstrap import RawAny
-from shim.cli import parse_args
-from shim.info import FEATURES_TYPE, RUNTIME_NAME, InfoError, binary_name, encode_runtime_info, look_path, runtime_info
+from shim.launch.bootstrap import RawAny
+from shim.launch.cli import parse_args
+from shim.launch.info import (
+    FEATURES_TYPE,
+    RUNTIME_NAME,
+    InfoError,
+    binary_name,
+    encode_runtime_info,
+    look_path,
+    runtime_info,
+)
 from shim.proto import introspection_pb2, runc_options_pb2, runtimeoptions_pb2
 
 RUNC_TYPE = "containerd.runc.v1.Options"

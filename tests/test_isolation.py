@@ -1,4 +1,4 @@
-"""shim.isolation.Isolated: one container's failing task never stops the shim's nursery."""
+"""shim.daemon.isolation.Isolated: one container's failing task never stops the shim's nursery."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from shim.isolation import Isolated
+from shim.daemon.isolation import Isolated
 
 
 async def test_a_failing_task_is_logged_and_counted_and_the_others_go_on(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,4 +1,4 @@
-"""shim.launcher: the socket address and binding it (no root: a tmp dir)."""
+"""shim.launch.launcher: the socket address and binding it (no root: a tmp dir)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from shim.launcher import SOCKET_DIR, bind, socket_path
+from shim.common.config import SOCKET_DIR
+from shim.launch.grouping import socket_path
+from shim.launch.launcher import bind
 
 ADDRESS = "/run/containerd/containerd.sock"
 
@@ -106,8 +108,9 @@ def test_bind_replaces_stale_socket(path: str) -> None:
 
 def test_a_namespace_shim_is_spawned_without_any_template(monkeypatch: pytest.MonkeyPatch) -> None:
     """ShimGroup = "namespace": one shim per namespace, so a template would only cost memory."""
-    from shim import launcher, template
-    from shim.config import ShimConfig
+    from shim.common.config import ShimConfig
+    from shim.launch import launcher
+    from shim.launch import template_client as template
 
     def no_template(*_: object) -> None:
         raise AssertionError("the template was used")
@@ -131,10 +134,10 @@ def test_a_launcher_never_removes_a_socket_another_is_still_setting_up(tmp_path)
     import socket
     import threading
 
-    from shim import launcher
+    from shim.launch import launcher
 
     path = str(tmp_path / "shim.sock")
-    from shim import lean
+    from shim.common import lean
 
     lock = os.open(str(tmp_path / lean.SOCKET_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)  # launcher A, mid-way: bound, not listening yet
@@ -166,7 +169,7 @@ def test_a_launcher_never_removes_a_socket_another_is_still_setting_up(tmp_path)
 def test_the_shim_is_made_a_slightly_better_oom_victim_or_the_start_fails() -> None:
     import subprocess
 
-    from shim.launcher import _oom_score_above_parent
+    from shim.launch.launcher import _oom_score_above_parent
 
     with open(f"/proc/{os.getpid()}/oom_score_adj") as f:
         ours = int(f.read())

@@ -1,4 +1,4 @@
-"""shim.lean: the standard-library shortcuts of the start/delete paths, checked against
+"""shim.common.lean: the standard-library shortcuts of the start/delete paths, checked against
 what they stand in for (hashlib, socket) on real unix sockets in tmp_path (no root)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shim import lean
+from shim.common import lean
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,7 +122,7 @@ def test_send_fds_passes_data_and_descriptors(tmp_path: Path) -> None:
 def test_lean_imports_neither_socket_nor_hashlib() -> None:
     """Its reason to exist: the start path must not pay for socket (selectors, enum) or hashlib."""
     probe = (
-        "import sys; from shim import lean; "
+        "import sys; from shim.common import lean; "
         "lean.sha256_hex(b'x'); s = lean.unix_socket(); s.close(); lean.accepts('/nonexistent'); "
         "print(sorted(m for m in ('socket', 'hashlib', 'selectors', 'enum', '_hashlib') if m in sys.modules))"
     )
@@ -136,7 +136,7 @@ def test_a_listener_with_a_full_backlog_is_alive(tmp_path) -> None:
     be removed and a second shim started), nor hang the probe."""
     import socket
 
-    from shim import lean
+    from shim.common import lean
 
     path = str(tmp_path / "busy.sock")
     listener = socket.socket(socket.AF_UNIX)
@@ -165,7 +165,7 @@ def test_process_state_reads_the_letter_after_the_command_name() -> None:
     import os
     import subprocess
 
-    from shim import lean
+    from shim.common import lean
 
     assert lean.process_state(os.getpid()) in (b"R", b"S")
     child = subprocess.Popen(["sh", "-c", "exit 0"])

@@ -1,10 +1,10 @@
-"""shim.mount.parse_options: mount(8)-style options -> flags, propagation, data."""
+"""shim.common.mount.parse_options: mount(8)-style options -> flags, propagation, data."""
 
 from __future__ import annotations
 
 import pytest
 
-from shim.mount import (
+from shim.common.mount import (
     MS_BIND,
     MS_NODEV,
     MS_NOEXEC,
@@ -88,7 +88,7 @@ def test_last_propagation_wins() -> None:
 
 
 def test_compact_lowerdir_names_layers_through_their_common_parent() -> None:
-    from shim.mount import compact_lowerdir
+    from shim.common.mount import compact_lowerdir
 
     root = "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots"
     layers = [f"{root}/{n}/fs" for n in range(64, 0, -1)]
@@ -104,7 +104,7 @@ def test_compact_lowerdir_names_layers_through_their_common_parent() -> None:
 
 
 def test_compact_lowerdir_leaves_what_it_cannot_shorten() -> None:
-    from shim.mount import compact_lowerdir
+    from shim.common.mount import compact_lowerdir
 
     def never(path: str) -> str:
         raise AssertionError("no parent to open")

@@ -1,11 +1,11 @@
-"""shim.netstats: /proc/<pid>/net/dev parsing into cgroup v1 NetworkStat."""
+"""shim.daemon.netstats: /proc/<pid>/net/dev parsing into cgroup v1 NetworkStat."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from shim.netstats import network_stats, parse_net_dev
+from shim.daemon.netstats import network_stats, parse_net_dev
 
 NET_DEV = """\
 Inter-|   Receive                                                |  Transmit

@@ -1,4 +1,4 @@
-"""shim.oom: v2 memory.events watching and v1 eventfd watching (fake trees), plus one
+"""shim.daemon.oom: v2 memory.events watching and v1 eventfd watching (fake trees), plus one
 real cgroup v1 OOM when running as root on a host with a v1 memory hierarchy."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from shim import cgroups, oom
+from shim.daemon import cgroups, oom
 
 MEMORY_EVENTS = "low 0\nhigh {high}\nmax {max}\noom {oom}\noom_kill {kill}\noom_group_kill 0\n"
 

@@ -1,4 +1,4 @@
-"""shim.options: decoding CreateTaskRequest.options and the bundle's options.json."""
+"""shim.common.options: decoding CreateTaskRequest.options and the bundle's options.json."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from shim.errors import InvalidArgument
-from shim.options import (
+from shim.common.errors import InvalidArgument
+from shim.common.options import (
     OPTIONS_FILE,
     RUNC_OPTIONS_TYPE,
     RUNC_ROOT,

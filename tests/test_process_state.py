@@ -1,4 +1,4 @@
-"""shim.process: the Lifecycle state machine and Process exit bookkeeping."""
+"""shim.daemon.process: the Lifecycle state machine and Process exit bookkeeping."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import trio
 import trio.testing
 
-from shim.errors import FailedPrecondition, NotFound, ShimError
-from shim.process import TRANSITIONS, ExitInfo, Lifecycle, Op, Process, State
+from shim.common.errors import FailedPrecondition, NotFound, ShimError
+from shim.daemon.process import TRANSITIONS, ExitInfo, Lifecycle, Op, Process, State
 
-S, O = State, Op  # noqa: E741 - as in shim/process.py
+S, O = State, Op  # noqa: E741 - as in shim/daemon/process.py
 
 # Written out from the module docstring's diagram (plus kill/exec/update, which
 # leave a live process where it is), independently of TRANSITIONS.

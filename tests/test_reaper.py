@@ -1,4 +1,4 @@
-"""shim.reaper: exit_status, the pure ExitRouter, and one real Reaper run."""
+"""shim.daemon.reaper: exit_status, the pure ExitRouter, and one real Reaper run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from shim.reaper import Exit, ExitRouter, Reaper, exit_status
+from shim.daemon.reaper import Exit, ExitRouter, Reaper, exit_status
 
 
 def exited(code: int) -> int:

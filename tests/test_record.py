@@ -1,4 +1,4 @@
-"""shim.record: the dataclass stand-in of the start/delete paths, checked against dataclasses.
+"""shim.common.record: the dataclass stand-in of the start/delete paths, checked against dataclasses.
 
 ``@record`` promises what our data classes use from ``@dataclass``: keyword
 and positional ``__init__`` with defaults, fresh per-instance defaults
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.record import Factory, as_dict, field_names, record
+from shim.common.record import Factory, as_dict, field_names, record
 
 
 def make_pair():
@@ -147,8 +147,8 @@ def test_methods_and_properties_survive() -> None:
 
 def test_every_record_in_the_shim_round_trips() -> None:
     """The records the lean paths really use: built from their as_dict, equal again."""
-    from shim.config import ShimConfig
-    from shim.options import RuncOptions
+    from shim.common.config import ShimConfig
+    from shim.common.options import RuncOptions
 
     config = ShimConfig(namespace="ns", id="c1", bundle="/b", debug=True, thp_original=2)
     assert ShimConfig(**as_dict(config)) == config
@@ -163,10 +163,10 @@ def test_record_imports_nothing() -> None:
     (``__future__``, which its annotations import, is a few lines of pure Python)."""
     probe = (
         "import sys; before = set(sys.modules); "
-        "from shim.record import record, as_dict\n"
+        "from shim.common.record import record, as_dict\n"
         "@record\nclass C:\n    a: int = 1\n"
         "as_dict(C()); repr(C()); C() == C()\n"
-        "new = set(sys.modules) - before - {'shim', 'shim.record', '__future__'}\n"
+        "new = set(sys.modules) - before - {'shim', 'shim.common', 'shim.common.record', '__future__'}\n"
         "print(sorted(new))"
     )
     out = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, check=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shim.errors import ShimError
+from shim.common.errors import ShimError
 from shim.runc_client.config import RuncConfig, RuncError, last_log_error, log_size
 
 

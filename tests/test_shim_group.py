@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shim.bootstrap import LaunchSettings, RawAny, launch_settings
-from shim.bundle import NAMESPACE_GROUP, group_id
+from shim.launch.bootstrap import LaunchSettings, RawAny, launch_settings
+from shim.launch.grouping import NAMESPACE_GROUP, group_id
 from shim.proto import runc_options_pb2, runtimeoptions_pb2
 
 RUNTIMEOPTIONS = "runtimeoptions.v1.Options"
@@ -68,7 +68,7 @@ def test_unknown_group_is_refused_and_unreadable_options_are_ignored(tmp_path: P
 def test_group_scan_agrees_with_tomllib(text: str) -> None:
     import tomllib
 
-    from shim.bootstrap import toml_group
+    from shim.launch.grouping import toml_group
 
     try:
         data = {k.lower(): v for k, v in tomllib.loads(text).items()}
@@ -88,7 +88,7 @@ def test_start_reads_the_group_without_importing_tomllib(tmp_path: Path) -> None
     value = runtimeoptions_pb2.Options(config_body=body.encode()).SerializeToString()
     probe = (
         f"import sys; sys.path.insert(0, {str(root)!r})\n"
-        "from shim.bootstrap import RawAny, launch_settings\n"
+        "from shim.launch.bootstrap import RawAny, launch_settings\n"
         f"s = launch_settings(RawAny({RUNTIMEOPTIONS!r}, {value!r}))\n"
         "print(s.shim_group, 'tomllib' in sys.modules)\n"
     )

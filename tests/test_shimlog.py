@@ -1,4 +1,4 @@
-"""shim.shimlog.LogrusFormatter: logrus text lines, one per record."""
+"""shim.daemon.shimlog.LogrusFormatter: logrus text lines, one per record."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shim.shimlog import LogrusFormatter
+from shim.daemon.shimlog import LogrusFormatter
 
 CREATED = 1700000000.25  # 2023-11-14T22:13:20.250Z
 

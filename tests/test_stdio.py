@@ -1,4 +1,4 @@
-"""shim.stdio: URI parsing, fifos, terminals via a real console socket, file:// and binary:// logs.
+"""shim.daemon.stdio: URI parsing, fifos, terminals via a real console socket, file:// and binary:// logs.
 
 Nothing here needs root except the IoUid/IoGid chown test. runc is simulated:
 for a terminal the test connects to ``io.console_socket`` and sends a pty
@@ -24,9 +24,9 @@ import pytest
 import trio
 import trio.testing
 
-from shim import logger as logger_mod
-from shim.errors import InvalidArgument, ShimError
-from shim.stdio import ProcessIO, StdioPaths, StdioTarget, parse_stdio
+from shim.common.errors import InvalidArgument, ShimError
+from shim.daemon import logger as logger_mod
+from shim.daemon.stdio import ProcessIO, StdioPaths, StdioTarget, parse_stdio
 
 #: bound for "eventually" (data arrives, a process exits): generous for a loaded machine
 EVENTUALLY = 30.0
@@ -650,8 +650,8 @@ async def test_exit_waits_for_output_only_while_someone_takes_it(
     (issue 11 item 5). A slow but steady reader: the exit waits and the reader gets every byte,
     and the copier sleeps while the fifo is full (it used to spin on splice's EAGAIN once the
     source was at EOF: thousands of calls, and under a mock clock no time ever passed)."""
-    import shim.stdio as stdio_mod
-    from shim.stdio import OUTPUT_STALL
+    import shim.daemon.stdio as stdio_mod
+    from shim.daemon.stdio import OUTPUT_STALL
 
     real_splice, splices = os.splice, []
 

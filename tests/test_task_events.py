@@ -1,14 +1,14 @@
-"""shim.task_events: each domain report becomes containerd's topic and message."""
+"""shim.daemon.task_events: each domain report becomes containerd's topic and message."""
 
 from __future__ import annotations
 
 from google.protobuf.message import Message
 
-from shim import events as ev
-from shim.mount import MountSpec
+from shim.common.mount import MountSpec
+from shim.daemon import events as ev
+from shim.daemon.stdio import StdioPaths
+from shim.daemon.task_events import TaskEvents
 from shim.proto import events_pb2
-from shim.stdio import StdioPaths
-from shim.task_events import TaskEvents
 
 
 class Recorder:

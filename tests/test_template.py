@@ -1,4 +1,4 @@
-"""shim.template: the socket name must be the same wherever it is computed.
+"""shim.launch.template_client and shim.template.heap: the socket name must be the same wherever it is computed.
 
 The launcher runs with ``python -I -S`` (no site-packages), the template and
 the test harness with site: a fingerprint that depended on the difference
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROBE = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from shim import template; print(template.socket_path('/run/c.sock'))"
+PROBE = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from shim.launch import template_client; print(template_client.socket_path('/run/c.sock'))"
 
 
 def socket_path_with(*flags: str) -> str:
@@ -24,17 +24,17 @@ def test_socket_path_is_the_same_with_and_without_site() -> None:
 
 
 def test_socket_path_differs_per_containerd() -> None:
-    from shim import template
+    from shim.launch import template_client
 
-    assert template.socket_path("/a/c.sock") != template.socket_path("/b/c.sock")
-    assert template.socket_path("/a/c.sock").startswith("/run/containerd/s/py-template-")
+    assert template_client.socket_path("/a/c.sock") != template_client.socket_path("/b/c.sock")
+    assert template_client.socket_path("/a/c.sock").startswith("/run/containerd/s/py-template-")
 
 
 def test_fill_partial_pools_leaves_no_free_slot_for_a_shim_to_dirty() -> None:
-    from shim import template
+    from shim.template import heap
 
-    free_before = sum(avail for size, avail in template._malloc_stats() if size >= 48)
-    filled = template.fill_partial_pools()
-    free_after = sum(avail for size, avail in template._malloc_stats() if size >= 48)
+    free_before = sum(avail for size, avail in heap._malloc_stats() if size >= 48)
+    filled = heap.fill_partial_pools()
+    free_after = sum(avail for size, avail in heap._malloc_stats() if size >= 48)
     assert filled >= free_before > 0
     assert free_after < free_before / 2, (free_before, free_after)  # reading the stats frees a few again

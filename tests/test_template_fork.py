@@ -1,4 +1,4 @@
-"""shim.template's fork path, for real: fork_shim in this process, and a whole template
+"""The template's fork path (shim.template.server, shim.launch.template_client), for real: fork_shim in this process, and a whole template
 process serving request_fork on a socket in tmp_path (no root, no containerd, no runc).
 
 The only stand-in is the shim's body: ``shim.daemon.main`` is replaced by FAKE_MAIN,
@@ -22,9 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from shim import lean, template
-from shim.config import ShimConfig
-from shim.record import as_dict
+from shim.common import lean
+from shim.common.config import LISTEN_FD, ShimConfig
+from shim.common.record import as_dict
+from shim.launch import template_client
+from shim.template import server as template_server
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTUALLY = 30.0
@@ -105,19 +107,19 @@ def listening_socket(path: Path) -> socket.socket:
 # -- fork_shim in this process --------------------------------------------------------------
 
 def test_fork_shim_gives_an_orphan_that_is_only_the_shim(tmp_path: Path, monkeypatch) -> None:
-    import shim.daemon
+    import shim.daemon.main
 
-    monkeypatch.setattr(shim.daemon, "main", fake_main)
+    monkeypatch.setattr(shim.daemon.main, "main", fake_main)
     config = make_config(tmp_path, "c1")
     listener = listening_socket(Path(config.socket_path))
-    assert listener.fileno() != template.LISTEN_FD  # so the dup2 onto fd 3 is exercised
+    assert listener.fileno() != LISTEN_FD  # so the dup2 onto fd 3 is exercised
     stray = os.open(tmp_path / "stray", os.O_CREAT | os.O_RDWR)  # a template fd: must not reach the shim
     os.set_inheritable(stray, True)
     env = {"TTRPC_ADDRESS": config.ttrpc_address, "ONLY": "this"}
     # the template exits on SIGTERM through a handler; the shim must get the default back
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        pid = template.fork_shim(config, env, listener.fileno())
+        pid = template_server.fork_shim(config, env, listener.fileno())
     finally:
         signal.signal(signal.SIGTERM, previous)
         os.close(stray)
@@ -150,10 +152,10 @@ def test_fork_shim_gives_an_orphan_that_is_only_the_shim(tmp_path: Path, monkeyp
 
 
 def request_fork(path: Path, config: ShimConfig) -> tuple[int | None, bool]:
-    """template.request_fork as the launcher calls it, with a listener made and closed here."""
+    """template_client.request_fork as the launcher calls it, with a listener made and closed here."""
     listener = listening_socket(Path(config.socket_path))
     try:
-        return template.request_fork(str(path), config, listener)
+        return template_client.request_fork(str(path), config, listener)
     finally:
         listener.close()
 
@@ -166,8 +168,8 @@ def start_template(path: Path) -> subprocess.Popen:
         "from __future__ import annotations\n"  # fake_main's annotation names a class not imported there
         f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
         f"{FAKE_MAIN}\n"
-        "import shim.daemon; shim.daemon.main = fake_main\n"
-        f"{template.MAIN}\n"
+        "import shim.daemon.main; shim.daemon.main.main = fake_main\n"
+        f"{template_client.MAIN}\n"
     )
     return subprocess.Popen([sys.executable, "-I", "-c", program, str(path)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", start_new_session=True)
@@ -182,7 +184,7 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.fixture
 def running_template(tmp_path: Path, monkeypatch):
     """A template at tmp_path/tpl.sock, serving; requests get a deadline generous enough for a loaded machine."""
-    monkeypatch.setattr(template, "REQUEST_TIMEOUT", EVENTUALLY)
+    monkeypatch.setattr(template_client, "REQUEST_TIMEOUT", EVENTUALLY)
     path = tmp_path / "tpl.sock"
     proc = start_template(path)
     try:
@@ -202,7 +204,7 @@ def test_request_fork_starts_a_shim_from_the_template(running_template, tmp_path
     config = make_config(tmp_path, "c2")
     listener = listening_socket(Path(config.socket_path))
     try:
-        pid, there = template.request_fork(str(path), config, listener)
+        pid, there = template_client.request_fork(str(path), config, listener)
         inode = os.fstat(listener.fileno()).st_ino
     finally:
         listener.close()
@@ -229,16 +231,16 @@ def test_a_late_request_is_refused_and_forks_nothing(running_template, tmp_path:
     proc, path = running_template
     late = make_config(tmp_path, "late")
     listener = listening_socket(Path(late.socket_path))
-    monkeypatch.setattr(template, "REQUEST_TIMEOUT", -1.0)  # the deadline has passed when it arrives
-    monkeypatch.setattr(template, "ANSWER_MARGIN", EVENTUALLY + 1.0)  # ... but we wait for the answer
+    monkeypatch.setattr(template_client, "REQUEST_TIMEOUT", -1.0)  # the deadline has passed when it arrives
+    monkeypatch.setattr(template_client, "ANSWER_MARGIN", EVENTUALLY + 1.0)  # ... but we wait for the answer
     try:
-        assert template.request_fork(str(path), late, listener) == (None, True)  # there, and refusing
+        assert template_client.request_fork(str(path), late, listener) == (None, True)  # there, and refusing
     finally:
         listener.close()
     # the template answers in order: once a later request's shim has reported, a shim
     # forked for the late one would have been forked before it
-    monkeypatch.setattr(template, "REQUEST_TIMEOUT", EVENTUALLY)
-    monkeypatch.setattr(template, "ANSWER_MARGIN", 1.0)
+    monkeypatch.setattr(template_client, "REQUEST_TIMEOUT", EVENTUALLY)
+    monkeypatch.setattr(template_client, "ANSWER_MARGIN", 1.0)
     later = make_config(tmp_path, "later")
     pid, _ = request_fork(path, later)
     assert read_report(Path(later.bundle))["pid"] == pid
@@ -347,12 +349,12 @@ def test_no_template_means_fall_back(tmp_path: Path) -> None:
     config = make_config(tmp_path, "c5")
     listener = listening_socket(Path(config.socket_path))
     try:
-        assert template.request_fork(str(tmp_path / "nobody.sock"), config, listener) == (None, False)
+        assert template_client.request_fork(str(tmp_path / "nobody.sock"), config, listener) == (None, False)
         # a socket file nobody listens on (a dead template's) is the same
         dead = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         dead.bind(str(tmp_path / "dead.sock"))
         dead.close()
-        assert template.request_fork(str(tmp_path / "dead.sock"), config, listener) == (None, False)
+        assert template_client.request_fork(str(tmp_path / "dead.sock"), config, listener) == (None, False)
     finally:
         listener.close()
     assert not (Path(config.bundle) / "report.json").exists()
@@ -369,9 +371,9 @@ def test_config_survives_the_request_encoding() -> None:
 
 
 def test_enabled() -> None:
-    assert template.enabled({}) is True
-    assert template.enabled({template.ENV_DISABLE: "1"}) is True
-    assert template.enabled({template.ENV_DISABLE: "0"}) is False
+    assert template_client.enabled({}) is True
+    assert template_client.enabled({template_client.ENV_DISABLE: "1"}) is True
+    assert template_client.enabled({template_client.ENV_DISABLE: "0"}) is False
 
 
 def test_fingerprint_follows_the_code(tmp_path: Path, monkeypatch) -> None:
@@ -380,43 +382,39 @@ def test_fingerprint_follows_the_code(tmp_path: Path, monkeypatch) -> None:
     package.mkdir()
     (package / "a.py").write_text("x = 1\n")
     (package / "__pycache__").mkdir()
-    monkeypatch.setattr(template, "__file__", str(package / "template.py"))
-    first = template.fingerprint()
-    assert template.fingerprint() == first
+    monkeypatch.setattr(template_client, "__file__", str(package / "launch" / "template_client.py"))
+    first = template_client.fingerprint()
+    assert template_client.fingerprint() == first
     (package / "__pycache__" / "a.cpython.pyc").write_bytes(b"ignored")  # caches do not count
-    assert template.fingerprint() == first
+    assert template_client.fingerprint() == first
     os.utime(package / "a.py", ns=(1, 1))
-    second = template.fingerprint()
+    second = template_client.fingerprint()
     assert second != first
     (package / "b.py").write_text("")
-    assert template.fingerprint() != second
-    assert template.socket_path("/run/c.sock") != template.socket_path("/run/d.sock")
+    assert template_client.fingerprint() != second
+    assert template_client.socket_path("/run/c.sock") != template_client.socket_path("/run/d.sock")
 
 
 def test_a_failed_fork_closes_its_pipe(monkeypatch, tmp_path: Path) -> None:
     """fork(2) can fail (EAGAIN under a pids limit): the template must not leak the pipe it
     made for the shim's pid, or a template under pressure runs out of fds."""
-    from shim import template
-
     def no_fork() -> int:
         raise BlockingIOError(11, "Resource temporarily unavailable")
 
     before = sorted(os.listdir("/proc/self/fd"))
-    monkeypatch.setattr(template.os, "fork", no_fork)
+    monkeypatch.setattr(template_server.os, "fork", no_fork)
     with pytest.raises(BlockingIOError):
-        template.fork_shim(make_config(tmp_path, "nofork"), {}, 0)
+        template_server.fork_shim(make_config(tmp_path, "nofork"), {}, 0)
     assert sorted(os.listdir("/proc/self/fd")) == before
 
 
 def test_the_template_lives_in_the_shims_socket_directory(tmp_path: Path) -> None:
     """containerd 2.3 may give the shims another socket directory: the template goes there too."""
-    from shim import template
-
-    assert template.socket_path("/run/c.sock", str(tmp_path)).startswith(f"{tmp_path}/py-template-")
+    assert template_client.socket_path("/run/c.sock", str(tmp_path)).startswith(f"{tmp_path}/py-template-")
     log = tmp_path / "t.log"
     log.write_text("")
-    template._remove_if_empty(str(log))
+    template_server._remove_if_empty(str(log))
     assert not log.exists()
     log.write_text("something went wrong\n")
-    template._remove_if_empty(str(log))
+    template_server._remove_if_empty(str(log))
     assert log.exists()  # kept for whoever looks into it

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 SHIM = Path(__file__).resolve().parent.parent / "shim"
-DAEMON_SIDE = ["daemon", "service", "container", "process", "stdio", "console", "logger", "fds", "cgroups",
-               "netstats", "oom", "events", "options", "bundle", "mount", "reaper", "shimlog", "runc_client/client",
-               "runc_client/config"]
+DAEMON_SIDE = ["daemon/main", "daemon/service", "daemon/container", "daemon/process", "daemon/stdio", "daemon/console",
+               "daemon/logger", "daemon/fds", "daemon/cgroups", "daemon/netstats", "daemon/oom", "daemon/events",
+               "common/options", "common/bundle", "common/mount", "daemon/reaper", "daemon/shimlog",
+               "runc_client/client", "runc_client/config"]
 
 
 def lazy_imports() -> set[str]:
@@ -36,8 +37,8 @@ def lazy_imports() -> set[str]:
 
 def test_template_warm_up_loads_every_lazy_import() -> None:
     probe = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import shim.daemon; "
-        "from shim.warmup import warm_up; warm_up(); print(repr(sorted(sys.modules)))"
+        "import sys; sys.path.insert(0, sys.argv[1]); import shim.daemon.main; "
+        "from shim.template.warmup import warm_up; warm_up(); print(repr(sorted(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", probe, str(SHIM.parent)], capture_output=True, text=True, check=True)
     loaded = set(ast.literal_eval(out.stdout))

@@ -129,7 +129,7 @@ def test_pod_with_two_containers_has_one_shim(cri, kubelet, pb, handler):
     assert set(cri.shim_pids()) - shims_before == {shim}
     argv = read_cmdline(shim)
     # the Go shim and a template-forked Python shim show the binary's name; a spawned Python
-    # shim runs as "python -I -c 'from shim.daemon import ...' -namespace ..."
+    # shim runs as "python -I -c 'from shim.daemon.main import ...' -namespace ..."
     assert (os.path.basename(argv[0]) == SHIM_BINARY[handler]
             or (handler == PY_HANDLER and "shim.daemon" in " ".join(argv))), argv
     assert (_flag_value(argv, "namespace"), _flag_value(argv, "id")) == ("k8s.io", pod.id)

@@ -23,8 +23,9 @@ from typing import Any, Protocol
 
 import trio
 
-from ..reaper import Watch
-from ..thp import runc_command
+from shim.daemon.reaper import Watch
+from shim.thp import runc_command
+
 from .config import RuncConfig, RuncError, Stdio, last_log_error, log_size
 
 log = logging.getLogger("shim.runc")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ..errors import ShimError
-from ..record import Factory, record
+from shim.common.errors import ShimError
+from shim.common.record import Factory, record
 
 
 class RuncError(ShimError):

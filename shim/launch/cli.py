@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{e}\n{USAGE}", file=sys.stderr)
         sys.exit(2)
     if flags.version:
-        from . import __version__
+        from shim import __version__
 
         print(f"containerd-shim-runc-v2-py:\n  Version: {__version__}\n  Python: {sys.version.split()[0]}")
         sys.exit(0)

@@ -6,7 +6,7 @@ a ``Flags`` without importing the cli module that dispatches to them.
 
 from __future__ import annotations
 
-from .record import record
+from shim.common.record import record
 
 
 @record

@@ -41,12 +41,13 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import trio
 
+from shim.common.errors import InvalidArgument, ShimError
+from shim.runc_client.config import Stdio
+
 from .console import Console
-from .errors import InvalidArgument, ShimError
 from .fds import DRAIN_POLL, OwnedFds, Sink, hung_up, unread
 from .isolation import Spawner
 from .logger import Logger, start_logger
-from .runc_client.config import Stdio
 
 log = logging.getLogger("shim.stdio")
 

@@ -16,17 +16,18 @@ import trio
 from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import Message
 
+from shim.common.errors import AlreadyExists, InvalidArgument, NotFound, ShimError
+from shim.common.mount import MountSpec
+from shim.common.options import from_any, type_name
+from shim.proto import runc_options_pb2, shim_pb2, task_types_pb2
+from shim.ttrpc import CallContext, Code, Server, TTRPCError
+
 from . import events as ev
 from .checkpoint import CheckpointRequest
 from .container import Container, Context, CreateRequest
-from .errors import AlreadyExists, InvalidArgument, NotFound, ShimError
-from .mount import MountSpec
 from .netstats import network_stats
-from .options import from_any, type_name
 from .process import Process, State
-from .proto import runc_options_pb2, shim_pb2, task_types_pb2
 from .stdio import StdioPaths
-from .ttrpc import CallContext, Code, Server, TTRPCError
 
 log = logging.getLogger("shim.service")
 

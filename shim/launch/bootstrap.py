@@ -49,10 +49,13 @@ containerd 2.3 (pkg/shim/util.go ``Command``, api/runtime/bootstrap/v1/bootstrap
 
 from __future__ import annotations
 
-from .record import Factory, record
-from .wire import Malformed, bytes_field, varint_field
-from .wire import fields as _fields
-from .wire import text as _text
+from shim.common.config import SOCKET_DIR
+from shim.common.record import Factory, record
+from shim.common.wire import Malformed, bytes_field, varint_field
+from shim.common.wire import fields as _fields
+from shim.common.wire import text as _text
+
+from .grouping import shim_group
 
 TYPE_CHECKING = False  # importing typing would cost the launcher ~3 ms
 if TYPE_CHECKING:
@@ -61,7 +64,6 @@ if TYPE_CHECKING:
 
     from .flags import Flags
 
-DEFAULT_SOCKET_DIR = "/run/containerd/s"
 PROTOCOL = "ttrpc"
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
 RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
@@ -114,7 +116,7 @@ class StartInput:
 
     @property
     def socket_directory(self) -> str:
-        return self.socket_dir or DEFAULT_SOCKET_DIR
+        return self.socket_dir or SOCKET_DIR
 
 
 # -- the protobuf wire format, just what these messages need --------------------
@@ -190,12 +192,6 @@ def _runtime_options(extensions: list[RawAny]) -> RawAny | None:
     return extensions[0] if extensions else None
 
 
-#: ShimGroup values (runtime options TOML): which tasks one shim process serves.
-GROUP_POD = "pod"  # the Go shim's behaviour: one shim per task, a pod's containers share one
-GROUP_NAMESPACE = "namespace"  # one shim per containerd address and namespace
-SHIM_GROUPS = ("", GROUP_POD, GROUP_NAMESPACE)
-
-
 @record
 class LaunchSettings:
     """The runtime options ``start`` itself acts on."""
@@ -208,8 +204,8 @@ class LaunchSettings:
         """The cgroup a new shim joins (only a new shim needs it: tomllib costs ~20 ms to import)."""
         if self.typed_cgroup or not self.toml:
             return self.typed_cgroup
-        from .errors import ShimError
-        from .options import from_toml
+        from shim.common.errors import ShimError
+        from shim.common.options import from_toml
 
         try:
             return from_toml(self.toml).shim_cgroup
@@ -223,7 +219,7 @@ def launch_settings(options: RawAny | None) -> LaunchSettings:
     containerd.runc.v1.Options has shim_cgroup (field 3) and no group; CRI's
     and ctr's runtimeoptions.v1.Options carry a TOML (``ShimCgroup``,
     ``ShimGroup``). This runs on every start, so the TOML is only scanned for
-    the group (``toml_group``). Unreadable options are ignored, as the Go
+    the group (``grouping.shim_group``). Unreadable options are ignored, as the Go
     shim's start ignores them; an unknown ShimGroup is an error (ValueError),
     since guessing would put tasks in the wrong shim.
     """
@@ -235,63 +231,17 @@ def launch_settings(options: RawAny | None) -> LaunchSettings:
                 if number == 3 and wire == 2:
                     return LaunchSettings(typed_cgroup=_text(value))
         elif options.type_name == RUNTIME_OPTIONS_TYPE:
-            from .errors import ShimError
-            from .options import runtime_options_toml
+            from shim.common.errors import ShimError
+            from shim.common.options import runtime_options_toml
 
             try:
                 text = runtime_options_toml(options.value)
             except ShimError:
                 return LaunchSettings()
-            group = toml_group(text)
-            if group not in SHIM_GROUPS:
-                raise ValueError(f"ShimGroup {group!r}: must be {GROUP_POD!r} or {GROUP_NAMESPACE!r}")
-            return LaunchSettings(shim_group=group, toml=text)
+            return LaunchSettings(shim_group=shim_group(text), toml=text)
     except Malformed:
         return LaunchSettings()
     return LaunchSettings()
-
-
-_GROUP_KEYS = ("shimgroup", "shim_group")
-
-
-def toml_group(text: str) -> str:
-    """ShimGroup's value, read from a flat TOML line by line; tomllib only for anything less simple."""
-    if "group" not in text.lower():
-        return ""
-    value = _flat_toml_string(text, _GROUP_KEYS)
-    if value is not None:
-        return value
-    from .errors import ShimError
-    from .options import from_toml
-
-    try:
-        return from_toml(text).shim_group
-    except ShimError:
-        return ""  # unreadable options are ignored (the shim reports them at Create)
-
-
-def _flat_toml_string(text: str, keys: tuple[str, ...]) -> str | None:
-    """The plain string value of the first of ``keys`` (any case) in a TOML without tables,
-    multi-line values or escapes: "" if absent, None when tomllib must decide."""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, eq, rest = line.partition("=")
-        if not eq or line.startswith("["):
-            return None
-        if key.strip().strip('"').lower() not in keys:
-            continue
-        rest = rest.strip()
-        quote = rest[:1]
-        end = rest.find(quote, 1) if quote in ('"', "'") else -1
-        if end < 0 or (quote == '"' and "\\" in rest[1:end]):
-            return None
-        after = rest[end + 1 :].strip()
-        if after and not after.startswith("#"):
-            return None
-        return rest[1:end]
-    return ""
 
 
 def parse_start_input(stdin: bytes, flags: Flags, env: Mapping[str, str]) -> StartInput:

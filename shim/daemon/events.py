@@ -26,9 +26,10 @@ import trio
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
+from shim.proto import events_service_pb2
+from shim.ttrpc import Client, Code, TTRPCError, open_client
+
 from .event_queue import EventQueue, Pending
-from .proto import events_service_pb2
-from .ttrpc import Client, Code, TTRPCError, open_client
 
 log = logging.getLogger("shim.events")
 

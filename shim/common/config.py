@@ -15,6 +15,13 @@ PROCESS_NAME = "containerd-shim-runc-v2-py"
 #: Environment variable carrying the config from launcher to shim.
 CONFIG_ENV = "SHIM_CONFIG"
 
+#: Where shims' sockets live (the Go shim's default; containerd 2.3+ may name another
+#: in BootstrapParams.socket_dir). The template's socket goes beside them.
+SOCKET_DIR = "/run/containerd/s"
+
+#: The fd a new shim finds its listening socket on, however it was started (exec or fork).
+LISTEN_FD = 3
+
 
 @record
 class ShimConfig:
@@ -25,7 +32,7 @@ class ShimConfig:
     publish_binary: str = ""
     ttrpc_address: str = ""  # where events go (env TTRPC_ADDRESS)
     socket_path: str = ""  # the shim's own listening socket
-    listen_fd: int = 3
+    listen_fd: int = LISTEN_FD
     debug: bool = False
     thp_original: int = 0
 

@@ -33,7 +33,7 @@ from typing import Literal
 
 import trio
 
-from shim import cgroups
+from . import cgroups
 
 log = logging.getLogger("shim.oom")
 

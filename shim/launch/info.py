@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 
-from . import __version__
+from shim import __version__
+from shim.common.wire import Malformed, bytes_field, fields, text
+
 from .bootstrap import RUNC_OPTIONS_TYPE, RUNTIME_OPTIONS_TYPE, RawAny, decode_any
-from .wire import Malformed, bytes_field, fields, text
 
 RUNTIME_NAME = "io.containerd.runc.v2-py"
 #: containerd's typeurl for opencontainers/runtime-spec specs-go/features.Features (JSON value).
@@ -40,8 +41,8 @@ def binary_name(options: RawAny | None) -> str:
                 name = text(value)
         return name or DEFAULT_BINARY
     if options.type_name == RUNTIME_OPTIONS_TYPE:
-        from .errors import ShimError
-        from .options import from_any
+        from shim.common.errors import ShimError
+        from shim.common.options import from_any
 
         try:
             return from_any(options.type_url, options.value).binary

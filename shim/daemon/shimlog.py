@@ -13,7 +13,7 @@ import logging
 import os
 import time
 
-from .bundle import LOG_FIFO
+from shim.common.bundle import LOG_FIFO
 
 OPEN_TRIES = 20
 

@@ -15,15 +15,15 @@ import tomllib  # noqa: F401  (CRI runtime options are parsed after fork; import
 
 import trio
 
-from .container import Context
-from .events import TASK_EXIT, EventPublisher
-from .proto import events_pb2, shim_pb2
-from .reaper import Reaper
-from .service import SERVICE_V2, TaskService
-from .shimlog import LogrusFormatter
-from .stdio import ProcessIO, StdioPaths
-from .task_events import TaskEvents
-from .ttrpc import Client, Server, TTRPCError
+from shim.daemon.container import Context
+from shim.daemon.events import TASK_EXIT, EventPublisher
+from shim.daemon.reaper import Reaper
+from shim.daemon.service import SERVICE_V2, TaskService
+from shim.daemon.shimlog import LogrusFormatter
+from shim.daemon.stdio import ProcessIO, StdioPaths
+from shim.daemon.task_events import TaskEvents
+from shim.proto import events_pb2, shim_pb2
+from shim.ttrpc import Client, Server, TTRPCError
 
 _REQUESTS = [
     ("State", shim_pb2.StateRequest(id="warm")),

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import trio
 
-from .errors import ShimError
+from shim.common.errors import ShimError
+
 from .fds import OwnedFds, notify_closing
 from .isolation import Spawner
 

@@ -13,9 +13,10 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
+from shim.common.mount import MountSpec
+from shim.proto import events_pb2, mount_pb2
+
 from . import events as ev
-from .mount import MountSpec
-from .proto import events_pb2, mount_pb2
 from .stdio import StdioPaths
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import trio
 
-from .errors import FailedPrecondition, NotFound
+from shim.common.errors import FailedPrecondition, NotFound
+
 from .reaper import Watch
 from .stdio import ProcessIO, StdioPaths
 

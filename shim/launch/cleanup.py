@@ -15,13 +15,14 @@ import os
 import sys
 import time
 
-from . import wire
-from .bundle import ADDRESS_FILE, DELETE_RESPONSE_FILE, INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file
+from shim.common import wire
+from shim.common.bundle import ADDRESS_FILE, DELETE_RESPONSE_FILE, INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file
+from shim.common.mount import unmount_all
+from shim.common.options import RUNC_ROOT_FILE, RuncOptions
+from shim.runc_client.config import RuncConfig, last_log_error, log_size
+from shim.thp import runc_command
+
 from .flags import Flags
-from .mount import unmount_all
-from .options import RUNC_ROOT_FILE, RuncOptions
-from .runc_client.config import RuncConfig, last_log_error, log_size
-from .thp import runc_command
 
 KILLED = 128 + 9
 
@@ -62,7 +63,7 @@ def _runc_may_hold(bundle: str, id: str) -> bool:
 def _remove_dead_socket(bundle: str) -> None:
     """A shim that died (SIGKILL, OOM) leaves its socket; remove it unless a shim
     still answers there (a pod's shim serving other containers)."""
-    from . import lean
+    from shim.common import lean
 
     try:
         with open(os.path.join(bundle, ADDRESS_FILE)) as f:

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .bundle import CONFIG_FILE
+from shim.common.bundle import CONFIG_FILE
+from shim.runc_client.config import RuncError
+
 from .process import Process
 from .reaper import Watch
-from .runc_client.config import RuncError
 
 if TYPE_CHECKING:
     from .container import Container

@@ -1,4 +1,4 @@
-"""shim.bundle.group_id: which shim serves a container (grouping keys in config.json)."""
+"""shim.launch.grouping.group_id: which shim serves a container (grouping keys in config.json)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.bundle import group_id
+from shim.launch.grouping import group_id
 
 
 def write_config(bundle: Path, annotations: dict[str, str] | None) -> None:
@@ -110,7 +110,7 @@ def go_group(bundle: Path, id: str) -> str:
 
 
 def test_group_annotations_are_the_go_shims_in_its_order() -> None:
-    from shim.bundle import GROUP_ANNOTATIONS
+    from shim.launch.grouping import GROUP_ANNOTATIONS
 
     assert GROUP_ANNOTATIONS == GO_GROUP_LABELS
 

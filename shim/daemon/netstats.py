@@ -9,7 +9,7 @@ working for as long as the init is alive.
 
 from __future__ import annotations
 
-from .proto import cgroups_v1_metrics_pb2 as v1
+from shim.proto import cgroups_v1_metrics_pb2 as v1
 
 PROC = "/proc"
 _FIELDS = ("rx_bytes", "rx_packets", "rx_errors", "rx_dropped", "tx_bytes", "tx_packets", "tx_errors", "tx_dropped")

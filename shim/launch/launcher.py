@@ -4,7 +4,8 @@ This runs on every container start, so it imports nothing heavy (no trio,
 no protobuf) and prints nothing on stderr: containerd reads stdout and
 stderr together as its answer. What containerd sends and expects differs
 per release (plain address, JSON, or the 2.3 bootstrap protobuf); that is
-shim.bootstrap's business.
+shim.launch.bootstrap's business; which shim serves the task is
+shim.launch.grouping's.
 
 Order matters for THP: the launcher disables THP for itself first, so the
 shim it spawns has it disabled from its first page; the original value
@@ -17,26 +18,21 @@ import errno
 import os
 import sys
 
-from . import lean, template
-from .bootstrap import DEFAULT_SOCKET_DIR, GROUP_NAMESPACE, launch_settings, parse_start_input, render_start_output
-from .bundle import ADDRESS_FILE, NAMESPACE_GROUP, group_id, write_atomic
-from .config import CONFIG_ENV, ShimConfig
+from shim.common import lean
+from shim.common.bundle import ADDRESS_FILE, write_atomic
+from shim.common.config import CONFIG_ENV, LISTEN_FD, ShimConfig
+from shim.thp import disable_for_self
+
+from . import template_client
+from .bootstrap import launch_settings, parse_start_input, render_start_output
 from .flags import Flags
-from .thp import disable_for_self
+from .grouping import place
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     import _socket
 
-SOCKET_DIR = DEFAULT_SOCKET_DIR  # containerd 2.3+ may name another (BootstrapParams.socket_dir)
-LISTEN_FD = 3
-SPAWN = "from shim.daemon import run_from_env; run_from_env()"
-
-
-def socket_path(containerd_address: str, namespace: str, group_id: str, socket_dir: str = SOCKET_DIR) -> str:
-    """Same address the Go shim derives: <socket_dir>/sha256(join(address, namespace, id))."""
-    digest = lean.sha256_hex(os.path.join(containerd_address, namespace, group_id).encode())
-    return os.path.join(socket_dir, digest)
+SPAWN = "from shim.daemon.main import run_from_env; run_from_env()"
 
 
 def bind(path: str) -> _socket.socket | None:
@@ -165,15 +161,15 @@ def _start_shim(config: ShimConfig, sock: _socket.socket, shared: bool = False) 
     it would cost more than it saves (its whole heap, ~30 MiB Pss, against the
     ~13 MiB a fork saves once).
     """
-    if shared or not template.enabled():
+    if shared or not template_client.enabled():
         return spawn(config, sock)
-    template_path = template.socket_path(config.address, os.path.dirname(config.socket_path))
-    pid, template_alive = template.request_fork(template_path, config, sock)
+    template_path = template_client.socket_path(config.address, os.path.dirname(config.socket_path))
+    pid, template_alive = template_client.request_fork(template_path, config, sock)
     if pid is not None:
         return pid
     pid = spawn(config, sock)
     if not template_alive:
-        template.spawn_template(template_path)
+        template_client.spawn_template(template_path)
     return pid
 
 
@@ -182,9 +178,9 @@ def start(flags: Flags) -> int:
     given = parse_start_input(_read_stdin(), flags, os.environ)
     thp_original = disable_for_self()
     settings = launch_settings(given.options_any)
-    namespace_mode = settings.shim_group == GROUP_NAMESPACE
-    group = group_id(bundle, given.instance_id, namespace_mode=namespace_mode)
-    path = socket_path(given.grpc_address, given.namespace, group, given.socket_directory)
+    placement = place(bundle, given.instance_id, given.namespace, given.grpc_address, given.socket_directory,
+                      settings.shim_group)
+    path = placement.socket_path
     address = "unix://" + path
     sock = bind(path)
     if sock is not None:
@@ -201,7 +197,7 @@ def start(flags: Flags) -> int:
             thp_original=thp_original,
         )
         try:
-            pid = _start_shim(config, sock, shared=namespace_mode and group == NAMESPACE_GROUP)
+            pid = _start_shim(config, sock, shared=placement.shared)
         except BaseException:
             os.unlink(path)
             raise

@@ -20,8 +20,11 @@ import sys
 
 import trio
 
-from . import __version__
-from .config import CONFIG_ENV, ShimConfig, set_title
+from shim import __version__
+from shim.common.config import CONFIG_ENV, ShimConfig, set_title
+from shim.thp import set_child_subreaper
+from shim.ttrpc import Server
+
 from .container import Context
 from .events import EventPublisher
 from .oom import OOMWatcher
@@ -29,8 +32,6 @@ from .reaper import Reaper
 from .service import TaskService
 from .shimlog import setup_logging
 from .task_events import TaskEvents
-from .thp import set_child_subreaper
-from .ttrpc import Server
 
 log = logging.getLogger("shim.daemon")
 

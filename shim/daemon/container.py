@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import checkpoint as criu
-from . import exits, lean
-from .bundle import (
+from shim.common import lean
+from shim.common.bundle import (
     DELETE_RESPONSE_FILE,
     INIT_PID_FILE,
     PRIVATE,
@@ -35,28 +34,31 @@ from .bundle import (
     read_pid_file,
     write_atomic_bytes,
 )
-from .cgroups import ContainerCgroup, container_cgroup
-from .checkpoint import CheckpointRequest
-from .errors import (
+from shim.common.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ShimError,
 )
+from shim.common.mount import MountSpec, mount_all, unmount_all
+from shim.common.options import RuncOptions
+from shim.common.wire import delete_response
+from shim.runc_client.client import Runc
+from shim.runc_client.config import RuncConfig, RuncError
+
+from . import checkpoint as criu
+from . import exits
+from .cgroups import ContainerCgroup, container_cgroup
+from .checkpoint import CheckpointRequest
 from .exits import InFlight, gone
 from .isolation import Isolated
-from .mount import MountSpec, mount_all, unmount_all
 from .oom import OOMWatcher
-from .options import RuncOptions
 from .process import ExitInfo, Op, Process, State
 from .reaper import ExitRouter, Watch
-from .runc_client.client import Runc
-from .runc_client.config import RuncConfig, RuncError
 from .runtime import OCIRuntime, RuntimeFactory
 from .stdio import ProcessIO, StdioPaths
 from .task_events import TaskEventSink
-from .wire import delete_response
 
 log = logging.getLogger("shim.container")
 

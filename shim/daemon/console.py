@@ -27,7 +27,8 @@ import termios
 
 import trio
 
-from .errors import ShimError
+from shim.common.errors import ShimError
+
 from .fds import OwnedFds, Sink, notify_closing
 
 log = logging.getLogger("shim.stdio")  # the name the shim's log has always shown

@@ -34,8 +34,6 @@ class RuncOptions:
     criu_path: str = ""
     criu_image_path: str = ""
     criu_work_path: str = ""
-    #: Not in containerd's typed Options: TOML only (``ShimGroup``), read by ``start``.
-    shim_group: str = ""
 
     @property
     def binary(self) -> str:
@@ -82,7 +80,7 @@ def from_any(type_url: str, value: bytes) -> RuncOptions:
     if name == RUNC_OPTIONS_TYPE:
         from google.protobuf.message import DecodeError
 
-        from .proto import runc_options_pb2
+        from shim.proto import runc_options_pb2
 
         try:
             msg = runc_options_pb2.Options.FromString(value)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from shim.runc_client.config import RuncConfig, Stdio
+
 from .reaper import ExitRouter
-from .runc_client.config import RuncConfig, Stdio
 
 
 class OCIRuntime(Protocol):

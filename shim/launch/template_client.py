@@ -1,0 +1,165 @@
+"""The launcher's side of the warm template: find it, ask it for a shim, start one.
+
+The template (shim/template/server.py) is one pre-imported process per
+containerd that forks shims; see its docstring for why. This half runs in the
+per-start launcher, so it is standard library only; the protocol both halves
+speak is defined here: a SOCK_SEQPACKET request (a Python literal: the shim's
+config, environment and a deadline) carrying two fds (the shim's listener and
+the read end of a "go" pipe), answered with the forked shim's pid.
+
+Correctness never depends on the template. The launcher falls back to
+spawning a shim itself when the template is missing, refuses, or does not
+answer before the request's deadline; the template refuses any request whose
+deadline has passed, so the two can never both start a shim for one socket.
+The socket name carries a fingerprint of the installed code, so an upgrade
+gets a new template and the old one idles out.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from shim.common import lean
+from shim.common.config import SOCKET_DIR, ShimConfig
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    import _socket
+    from collections.abc import Mapping
+
+ENV_DISABLE = "SHIM_PY_TEMPLATE"  # "0": never use or start a template
+REQUEST_TIMEOUT = 1.0  # the template refuses a request it reads later than this
+ANSWER_MARGIN = 0.5  # the launcher waits REQUEST_TIMEOUT plus this for the pid
+ANSWER_POLL = 0.05  # how often a waiting launcher checks that the template is not stopped
+GO = b"go"  # the launcher's word to a forked shim that it may serve
+#: The template's entry point (nothing else imports shim.template: see shim/template).
+MAIN = "from shim.template.server import main; main()"
+
+
+def enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    return environ.get(ENV_DISABLE, "1") != "0"
+
+
+def fingerprint() -> str:
+    """Which code a template runs: the interpreter, the package path and its files' mtimes."""
+    package = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # shim/, not shim/launch/
+    # sys.executable, not sys.prefix: the launcher runs with -S, where the venv is not applied to sys.prefix
+    h = lean.sha256(f"{sys.executable}\0{package}".encode())
+    for dirpath, dirnames, filenames in os.walk(package):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                st = os.stat(os.path.join(dirpath, name))
+                h.update(f"{name}\0{st.st_mtime_ns}\0{st.st_size}\0".encode())
+    return h.hexdigest()
+
+
+def socket_path(containerd_address: str, directory: str = SOCKET_DIR) -> str:
+    """One template per containerd (its -address) and per installed version, in the
+    directory of the shims' sockets (containerd 2.3 may name another one)."""
+    digest = lean.sha256_hex(f"{fingerprint()}\0{containerd_address}".encode())[:32]
+    return os.path.join(directory, f"py-template-{digest}")
+
+
+def request_fork(path: str, config: ShimConfig, listener: _socket.socket) -> tuple[int | None, bool]:
+    """Ask the template at path to fork a shim.
+
+    Returns (shim pid or None to fall back, whether a usable template is there).
+    Two phases, so a template that answers late can never leave a second shim
+    on the socket: the request carries the read end of a "go" pipe, and the
+    forked shim serves only once it reads "go", which is written here after
+    the pid arrived in time. Falling back just closes the pipe: a shim forked
+    meanwhile reads EOF and exits. A template that does not answer within
+    REQUEST_TIMEOUT, or is stopped, is retired (killed by its pid) so the
+    caller starts a new one, and no later start waits on it.
+    """
+    deadline = time.monotonic() + REQUEST_TIMEOUT
+    request = repr({"config": config.encode(), "env": dict(os.environ), "deadline": deadline}).encode()
+    conn = lean.unix_socket(lean.SOCK_SEQPACKET)
+    go_r, go_w = os.pipe()
+    try:
+        try:
+            conn.settimeout(max(REQUEST_TIMEOUT, ANSWER_POLL))
+            conn.connect(path)
+            lean.send_fds(conn, request, [listener.fileno(), go_r])
+        except OSError:
+            return None, False
+        os.close(go_r)
+        go_r = -1
+        answer = _answer(conn, path, deadline + ANSWER_MARGIN)
+        if answer is None:
+            _retire(path)
+            return None, False
+        pid = int(answer) if answer.isdigit() else 0  # anything else: the template refused
+        if pid > 0:
+            os.write(go_w, GO)
+        return (pid if pid > 0 else None), True
+    finally:
+        conn.close()
+        os.close(go_w)
+        if go_r >= 0:
+            os.close(go_r)
+
+
+def _answer(conn: _socket.socket, path: str, deadline: float) -> bytes | None:
+    """The template's answer, or None if it does not come before deadline or the template is stopped."""
+    conn.settimeout(ANSWER_POLL)
+    while True:
+        try:
+            return conn.recv(64)
+        except TimeoutError:
+            if time.monotonic() > deadline or _stopped(_template_pid(path)):
+                return None
+        except OSError:
+            return b""
+
+
+def _template_pid(path: str) -> int:
+    """The template's pid from its pid file, if that process is the template of path."""
+    try:
+        with open(path + ".pid") as f:
+            pid = int(f.read())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return pid if path.encode() in f.read() else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def _stopped(pid: int) -> bool:
+    """SIGSTOPped or traced (it answers nobody until someone resumes it)."""
+    return bool(pid) and lean.process_state(pid) in (b"T", b"t")
+
+
+def _retire(path: str) -> None:
+    """Kill an unresponsive template (checked by pid and argv) and free its socket name."""
+    pid = _template_pid(path)
+    if pid:
+        try:
+            os.kill(pid, 9)  # SIGKILL (importing signal costs the launcher ~4 ms)
+        except OSError:
+            pass
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def spawn_template(path: str) -> None:
+    """Start a template in the background for the next start (not waited for)."""
+    import subprocess
+
+    log = os.open(path + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", MAIN, path],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,  # the template's log: what went wrong, kept while it is not empty
+            cwd="/",
+            start_new_session=True,
+        )
+    finally:
+        os.close(log)
+    proc.returncode = 0  # it outlives us

@@ -1,0 +1,247 @@
+"""The warm template: one pre-imported process per containerd that forks shims.
+
+A shim exec'd from scratch spends ~150 ms of CPU importing trio and protobuf
+and keeps ~15 MB of private memory. Instead, the first ``start`` also spawns
+a template that imports everything once, collects and freezes its heap
+(``gc.freeze``: the GC no longer touches those objects, so their pages stay
+shared after fork) and waits on a root-only socket. Later ``start``s send it
+the shim's listening socket (SCM_RIGHTS) and config; it forks a shim.
+
+The shim is a grandchild (fork, setsid, fork): the template never has it as
+a child, so a template crash or exit touches no running shim, and the
+template has nothing to reap but the short-lived middle process.
+
+Correctness never depends on the template: the launcher's side
+(shim/launch/template_client.py, which also defines the protocol) falls back
+to spawning a shim itself, and this side refuses any request whose deadline
+has passed, so the two can never both start a shim for one socket. The heap
+sharing (immortal objects, filled pools) is shim/template/heap.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+
+from shim.common.config import LISTEN_FD, PROCESS_NAME, ShimConfig, set_title
+from shim.launch.template_client import GO
+
+from .heap import fill_partial_pools, immortalize_heap
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    import socket
+
+IDLE_TIMEOUT = 600.0  # seconds without a request before the template exits
+CONNECTION_TIMEOUT = 0.2  # a connected client that sends nothing is dropped after this
+MAX_MESSAGE = 1 << 20
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    import socket
+    import struct
+
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    uid: int = struct.unpack("3i", creds)[2]
+    return uid
+
+
+def _claim(path: str) -> int | None:
+    """Hold <path>.lock for our lifetime; None if another template holds it.
+
+    Only the lock holder may remove a stale socket and bind, so two templates
+    started at once can never both end up running (the kernel drops the lock
+    when its holder dies, however it dies).
+    """
+    import fcntl
+
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _bind(path: str) -> socket.socket:
+    """Listen at path, replacing a dead template's socket (we hold the lock)."""
+    import socket
+
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    return sock
+
+
+def _become_shim(config: ShimConfig, env: dict[str, str], listener_fd: int, go_fd: int = -1) -> None:
+    """In the forked grandchild: turn into the shim, never return.
+
+    Serves only once the launcher said go (see request_fork): a launcher that
+    gave up on this fork closes the pipe, and this shim exits unseen.
+    """
+    code = 1
+    try:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if go_fd >= 0 and os.read(go_fd, len(GO)) != GO:
+            code = 0
+            return
+        if listener_fd != LISTEN_FD:
+            os.dup2(listener_fd, LISTEN_FD)
+        os.closerange(LISTEN_FD + 1, 1 << 16)  # the template's sockets and anything else
+        set_title(config.title())  # before the environment changes
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(config.bundle)
+        from shim.daemon.main import main as serve
+
+        code = serve(config)
+    finally:
+        os._exit(code)
+
+
+def fork_shim(config: ShimConfig, env: dict[str, str], listener_fd: int, go_fd: int = -1) -> int:
+    """Fork, setsid, fork: the shim is orphaned at once, never our child."""
+    r, w = os.pipe()
+    try:
+        middle = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        raise
+    if middle == 0:
+        try:
+            os.close(r)
+            os.setsid()
+            shim = os.fork()
+            if shim == 0:
+                os.close(w)
+                _become_shim(config, env, listener_fd, go_fd)
+            os.write(w, str(shim).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        os.waitpid(middle, 0)
+        data = os.read(r, 32)
+    finally:
+        os.close(r)
+    return int(data) if data else 0
+
+
+def _serve_one(conn: socket.socket) -> None:
+    import ast
+    import socket
+
+    conn.settimeout(CONNECTION_TIMEOUT)  # one idle client must not hold up every start
+    if _peer_uid(conn) != os.getuid():
+        return
+    message, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 2)
+    try:
+        if len(fds) != 2:
+            return
+        request = ast.literal_eval(message.decode())
+        if not isinstance(request, dict):
+            return
+        if time.monotonic() > request["deadline"]:
+            conn.send(b"late")
+            return  # the launcher has fallen back (or is about to)
+        pid = fork_shim(ShimConfig.decode(request["config"]), request["env"], fds[0], fds[1])
+        conn.send(str(pid).encode())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _warm_up() -> None:
+    """Import and initialise everything a shim uses, so children share it."""
+    import setproctitle  # noqa: F401
+
+    import shim.daemon.main  # noqa: F401  (pulls in the whole shim)
+
+    from .warmup import warm_up
+
+    warm_up()
+    gc.collect()
+    immortalize_heap()
+    fill_partial_pools()  # last: anything allocated and freed after it would leave holes again
+    gc.freeze()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    sys.exit(0)  # unwinds through main's cleanup
+
+
+def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    path = sys.argv[1]
+    set_title(f"{PROCESS_NAME} template {path}")
+    if _claim(path) is None:
+        return  # another template serves this containerd
+    sock = _bind(path)
+    pid_file = path + ".pid"
+    inode = os.stat(path).st_ino
+    try:
+        with open(pid_file, "w") as f:
+            f.write(str(os.getpid()))
+        # A SIGTERM during warm-up could raise SystemExit inside a callback whose
+        # exceptions are ignored (a weakref's, a __del__), and the template would
+        # live on: hold it until warm-up is done, then take it in the accept loop.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            _warm_up()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        sock.settimeout(IDLE_TIMEOUT)
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:  # idle for IDLE_TIMEOUT
+                break
+            with conn:
+                try:
+                    _serve_one(conn)
+                except Exception:  # noqa: BLE001 - a malformed request must never end the template
+                    _log_failure()
+    finally:
+        # Remove the socket only if it is still ours (not a successor's).
+        try:
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+        except OSError:
+            pass
+        for leftover in (pid_file, path + ".lock"):  # a successor locks a new file
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass
+        _remove_if_empty(path + ".log")
+        sock.close()
+
+
+def _log_failure() -> None:
+    """A request the template could not serve: its traceback, timestamped, on stderr (the log)."""
+    import traceback
+
+    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}: request failed\n")
+    traceback.print_exc()
+    sys.stderr.flush()
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        if os.stat(path).st_size == 0:
+            os.unlink(path)
+    except OSError:
+        pass

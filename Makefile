@@ -20,6 +20,11 @@ STAMP := $(VENV)/.installed-$(PYVER)
 # forking the interpreter. Static, so its exec costs no dynamic loading; without a C
 # compiler the shim falls back to a preexec_fn (slower, same behaviour).
 THP_EXEC := shim/thp/thp-exec
+# The start action's relay to the warm template (shim/launch/start_relay.c): a start
+# without an interpreter when a template is up; bin/containerd-shim-runc-v2-py uses
+# it when it was built.
+START_RELAY := shim/launch/start-relay
+HELPERS := $(THP_EXEC) $(START_RELAY)
 
 .PHONY: setup apt venv demo lint test test-runc test-crun test-namespace unit install uninstall proto clean bench soak
 
@@ -32,11 +37,16 @@ apt:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-venv: $(STAMP) $(THP_EXEC)
+venv: $(STAMP) $(HELPERS)
 
+# Static, so their exec costs no dynamic loading; either may be missing (no C compiler):
+# the shim then falls back to pure Python for that step (slower, same behaviour).
 $(THP_EXEC): shim/thp/thp_exec.c
 	cc -O2 -s -Wall -Werror -static -o $@ $< 2>/dev/null || cc -O2 -s -Wall -Werror -o $@ $< || \
 		echo "warning: could not build $@: runc will be started with a preexec_fn (slower)"
+$(START_RELAY): shim/launch/start_relay.c
+	cc -O2 -s -Wall -Werror -static -o $@ $< 2>/dev/null || cc -O2 -s -Wall -Werror -o $@ $< || \
+		echo "warning: could not build $@: every start runs a Python launcher (slower)"
 
 # Byte-compile at install time: the environment sets PYTHONDONTWRITEBYTECODE,
 # and a shim that recompiled its sources on every container start would be slow.
@@ -115,5 +125,5 @@ proto: venv
 	$(PY) -m shim.proto.generate
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache $(THP_EXEC)
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache $(HELPERS)
 	find shim integration tests -name __pycache__ -type d -prune -exec rm -rf {} +

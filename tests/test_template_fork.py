@@ -13,6 +13,7 @@ import ast
 import inspect
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,6 +52,7 @@ def fake_main(config: ShimConfig) -> int:
     report = {
         "pid": os.getpid(), "ppid": os.getppid(), "sid": os.getsid(0), "pgid": os.getpgid(0),
         "fds": sorted(fd for fd in map(int, os.listdir("/proc/self/fd")) if is_open(fd)),
+        "stdio": [os.readlink(f"/proc/self/fd/{fd}") for fd in (0, 1, 2)],
         "fd3_inode": os.fstat(3).st_ino, "env": dict(os.environ), "cwd": os.getcwd(),
         "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
         "argv": argv, "config": config.encode(),
@@ -162,11 +164,11 @@ def request_fork(path: Path, config: ShimConfig) -> tuple[int | None, bool]:
 
 # -- a template process -------------------------------------------------------------------------
 
-def start_template(path: Path) -> subprocess.Popen:
+def start_template(path: Path, root: Path = ROOT) -> subprocess.Popen:
     """``python -c MAIN path`` as spawn_template runs it, with the shim's body replaced."""
     program = (
         "from __future__ import annotations\n"  # fake_main's annotation names a class not imported there
-        f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+        f"import sys; sys.path.insert(0, {str(root)!r})\n"
         f"{FAKE_MAIN}\n"
         "import shim.daemon.main; shim.daemon.main.main = fake_main\n"
         f"{template_client.MAIN}\n"
@@ -377,7 +379,7 @@ def test_enabled() -> None:
 
 
 def test_fingerprint_follows_the_code(tmp_path: Path, monkeypatch) -> None:
-    """A changed source file means another template socket, so an upgrade gets a new template."""
+    """A changed source file means another fingerprint: a template serving old code says so."""
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "a.py").write_text("x = 1\n")
@@ -418,3 +420,25 @@ def test_the_template_lives_in_the_shims_socket_directory(tmp_path: Path) -> Non
     log.write_text("something went wrong\n")
     template_server._remove_if_empty(str(log))
     assert log.exists()  # kept for whoever looks into it
+
+
+def test_a_template_whose_code_changed_answers_stale_and_exits(tmp_path: Path) -> None:
+    """An upgrade (or an edit) is never served by a template holding the old code: it answers
+    STALE, forks nothing and exits, freeing its name; the launcher then starts a new one."""
+    root = tmp_path / "root"
+    shutil.copytree(ROOT / "shim", root / "shim", ignore=shutil.ignore_patterns("__pycache__"))
+    path = tmp_path / "tpl.sock"
+    proc = start_template(path, root)
+    try:
+        wait_for(lambda: lean.accepts(str(path), lean.SOCK_SEQPACKET), what="the template to listen")
+        fresh = make_config(tmp_path, "fresh")
+        pid, there = request_fork(path, fresh)
+        assert there and read_report(Path(fresh.bundle))["pid"] == pid
+        os.utime(root / "shim" / "daemon" / "service.py", ns=(1, 1))  # the code on disk changed
+        stale = make_config(tmp_path, "stale")
+        assert request_fork(path, stale) == (None, False)  # not there any more: start a new one
+        assert proc.wait(timeout=EVENTUALLY) == 0
+        assert not path.exists()
+        assert not (Path(stale.bundle) / "report.json").exists()
+    finally:
+        stop(proc)

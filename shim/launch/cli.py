@@ -12,6 +12,10 @@ import sys
 
 from .flags import Flags
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from .launcher import Origin
+
 USAGE = "usage: containerd-shim-runc-v2-py [-namespace NS] [-address A] [-publish-binary B] [-id ID] [-bundle DIR] [-debug] [-info] start|delete"
 
 
@@ -72,20 +76,24 @@ def main(argv: list[str] | None = None) -> None:
     if flags.info:
         _exit_now(_info())
     if flags.action == "start":
-        from .launcher import start
-
-        try:
-            code = start(flags)
-        except (OSError, ValueError) as e:  # containerd shows this text as the start failure
-            print(f"start failed: {e}", file=sys.stderr)
-            code = 1
-        _exit_now(code)
+        _exit_now(run_start(flags))
     if flags.action == "delete":
         from .cleanup import delete
 
         _exit_now(delete(flags))
     print(f"unknown action {flags.action!r}\n{USAGE}", file=sys.stderr)
     sys.exit(2)
+
+
+def run_start(flags: Flags, origin: Origin | None = None) -> int:
+    """The ``start`` action's exit status (also for a start run in the template: ``origin``)."""
+    from .launcher import start
+
+    try:
+        return start(flags, origin)
+    except (OSError, ValueError) as e:  # containerd shows this text as the start failure
+        print(f"start failed: {e}", file=sys.stderr)
+        return 1
 
 
 def _info() -> int:

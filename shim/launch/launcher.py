@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from dataclasses import dataclass
 
 from shim.common import lean
 from shim.common.bundle import ADDRESS_FILE, write_atomic
@@ -31,8 +32,21 @@ from .grouping import place
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     import _socket
+    from collections.abc import Callable
 
 SPAWN = "from shim.daemon.main import run_from_env; run_from_env()"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """A start run inside the warm template (for start-relay) rather than in a process of its own.
+
+    What the launcher would otherwise learn from its own process comes from the
+    relay, and the shim is forked from the warm heap instead of asked for."""
+
+    parent: int  # containerd's pid (the relay's parent): the shim's OOM score follows it
+    thp_original: int  # containerd's THP setting (the relay's): runc and containers get it back
+    fork: Callable[[ShimConfig, _socket.socket], int]  # forks the shim; returns its pid
 
 
 def bind(path: str) -> _socket.socket | None:
@@ -153,7 +167,7 @@ def spawn(config: ShimConfig, sock: _socket.socket) -> int:
     return proc.pid
 
 
-def _start_shim(config: ShimConfig, sock: _socket.socket, shared: bool = False) -> int:
+def _start_shim(config: ShimConfig, sock: _socket.socket, shared: bool = False, origin: Origin | None = None) -> int:
     """Fork the shim from the warm template if there is one, else spawn it (and a template).
 
     A ``shared`` shim (ShimGroup = "namespace") is spawned and never needs a
@@ -163,6 +177,8 @@ def _start_shim(config: ShimConfig, sock: _socket.socket, shared: bool = False) 
     """
     if shared or not template_client.enabled():
         return spawn(config, sock)
+    if origin is not None:  # we are the template's child: fork from here
+        return origin.fork(config, sock)
     template_path = template_client.socket_path(config.address, os.path.dirname(config.socket_path))
     pid, template_alive = template_client.request_fork(template_path, config, sock)
     if pid is not None:
@@ -173,10 +189,10 @@ def _start_shim(config: ShimConfig, sock: _socket.socket, shared: bool = False) 
     return pid
 
 
-def start(flags: Flags) -> int:
+def start(flags: Flags, origin: Origin | None = None) -> int:
     bundle = flags.bundle or os.getcwd()
     given = parse_start_input(_read_stdin(), flags, os.environ)
-    thp_original = disable_for_self()
+    thp_original = disable_for_self() if origin is None else origin.thp_original
     settings = launch_settings(given.options_any)
     placement = place(bundle, given.instance_id, given.namespace, given.grpc_address, given.socket_directory,
                       settings.shim_group)
@@ -197,14 +213,14 @@ def start(flags: Flags) -> int:
             thp_original=thp_original,
         )
         try:
-            pid = _start_shim(config, sock, shared=placement.shared)
+            pid = _start_shim(config, sock, shared=placement.shared, origin=origin)
         except BaseException:
             os.unlink(path)
             raise
         finally:
             sock.close()
         try:
-            _oom_score_above_parent(pid)
+            _oom_score_above_parent(pid, origin.parent if origin is not None else 0)
             cgroup = settings.shim_cgroup()
             if cgroup:
                 join_cgroup(pid, cgroup)

@@ -11,8 +11,13 @@ Correctness never depends on the template. The launcher falls back to
 spawning a shim itself when the template is missing, refuses, or does not
 answer before the request's deadline; the template refuses any request whose
 deadline has passed, so the two can never both start a shim for one socket.
-The socket name carries a fingerprint of the installed code, so an upgrade
-gets a new template and the old one idles out.
+A template whose code changed on disk since it started answers ``stale`` and
+exits, so an upgrade gets a new template.
+
+``start-relay`` (start_relay.c) is this module's other client: it sends the
+template a whole ``start`` (a ``launch`` request: arguments, environment,
+working directory, containerd's pid and THP setting, and the stdio fds), and
+the template runs the launcher in a forked child, with no interpreter to start.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ REQUEST_TIMEOUT = 1.0  # the template refuses a request it reads later than this
 ANSWER_MARGIN = 0.5  # the launcher waits REQUEST_TIMEOUT plus this for the pid
 ANSWER_POLL = 0.05  # how often a waiting launcher checks that the template is not stopped
 GO = b"go"  # the launcher's word to a forked shim that it may serve
+STALE = b"stale"  # the template's answer when the code on disk changed since it started
 #: The template's entry point (nothing else imports shim.template: see shim/template).
 MAIN = "from shim.template.server import main; main()"
 
@@ -43,7 +49,13 @@ def enabled(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def fingerprint() -> str:
-    """Which code a template runs: the interpreter, the package path and its files' mtimes."""
+    """Which code a template runs: the interpreter, the package path and its files' mtimes.
+
+    The template computes it when it starts and again for every request (a walk
+    over the package's files, ~0.5 ms in a warm process): code that changed since
+    gets the answer ``stale`` and the template exits, so an upgrade or an edit is
+    never served by old code, while the socket's name stays one a ``start-relay``
+    (C, no hashing library) can compute."""
     package = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # shim/, not shim/launch/
     # sys.executable, not sys.prefix: the launcher runs with -S, where the venv is not applied to sys.prefix
     h = lean.sha256(f"{sys.executable}\0{package}".encode())
@@ -56,11 +68,20 @@ def fingerprint() -> str:
     return h.hexdigest()
 
 
-def socket_path(containerd_address: str, directory: str = SOCKET_DIR) -> str:
-    """One template per containerd (its -address) and per installed version, in the
-    directory of the shims' sockets (containerd 2.3 may name another one)."""
-    digest = lean.sha256_hex(f"{fingerprint()}\0{containerd_address}".encode())[:32]
-    return os.path.join(directory, f"py-template-{digest}")
+def fnv1a64(data: bytes) -> int:
+    """FNV-1a, 64 bits: the socket key start_relay.c computes the same way."""
+    h = 0xCBF29CE484222325
+    for byte in data:
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def socket_path(containerd_address: str, directory: str = SOCKET_DIR, python: str = "") -> str:
+    """One template per interpreter (so per installation: each has its venv) and per
+    containerd (its -address), in the directory of the shims' sockets (containerd 2.3
+    may name another one)."""
+    key = fnv1a64(f"{python or sys.executable}\0{containerd_address}".encode())
+    return os.path.join(directory, f"py-template-{key:016x}")
 
 
 def request_fork(path: str, config: ShimConfig, listener: _socket.socket) -> tuple[int | None, bool]:
@@ -95,7 +116,8 @@ def request_fork(path: str, config: ShimConfig, listener: _socket.socket) -> tup
         pid = int(answer) if answer.isdigit() else 0  # anything else: the template refused
         if pid > 0:
             os.write(go_w, GO)
-        return (pid if pid > 0 else None), True
+        # a stale template has exited: start a new one
+        return (pid if pid > 0 else None), answer != STALE
     finally:
         conn.close()
         os.close(go_w)

@@ -24,19 +24,28 @@ import gc
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from shim.common.config import LISTEN_FD, PROCESS_NAME, ShimConfig, set_title
-from shim.launch.template_client import GO
+from shim.launch.template_client import GO, STALE, fingerprint
 
 from .heap import fill_partial_pools, immortalize_heap
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
+    import _socket
     import socket
 
 IDLE_TIMEOUT = 600.0  # seconds without a request before the template exits
+REAP_INTERVAL = 1.0  # how often an idle template collects its exited launcher children
 CONNECTION_TIMEOUT = 0.2  # a connected client that sends nothing is dropped after this
+GO_TIMEOUT = 2.0  # a launcher child whose relay does not say go within this exits unseen
 MAX_MESSAGE = 1 << 20
+LAUNCH = b"launch"  # start-relay's request: run a whole start here (start_relay.c)
+
+#: The code this template was started with (template_client.fingerprint); a request
+#: finding other code on disk is answered STALE and the template exits.
+_started_with = ""
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -138,28 +147,150 @@ def fork_shim(config: ShimConfig, env: dict[str, str], listener_fd: int, go_fd: 
     return int(data) if data else 0
 
 
-def _serve_one(conn: socket.socket) -> None:
+def _serve_one(conn: socket.socket) -> bool:
+    """Answer one request; False once the code on disk changed (the template must go)."""
     import ast
     import socket
 
     conn.settimeout(CONNECTION_TIMEOUT)  # one idle client must not hold up every start
     if _peer_uid(conn) != os.getuid():
-        return
-    message, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 2)
+        return True
+    message, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 3)
     try:
+        if fingerprint() != _started_with:
+            conn.send(STALE)
+            return False
+        if message.startswith(LAUNCH + b"\0"):
+            if len(fds) == 3:
+                _serve_launch(conn, message, fds)
+            return True
         if len(fds) != 2:
-            return
+            return True
         request = ast.literal_eval(message.decode())
         if not isinstance(request, dict):
-            return
+            return True
         if time.monotonic() > request["deadline"]:
             conn.send(b"late")
-            return  # the launcher has fallen back (or is about to)
+            return True  # the launcher has fallen back (or is about to)
         pid = fork_shim(ShimConfig.decode(request["config"]), request["env"], fds[0], fds[1])
         conn.send(str(pid).encode())
+        return True
     finally:
         for fd in fds:
             os.close(fd)
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """What start-relay sends: launch \0 ppid \0 thp \0 cwd \0 nargs \0 args... \0 env... \0"""
+
+    parent: int
+    thp_original: int
+    cwd: str
+    args: list[str]
+    env: dict[str, str]
+
+    @classmethod
+    def parse(cls, message: bytes) -> LaunchRequest:
+        fields = [os.fsdecode(f) for f in message.split(b"\0")]
+        if len(fields) < 6 or fields[-1] != "" or fields[0] != LAUNCH.decode():
+            raise ValueError("malformed launch request")
+        body, nargs = fields[:-1], int(fields[4])
+        args, env = body[5 : 5 + nargs], body[5 + nargs :]
+        if len(args) != nargs or not all("=" in e for e in env):
+            raise ValueError("malformed launch request")
+        return cls(int(fields[1]), int(fields[2]), fields[3], args, dict(e.split("=", 1) for e in env))
+
+
+def _serve_launch(conn: socket.socket, message: bytes, stdio: list[int]) -> None:
+    """Fork a child that runs the launcher for start-relay; answer with its pid."""
+    request = LaunchRequest.parse(message)
+    pid = os.fork()
+    if pid == 0:
+        _become_launcher(conn, stdio, request)
+    conn.send(str(pid).encode())
+
+
+def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchRequest) -> None:
+    """In the forked child: be the ``start`` process containerd ran, never return.
+
+    Its stdio are the relay's (containerd reads them), its environment and working
+    directory containerd's; it waits for the relay's "go" (see start_relay.c), runs
+    the launcher's start with an Origin (containerd's pid and THP setting, and a fork
+    of this warm process for the shim), then sends its exit status to the relay."""
+    code = 1
+    try:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.setsid()  # the shim it forks is then a member of this session, as fork_shim's are
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
+        keep = conn.fileno()
+        os.closerange(3, keep)  # the template's listener, lock and the received fds
+        os.closerange(keep + 1, 1 << 16)
+        conn.settimeout(GO_TIMEOUT)
+        try:
+            said = conn.recv(len(GO))
+        except OSError:
+            said = b""
+        if said != GO:
+            code = 0  # the relay fell back: this start is not ours
+            return
+        os.environ.clear()
+        os.environ.update(request.env)
+        os.chdir(request.cwd)
+        code = _run_start(request)
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            conn.send(bytes([code & 0xFF]))
+        finally:
+            os._exit(code)
+
+
+def _run_start(request: LaunchRequest) -> int:
+    from shim.launch.cli import USAGE, UsageError, parse_args, run_start
+    from shim.launch.launcher import Origin
+
+    try:
+        flags = parse_args(request.args)
+    except UsageError as e:
+        print(f"{e}\n{USAGE}", file=sys.stderr)
+        return 2
+    if flags.action != "start" or flags.info or flags.version:
+        print(f"start-relay relays start only, not {request.args!r}", file=sys.stderr)
+        return 2
+    return run_start(flags, Origin(request.parent, request.thp_original, fork_for_launcher))
+
+
+def fork_for_launcher(config: ShimConfig, listener: _socket.socket) -> int:
+    """The launcher child's fork of the shim: one fork (the launcher child leads its own
+    session, like fork_shim's middle process), stdio away from containerd's pipes
+    (containerd reads the start's output until every holder closed it). The shim is
+    orphaned when the launcher child exits a moment later."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            for target in (0, 1, 2):
+                os.dup2(null, target)
+            _become_shim(config, dict(os.environ), listener.fileno())
+        finally:
+            os._exit(1)
+    return pid
+
+
+def _reap_children() -> None:
+    """Collect launcher children that have exited (fork_shim waits for its own middle)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def _warm_up() -> None:
@@ -184,6 +315,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main() -> None:
     import signal
 
+    global _started_with
+    _started_with = fingerprint()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     path = sys.argv[1]
     set_title(f"{PROCESS_NAME} template {path}")
@@ -203,15 +336,21 @@ def main() -> None:
             _warm_up()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        sock.settimeout(IDLE_TIMEOUT)
-        while True:
+        sock.settimeout(REAP_INTERVAL)
+        idle_until = time.monotonic() + IDLE_TIMEOUT
+        serving = True
+        while serving:
+            _reap_children()
             try:
                 conn, _ = sock.accept()
-            except TimeoutError:  # idle for IDLE_TIMEOUT
-                break
+            except TimeoutError:
+                if time.monotonic() > idle_until:
+                    break
+                continue
+            idle_until = time.monotonic() + IDLE_TIMEOUT
             with conn:
                 try:
-                    _serve_one(conn)
+                    serving = _serve_one(conn)
                 except Exception:  # noqa: BLE001 - a malformed request must never end the template
                     _log_failure()
     finally:

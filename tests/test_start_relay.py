@@ -1,0 +1,256 @@
+"""start-relay (shim/launch/start_relay.c): a start handed to the warm template.
+
+First the relay alone, against a fake template played by this test: what it
+sends, the two phases, and every way it falls back to the Python launcher
+(no template, a refusal, no answer, SHIM_PY_TEMPLATE=0) without anything
+having been started. Then the relay with a real template process (its shim
+body replaced, as in test_template_fork.py): the launcher runs inside the
+template, forks a shim from it, and containerd's side sees the same output,
+exit status and shim as from a launcher of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from test_template_fork import read_report, start_template, stop, wait_for
+
+from shim.common import lean
+from shim.launch import template_client
+from shim.launch.grouping import socket_path as shim_socket_path
+from shim.template.server import LaunchRequest
+from shim.thp import get_thp_disable
+
+ROOT = Path(__file__).resolve().parent.parent
+RELAY = ROOT / "shim" / "launch" / "start-relay"
+ADDRESS = "/run/test-relay-containerd.sock"
+pytestmark = pytest.mark.skipif(not os.access(RELAY, os.X_OK), reason=f"{RELAY} not built (make venv builds it)")
+
+
+@pytest.fixture
+def fake_python(tmp_path: Path) -> Path:
+    """What the relay execs when it falls back: prints its arguments."""
+    script = tmp_path / "python"
+    script.write_text('#!/bin/sh\nprintf "fallback"; printf " %s" "$@"; echo\n')
+    script.chmod(0o755)
+    return script
+
+
+def shim_args(*extra: str) -> list[str]:
+    return ["-namespace", "ns1", "-debug", f"--address={ADDRESS}", "-publish-binary", "/usr/bin/containerd",
+            "-id", "c1", *extra, "start"]
+
+
+def run_relay(python: Path | str, tmp_path: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "SHIM_PY_TEMPLATE_DIR": str(tmp_path), "RELAY_TEST": "yes", **env}
+    return subprocess.run([str(RELAY), str(python), "/the/root", *args], capture_output=True, text=True,
+                          env=environ, cwd=tmp_path, timeout=30, check=False)
+
+
+class FakeTemplate:
+    """A SOCK_SEQPACKET listener at the path the relay computes; ``answer`` decides what it says."""
+
+    def __init__(self, path: str, answer) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.bind(path)
+        self.sock.listen(4)
+        self.answer = answer
+        self.requests: list[tuple[LaunchRequest, list[int]]] = []
+        self.thread = threading.Thread(target=self._serve_one, daemon=True)
+        self.thread.start()
+
+    def _serve_one(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+            self.requests.append((LaunchRequest.parse(message), fds))
+            try:
+                self.answer(conn, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept (Linux) if nobody came
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def fake_template(tmp_path: Path, fake_python: Path):
+    made: list[FakeTemplate] = []
+
+    def make(answer) -> FakeTemplate:
+        made.append(FakeTemplate(template_client.socket_path(ADDRESS, str(tmp_path), python=str(fake_python)),
+                                 answer))
+        return made[-1]
+
+    yield make
+    for t in made:
+        t.close()
+
+
+def test_the_relay_sends_the_start_and_its_launcher_status_is_its_own(tmp_path, fake_python, fake_template):
+    said: list[bytes] = []
+
+    def launcher(conn: socket.socket, fds: list[int]) -> None:
+        conn.send(b"4242")
+        conn.settimeout(30)
+        said.append(conn.recv(8))
+        os.write(fds[1], b"unix:///run/containerd/s/abc")  # the launcher child writes containerd's stdout
+        conn.send(bytes([7]))
+
+    template = fake_template(launcher)
+    args = shim_args()
+    result = run_relay(fake_python, tmp_path, args)
+    assert (result.returncode, result.stdout) == (7, "unix:///run/containerd/s/abc"), result.stderr
+    assert said == [b"go"]
+    [(request, fds)] = template.requests
+    assert len(fds) == 3
+    assert request.args == args
+    assert request.cwd == str(tmp_path)
+    assert request.parent == os.getpid()  # containerd's pid: the relay's parent
+    assert request.thp_original == get_thp_disable()
+    assert request.env["RELAY_TEST"] == "yes"
+    assert request.env["PATH"] == os.environ["PATH"]
+
+
+@pytest.mark.parametrize("args", [
+    ["-address", ADDRESS, "-id", "c1", "start"],
+    ["--address", ADDRESS, "start"],
+    ["-debug=true", "-id", "x", "-address=" + ADDRESS, "start"],
+    ["-v", "-info", "-namespace", "-address", "-address", ADDRESS, "start"],  # a value that looks like a flag
+])
+def test_the_relay_finds_the_address_as_go_flags_give_it(tmp_path, fake_python, fake_template, args):
+    template = fake_template(lambda conn, fds: conn.send(b"stale"))
+    result = run_relay(fake_python, tmp_path, args)
+    assert len(template.requests) == 1, result  # it found the template's socket: the key matched
+    assert result.stdout.startswith("fallback")
+
+
+def test_no_template_means_the_python_launcher(tmp_path, fake_python):
+    result = run_relay(fake_python, tmp_path, shim_args())
+    assert result.returncode == 0
+    assert result.stdout.split(" ", 5)[:5] == ["fallback", "-I", "-S", "-c", "import"]
+    assert "from shim.launch.cli import main; main()" in result.stdout
+    assert result.stdout.rstrip("\n").endswith(" /the/root " + " ".join(shim_args()))
+
+
+@pytest.mark.parametrize("answer", [b"stale", b"late", b"0", b"-1", b"12ab", b""])
+def test_a_refusal_means_the_python_launcher_and_no_go(tmp_path, fake_python, fake_template, answer):
+    said: list[bytes] = []
+
+    def refuse(conn: socket.socket, fds: list[int]) -> None:
+        if answer:
+            conn.send(answer)
+        else:
+            conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(30)
+        said.append(conn.recv(8))
+
+    template = fake_template(refuse)
+    result = run_relay(fake_python, tmp_path, shim_args())
+    assert result.stdout.startswith("fallback -I -S -c"), result
+    template.thread.join(timeout=30)
+    assert said == [b""], "a refused launch must never get its go"
+
+
+def test_a_template_that_does_not_answer_in_time_means_the_python_launcher(tmp_path, fake_python, fake_template):
+    answered = threading.Event()
+
+    def stuck(conn: socket.socket, fds: list[int]) -> None:
+        conn.settimeout(30)
+        assert conn.recv(8) == b""  # the relay gave up and went away: no go
+        answered.set()
+
+    fake_template(stuck)
+    result = run_relay(fake_python, tmp_path, shim_args())
+    assert result.stdout.startswith("fallback -I -S -c"), result
+    assert answered.wait(30)
+
+
+def test_a_launcher_that_dies_without_a_status_fails_the_start(tmp_path, fake_python, fake_template):
+    def dies(conn: socket.socket, fds: list[int]) -> None:
+        conn.send(b"4242")
+        conn.settimeout(30)
+        conn.recv(8)
+
+    fake_template(dies)
+    result = run_relay(fake_python, tmp_path, shim_args())
+    assert result.returncode == 1
+    assert "without a status" in result.stderr
+    assert not result.stdout
+
+
+def test_template_disabled_means_the_python_launcher_without_asking(tmp_path, fake_python, fake_template):
+    template = fake_template(lambda conn, fds: conn.send(b"4242"))
+    result = run_relay(fake_python, tmp_path, shim_args(), SHIM_PY_TEMPLATE="0")
+    assert result.stdout.startswith("fallback"), result
+    template.close()
+    assert template.requests == []
+
+
+@pytest.mark.parametrize("message", [
+    b"launch\x00", b"launch\x001\x000\x00/\x002\x00start\x00", b"launch\x00x\x000\x00/\x000\x00",
+    b"launch\x001\x000\x00/\x000\x00NOEQUALS\x00", b"fork\x001\x000\x00/\x000\x00",
+])
+def test_malformed_launch_requests_are_refused(message):
+    with pytest.raises(ValueError):
+        LaunchRequest.parse(message)
+
+
+def test_a_launch_request_parses():
+    r = LaunchRequest.parse(b"launch\x0012\x001\x00/b\x002\x00-id\x00start\x00A=1\x00B=x=y\x00")
+    assert (r.parent, r.thp_original, r.cwd, r.args, r.env) == (12, 1, "/b", ["-id", "start"], {"A": "1", "B": "x=y"})
+
+
+# -- with a real template -------------------------------------------------------------------------------
+
+def test_a_start_through_the_relay_runs_in_the_template_and_forks_the_shim(tmp_path):
+    """The whole path with a template process: the launcher in a child of the template, the
+    shim forked from there with its stdio off containerd's pipes; output, status, address file
+    as from a launcher of its own. /the/root is no checkout: a fallback would fail."""
+    path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
+    proc = start_template(Path(path))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"annotations": {}}))
+    id = f"relay-{os.getpid()}"
+    shim_socket = shim_socket_path(ADDRESS, "ns1", id)
+    try:
+        wait_for(lambda: lean.accepts(path, lean.SOCK_SEQPACKET), what="the template to listen")
+        result = subprocess.run(
+            [str(RELAY), sys.executable, "/the/root", "-namespace", "ns1", "-address", ADDRESS, "-id", id, "start"],
+            capture_output=True, text=True, cwd=bundle, timeout=30, check=False,
+            env={**os.environ, "SHIM_PY_TEMPLATE_DIR": str(tmp_path), "TTRPC_ADDRESS": ADDRESS + ".ttrpc"})
+        assert (result.returncode, result.stderr) == (0, "")
+        assert result.stdout == f"unix://{shim_socket}"
+        assert (bundle / "address").read_text() == result.stdout
+        report = read_report(bundle)  # the (fake) shim's body ran
+        assert report["fds"] == [0, 1, 2, 3]
+        # not containerd's pipes: containerd reads the start's output until every holder closed it
+        assert report["stdio"] == ["/dev/null"] * 3
+        assert report["env"]["TTRPC_ADDRESS"] == ADDRESS + ".ttrpc"
+        assert report["cwd"] == str(bundle)
+        assert report["ppid"] != proc.pid  # the template's grandchild, never its child
+        assert report["sid"] != report["pid"] and report["sid"] != os.getsid(proc.pid)
+        assert proc.poll() is None  # the template goes on serving
+    finally:
+        stop(proc)
+        try:
+            os.unlink(shim_socket)
+        except FileNotFoundError:
+            pass

@@ -297,7 +297,10 @@ def _warm_up() -> None:
     """Import and initialise everything a shim uses, so children share it."""
     import setproctitle  # noqa: F401
 
-    import shim.daemon.main  # noqa: F401  (pulls in the whole shim)
+    # the whole shim, and what a start-relay's launch runs in a child of this process
+    import shim.daemon.main
+    import shim.launch.cli
+    import shim.launch.launcher  # noqa: F401
 
     from .warmup import warm_up
 

@@ -61,11 +61,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m integration.demo
 
-# ruff over all the Python, a strict type check of the shim; both run, fails if either failed.
-# Rules and settings: [tool.ruff] and [tool.mypy] in pyproject.toml.
+# ruff over all the Python, a strict type check of the shim, the import contracts of the
+# package's process boundaries; all run, fails if any failed.
+# Rules and settings: [tool.ruff], [tool.mypy] and [tool.importlinter] in pyproject.toml.
 lint: venv
 	@rc=0; $(VENV)/bin/ruff check shim tests integration bench || rc=1; \
-	$(VENV)/bin/mypy || rc=1; exit $$rc
+	$(VENV)/bin/mypy || rc=1; \
+	$(VENV)/bin/lint-imports --no-cache --no-logo || rc=1; exit $$rc
 
 # Every pass always runs (a lint or runc failure does not hide the later results); fails if any failed.
 test: setup

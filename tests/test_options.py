@@ -1,4 +1,4 @@
-"""shim.common.options: decoding CreateTaskRequest.options and the bundle's options.json."""
+"""shim.common.options and shim.daemon.service.options_from_any: decoding CreateTaskRequest.options and the bundle's options.json."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from shim.common.options import (
     RUNC_ROOT_FILE,
     RUNTIME_FILE,
     RuncOptions,
-    from_any,
     type_name,
 )
+from shim.daemon.service import options_from_any as from_any
 from shim.proto import runc_options_pb2, runtimeoptions_pb2
 
 FULL = RuncOptions(

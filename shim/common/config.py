@@ -49,16 +49,3 @@ class ShimConfig:
         import ast
 
         return cls(**ast.literal_eval(text))
-
-
-def set_title(title: str) -> None:
-    """Set argv as ps shows it and the 15-byte name pgrep matches ("containerd-shim").
-
-    Call before the environment changes: setproctitle reuses the memory of the
-    original argv and environment block.
-    """
-    try:
-        from setproctitle import setproctitle
-    except ImportError:  # the title is cosmetic
-        return
-    setproctitle(title)

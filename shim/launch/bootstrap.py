@@ -50,6 +50,7 @@ containerd 2.3 (pkg/shim/util.go ``Command``, api/runtime/bootstrap/v1/bootstrap
 from __future__ import annotations
 
 from shim.common.config import SOCKET_DIR
+from shim.common.options import RUNC_OPTIONS_TYPE, RUNTIME_OPTIONS_TYPE, type_name
 from shim.common.record import Factory, record
 from shim.common.wire import Malformed, bytes_field, varint_field
 from shim.common.wire import fields as _fields
@@ -65,8 +66,6 @@ if TYPE_CHECKING:
     from .flags import Flags
 
 PROTOCOL = "ttrpc"
-RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
-RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 LOG_LEVEL_DEBUG = -4  # bootstrap.proto LogLevel; the Go shim logs debug at <= DEBUG
 #: The highest task API version we will claim (containerd.task.v3.Task).
 MAX_VERSION = 3
@@ -81,7 +80,7 @@ class RawAny:
 
     @property
     def type_name(self) -> str:
-        return self.type_url.rsplit("/", 1)[-1]
+        return type_name(self.type_url)
 
 
 @record

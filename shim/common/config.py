@@ -19,6 +19,9 @@ CONFIG_ENV = "SHIM_CONFIG"
 #: in BootstrapParams.socket_dir). The template's socket goes beside them.
 SOCKET_DIR = "/run/containerd/s"
 
+#: Where the cgroup filesystem is mounted (the launcher joins ShimCgroup there; the shim reads stats).
+CGROUP_ROOT = "/sys/fs/cgroup"
+
 #: The fd a new shim finds its listening socket on, however it was started (exec or fork).
 LISTEN_FD = 3
 

@@ -21,10 +21,10 @@ from typing import Literal, TypeVar
 
 from google.protobuf import any_pb2
 
+from shim.common.config import CGROUP_ROOT
 from shim.proto import cgroups_v1_metrics_pb2 as v1pb
 from shim.proto import cgroups_v2_metrics_pb2 as v2pb
 
-CGROUP_ROOT = "/sys/fs/cgroup"
 PROC = "/proc"
 MOUNTINFO = "/proc/self/mountinfo"
 

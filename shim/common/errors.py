@@ -32,9 +32,5 @@ class FailedPrecondition(ShimError):
     code = 9
 
 
-class Unimplemented(ShimError):
-    code = 12
-
-
 class Unavailable(ShimError):
     code = 14

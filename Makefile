@@ -65,7 +65,7 @@ demo: setup
 # package's process boundaries; all run, fails if any failed.
 # Rules and settings: [tool.ruff], [tool.mypy] and [tool.importlinter] in pyproject.toml.
 lint: venv
-	@rc=0; $(VENV)/bin/ruff check shim tests integration bench || rc=1; \
+	@rc=0; $(VENV)/bin/ruff check shim tests integration bench conftest.py || rc=1; \
 	$(VENV)/bin/mypy || rc=1; \
 	$(VENV)/bin/lint-imports --no-cache --no-logo || rc=1; exit $$rc
 
@@ -90,8 +90,10 @@ test-crun: setup
 test-namespace: setup
 	SHIM_PY_GROUP=namespace $(PY) -m pytest -q -p no:cacheprovider integration
 
+# Only the unit tests (no root, no containerd): the `unit` marker, set by conftest.py on tests/.
+# Other passes by marker: `$(PY) -m pytest -m integration` (root), `-m cri`, `-m "integration and not cri"`.
 unit: venv
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -m unit
 
 # Go shim vs this shim in one private containerd (root; sets and restores THP):
 #   make bench                      full run, ~5-15 min; results in bench/results/latest.*

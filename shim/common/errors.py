@@ -1,7 +1,7 @@
 """Domain errors, each carrying the containerd/gRPC status code it maps to.
 
 The domain (process, container, runc_client) raises these without knowing
-about ttrpc; ``service.py`` turns them into ttrpc statuses. The codes are the
+about ttrpc; ``shim.daemon.service`` turns them into ttrpc statuses. The codes are the
 gRPC ones containerd's errdefs understands.
 """
 

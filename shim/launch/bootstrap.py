@@ -290,7 +290,7 @@ def render_start_output(address: str, start_input: StartInput) -> bytes:
     if start_input.bootstrap:
         return encode_bootstrap_result(version, address)
     if version >= 2:
-        import json  # already loaded by the launcher (shim.config); not on 1.6's path
+        import json  # lazily: only 1.7+ get JSON (1.6 a plain address, 2.3 protobuf)
 
         # Go's encoding/json: struct field order, no spaces.
         return json.dumps(

@@ -50,11 +50,11 @@ $(START_RELAY): shim/launch/start_relay.c
 
 # Byte-compile at install time: the environment sets PYTHONDONTWRITEBYTECODE,
 # and a shim that recompiled its sources on every container start would be slow.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@if [ -x $(PY) ] && ! [ "$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$(PYVER)" ]; then \
 		echo "recreating $(VENV) for Python $(PYVER)"; rm -rf $(VENV); fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
 	$(PY) -m compileall -q shim integration
 	touch $@
 
@@ -100,7 +100,7 @@ unit: venv
 #   make bench BENCH_ARGS=--quick   smoke run
 bench: setup
 	@$(PY) -c 'import matplotlib' 2>/dev/null || \
-		$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]' --config-settings editable_mode=compat
+		$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,bench]' --config-settings editable_mode=compat
 	$(PY) -m bench $(BENCH_ARGS)
 
 # Go shim vs this shim under churn, containerd restarts, kills, stuck containers, hostile
@@ -110,20 +110,28 @@ bench: setup
 soak: setup
 	$(PY) -m soak $(SOAK_ARGS)
 
-# Make any containerd on this machine find the shim (runtime io.containerd.runc.v2-py):
-# a copy of the launcher with this checkout's absolute path baked in, so it works
-# wherever it is put (containerd also takes a runtime by absolute path).
+# Make any containerd on this machine find the shim (runtime io.containerd.runc.v2-py): the
+# package is built as a wheel and pip-installed, with the tested versions (constraints.txt),
+# into its own virtualenv under LIBDIR; BINDIR gets a copy of its entry point with that
+# virtualenv's path written in, so it works wherever it is put (containerd also takes a
+# runtime by absolute path). The checkout is not needed afterwards.
 BINDIR ?= /usr/local/bin
+LIBDIR ?= /usr/local/lib/containerd-shim-runc-v2-py
 SHIM_BIN := containerd-shim-runc-v2-py
 install: setup
+	rm -rf build/wheel && $(PY) -m pip wheel -q --disable-pip-version-check --no-deps -w build/wheel .
+	rm -rf $(LIBDIR) && $(PYTHON) -m venv $(LIBDIR)
+	$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt build/wheel/*.whl
+	sed -i 's|^venv=$$|venv=$(LIBDIR)|' $(LIBDIR)/bin/$(SHIM_BIN)
+	$(LIBDIR)/bin/python -m compileall -q $(LIBDIR)/lib
 	install -d $(BINDIR)
-	sed 's|^root=$$|root=$(CURDIR)|' bin/$(SHIM_BIN) > $(BINDIR)/.$(SHIM_BIN).tmp
-	grep -qx 'root=$(CURDIR)' $(BINDIR)/.$(SHIM_BIN).tmp
-	chmod 755 $(BINDIR)/.$(SHIM_BIN).tmp
+	install -m 755 $(LIBDIR)/bin/$(SHIM_BIN) $(BINDIR)/.$(SHIM_BIN).tmp
+	grep -qx 'venv=$(LIBDIR)' $(BINDIR)/.$(SHIM_BIN).tmp
 	mv -f $(BINDIR)/.$(SHIM_BIN).tmp $(BINDIR)/$(SHIM_BIN)
 
 uninstall:
 	rm -f $(BINDIR)/$(SHIM_BIN)
+	rm -rf $(LIBDIR)
 
 proto: venv
 	$(PY) -m shim.proto.generate

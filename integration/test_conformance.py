@@ -209,7 +209,7 @@ async def test_init_exit_waits_for_an_exec_inside_runc_exec(lab: Lab) -> None:
 def test_installed_launcher_runs_a_task_from_anywhere(containerd, image, cid, tmp_path: Path) -> None:
     bindir = tmp_path / "elsewhere"
     done = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(PROJECT_ROOT), "install",
-                           f"BINDIR={bindir}"], capture_output=True, text=True, timeout=300)
+                           f"BINDIR={bindir}", f"LIBDIR={tmp_path / 'lib'}"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     moved = tmp_path / "copied" / "containerd-shim-runc-v2-py"
     moved.parent.mkdir()

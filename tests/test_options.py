@@ -12,13 +12,12 @@ import pytest
 from shim.common.errors import InvalidArgument
 from shim.common.options import (
     OPTIONS_FILE,
-    RUNC_OPTIONS_TYPE,
     RUNC_ROOT,
     RUNC_ROOT_FILE,
     RUNTIME_FILE,
     RuncOptions,
-    type_name,
 )
+from shim.common.wire import RUNC_OPTIONS_TYPE, type_name
 from shim.daemon.service import options_from_any as from_any
 from shim.proto import runc_options_pb2, runtimeoptions_pb2
 

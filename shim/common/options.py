@@ -21,8 +21,6 @@ RUNC_ROOT = "/run/containerd/runc"
 OPTIONS_FILE = "options.json"
 RUNTIME_FILE = "runtime"
 RUNC_ROOT_FILE = "runc-root"  # the runc --root in use, plain text: read by delete without json
-RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
-RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 
 
 @record
@@ -67,10 +65,6 @@ class RuncOptions:
             return cls()
         known = set(field_names(cls))
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def type_name(type_url: str) -> str:
-    return type_url.rsplit("/", 1)[-1]
 
 
 def runtime_options_toml(value: bytes) -> str:

@@ -18,15 +18,9 @@ from google.protobuf.message import DecodeError, Message
 
 from shim.common.errors import AlreadyExists, InvalidArgument, NotFound, ShimError
 from shim.common.mount import MountSpec
-from shim.common.options import (
-    RUNC_OPTIONS_TYPE,
-    RUNTIME_OPTIONS_TYPE,
-    RuncOptions,
-    from_toml,
-    runtime_options_toml,
-    type_name,
-)
+from shim.common.options import RuncOptions, from_toml, runtime_options_toml
 from shim.common.record import field_names
+from shim.common.wire import RUNC_OPTIONS_TYPE, RUNTIME_OPTIONS_TYPE, type_name
 from shim.proto import runc_options_pb2, shim_pb2, task_types_pb2
 from shim.ttrpc import CallContext, Code, Server, TTRPCError
 

@@ -50,9 +50,8 @@ containerd 2.3 (pkg/shim/util.go ``Command``, api/runtime/bootstrap/v1/bootstrap
 from __future__ import annotations
 
 from shim.common.config import SOCKET_DIR
-from shim.common.options import RUNC_OPTIONS_TYPE, RUNTIME_OPTIONS_TYPE, type_name
 from shim.common.record import Factory, record
-from shim.common.wire import Malformed, bytes_field, varint_field
+from shim.common.wire import RUNC_OPTIONS_TYPE, RUNTIME_OPTIONS_TYPE, Malformed, bytes_field, type_name, varint_field
 from shim.common.wire import fields as _fields
 from shim.common.wire import text as _text
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 import os
 
 from shim import __version__
-from shim.common.options import RUNC_OPTIONS_TYPE, RUNTIME_OPTIONS_TYPE
-from shim.common.wire import Malformed, bytes_field, fields, text
+from shim.common.wire import RUNC_OPTIONS_TYPE, RUNTIME_OPTIONS_TYPE, Malformed, bytes_field, fields, text
 
 from .bootstrap import RawAny, decode_any
 

@@ -114,8 +114,9 @@ soak: setup
 # package is built as a wheel and pip-installed, with the tested versions (constraints.txt),
 # into its own virtualenv under LIBDIR; BINDIR gets a copy of its entry point with that
 # virtualenv's path written in, so it works wherever it is put (containerd also takes a
-# runtime by absolute path). The checkout is not needed afterwards. thp-exec, built here, is
-# copied in beside shim/thp (a plain `pip install .` has none: runc gets a preexec_fn).
+# runtime by absolute path). The checkout is not needed afterwards. The C helpers built here
+# (thp-exec, start-relay) are copied into the installed package at the same paths; a plain
+# `pip install .` has none and works without them (slower: a preexec_fn, the Python launcher).
 BINDIR ?= /usr/local/bin
 LIBDIR ?= /usr/local/lib/containerd-shim-runc-v2-py
 SHIM_BIN := containerd-shim-runc-v2-py
@@ -124,7 +125,8 @@ install: setup
 	rm -rf $(LIBDIR) && $(PYTHON) -m venv $(LIBDIR)
 	$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt build/wheel/*.whl
 	sed -i 's|^venv=$$|venv=$(LIBDIR)|' $(LIBDIR)/bin/$(SHIM_BIN)
-	if [ -x $(THP_EXEC) ]; then for lib in $(LIBDIR)/lib/python3*/site-packages; do cp $(THP_EXEC) $$lib/shim/thp/; done; fi
+	for helper in $(HELPERS); do [ -x $$helper ] || continue; \
+		for lib in $(LIBDIR)/lib/python3*/site-packages; do cp $$helper $$lib/$$helper; done; done
 	$(LIBDIR)/bin/python -m compileall -q $(LIBDIR)/lib
 	install -d $(BINDIR)
 	install -m 755 $(LIBDIR)/bin/$(SHIM_BIN) $(BINDIR)/.$(SHIM_BIN).tmp

@@ -211,8 +211,9 @@ def test_installed_launcher_runs_a_task_from_anywhere(containerd, image, cid, tm
     done = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(PROJECT_ROOT), "install",
                            f"BINDIR={bindir}", f"LIBDIR={tmp_path / 'lib'}"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    if (PROJECT_ROOT / "shim" / "thp" / "thp-exec").exists():  # built by make: installed beside shim/thp
-        assert list((tmp_path / "lib").glob("lib/python3*/site-packages/shim/thp/thp-exec"))
+    for helper in ("shim/thp/thp-exec", "shim/launch/start-relay"):  # built by make: installed with the package
+        if (PROJECT_ROOT / helper).exists():
+            assert list((tmp_path / "lib").glob(f"lib/python3*/site-packages/{helper}")), helper
     moved = tmp_path / "copied" / "containerd-shim-runc-v2-py"
     moved.parent.mkdir()
     shutil.copy2(bindir / "containerd-shim-runc-v2-py", moved)  # and copied on from there

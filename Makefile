@@ -50,22 +50,24 @@ $(START_RELAY): shim/launch/start_relay.c
 
 # Byte-compile at install time: the environment sets PYTHONDONTWRITEBYTECODE,
 # and a shim that recompiled its sources on every container start would be slow.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@if [ -x $(PY) ] && ! [ "$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$(PYVER)" ]; then \
 		echo "recreating $(VENV) for Python $(PYVER)"; rm -rf $(VENV); fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
 	$(PY) -m compileall -q shim integration
 	touch $@
 
 demo: setup
 	$(PY) -m integration.demo
 
-# ruff over all the Python, a strict type check of the shim; both run, fails if either failed.
-# Rules and settings: [tool.ruff] and [tool.mypy] in pyproject.toml.
+# ruff over all the Python, a strict type check of the shim, the import contracts of the
+# package's process boundaries; all run, fails if any failed.
+# Rules and settings: [tool.ruff], [tool.mypy] and [tool.importlinter] in pyproject.toml.
 lint: venv
-	@rc=0; $(VENV)/bin/ruff check shim tests integration bench || rc=1; \
-	$(VENV)/bin/mypy || rc=1; exit $$rc
+	@rc=0; $(VENV)/bin/ruff check shim tests integration bench conftest.py || rc=1; \
+	$(VENV)/bin/mypy || rc=1; \
+	$(VENV)/bin/lint-imports --no-cache --no-logo || rc=1; exit $$rc
 
 # Every pass always runs (a lint or runc failure does not hide the later results); fails if any failed.
 test: setup
@@ -88,15 +90,17 @@ test-crun: setup
 test-namespace: setup
 	SHIM_PY_GROUP=namespace $(PY) -m pytest -q -p no:cacheprovider integration
 
+# Only the unit tests (no root, no containerd): the `unit` marker, set by conftest.py on tests/.
+# Other passes by marker: `$(PY) -m pytest -m integration` (root), `-m cri`, `-m "integration and not cri"`.
 unit: venv
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -m unit
 
 # Go shim vs this shim in one private containerd (root; sets and restores THP):
 #   make bench                      full run, ~5-15 min; results in bench/results/latest.*
 #   make bench BENCH_ARGS=--quick   smoke run
 bench: setup
 	@$(PY) -c 'import matplotlib' 2>/dev/null || \
-		$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]' --config-settings editable_mode=compat
+		$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,bench]' --config-settings editable_mode=compat
 	$(PY) -m bench $(BENCH_ARGS)
 
 # Go shim vs this shim under churn, containerd restarts, kills, stuck containers, hostile
@@ -106,20 +110,32 @@ bench: setup
 soak: setup
 	$(PY) -m soak $(SOAK_ARGS)
 
-# Make any containerd on this machine find the shim (runtime io.containerd.runc.v2-py):
-# a copy of the launcher with this checkout's absolute path baked in, so it works
-# wherever it is put (containerd also takes a runtime by absolute path).
+# Make any containerd on this machine find the shim (runtime io.containerd.runc.v2-py): the
+# package is built as a wheel and pip-installed, with the tested versions (constraints.txt),
+# into its own virtualenv under LIBDIR; BINDIR gets a copy of its entry point with that
+# virtualenv's path written in, so it works wherever it is put (containerd also takes a
+# runtime by absolute path). The checkout is not needed afterwards. The C helpers built here
+# (thp-exec, start-relay) are copied into the installed package at the same paths; a plain
+# `pip install .` has none and works without them (slower: a preexec_fn, the Python launcher).
 BINDIR ?= /usr/local/bin
+LIBDIR ?= /usr/local/lib/containerd-shim-runc-v2-py
 SHIM_BIN := containerd-shim-runc-v2-py
 install: setup
+	rm -rf build/wheel && $(PY) -m pip wheel -q --disable-pip-version-check --no-deps -w build/wheel .
+	rm -rf $(LIBDIR) && $(PYTHON) -m venv $(LIBDIR)
+	$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt build/wheel/*.whl
+	sed -i 's|^venv=$$|venv=$(LIBDIR)|' $(LIBDIR)/bin/$(SHIM_BIN)
+	for helper in $(HELPERS); do [ -x $$helper ] || continue; \
+		for lib in $(LIBDIR)/lib/python3*/site-packages; do cp $$helper $$lib/$$helper; done; done
+	$(LIBDIR)/bin/python -m compileall -q $(LIBDIR)/lib
 	install -d $(BINDIR)
-	sed 's|^root=$$|root=$(CURDIR)|' bin/$(SHIM_BIN) > $(BINDIR)/.$(SHIM_BIN).tmp
-	grep -qx 'root=$(CURDIR)' $(BINDIR)/.$(SHIM_BIN).tmp
-	chmod 755 $(BINDIR)/.$(SHIM_BIN).tmp
+	install -m 755 $(LIBDIR)/bin/$(SHIM_BIN) $(BINDIR)/.$(SHIM_BIN).tmp
+	grep -qx 'venv=$(LIBDIR)' $(BINDIR)/.$(SHIM_BIN).tmp
 	mv -f $(BINDIR)/.$(SHIM_BIN).tmp $(BINDIR)/$(SHIM_BIN)
 
 uninstall:
 	rm -f $(BINDIR)/$(SHIM_BIN)
+	rm -rf $(LIBDIR)
 
 proto: venv
 	$(PY) -m shim.proto.generate

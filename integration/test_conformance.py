@@ -209,8 +209,11 @@ async def test_init_exit_waits_for_an_exec_inside_runc_exec(lab: Lab) -> None:
 def test_installed_launcher_runs_a_task_from_anywhere(containerd, image, cid, tmp_path: Path) -> None:
     bindir = tmp_path / "elsewhere"
     done = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(PROJECT_ROOT), "install",
-                           f"BINDIR={bindir}"], capture_output=True, text=True, timeout=300)
+                           f"BINDIR={bindir}", f"LIBDIR={tmp_path / 'lib'}"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+    for helper in ("shim/thp/thp-exec", "shim/launch/start-relay"):  # built by make: installed with the package
+        if (PROJECT_ROOT / helper).exists():
+            assert list((tmp_path / "lib").glob(f"lib/python3*/site-packages/{helper}")), helper
     moved = tmp_path / "copied" / "containerd-shim-runc-v2-py"
     moved.parent.mkdir()
     shutil.copy2(bindir / "containerd-shim-runc-v2-py", moved)  # and copied on from there

@@ -501,7 +501,7 @@ def test_v2_metrics_missing_files(tmp_path: Path) -> None:
     assert cgroups.CgroupV2("gone", str(tmp_path)).metrics().cpu == v2pb.CPUStat()
 
 
-# --- metrics_any / container_cgroup ------------------------------------------------------
+# --- container_cgroup(...).metrics_any() ---------------------------------------------------
 
 
 def _fake_proc(tmp_path: Path, pid: int, text: str) -> str:
@@ -516,7 +516,7 @@ def test_metrics_any_v1_on_hybrid(tmp_path: Path) -> None:
     mi = tmp_path / "mountinfo"
     mi.write_text(HYBRID_MOUNTINFO.replace("/sys/fs/cgroup", str(root)))
     proc = _fake_proc(tmp_path, 77, PROC_CGROUP_HYBRID)
-    a = cgroups.metrics_any(77, root=str(root), proc=proc, mountinfo=str(mi))
+    a = cgroups.container_cgroup(77, root=str(root), proc=proc, mountinfo=str(mi)).metrics_any()
     assert a.type_url == "io.containerd.cgroups.v1.Metrics"
     m = v1pb.Metrics.FromString(a.value)
     assert m.memory_oom_control.oom_kill == 3 and m.pids.current == 5
@@ -532,20 +532,20 @@ def test_metrics_any_v2(tmp_path: Path) -> None:
     mi = tmp_path / "mountinfo"
     mi.write_text(V2_MOUNTINFO.replace("/sys/fs/cgroup", str(root)))
     proc = _fake_proc(tmp_path, 78, "0::/kubepods/pod1/c2\n")
-    a = cgroups.metrics_any(78, root=str(root), proc=proc, mountinfo=str(mi))
+    a = cgroups.container_cgroup(78, root=str(root), proc=proc, mountinfo=str(mi)).metrics_any()
     assert a.type_url == "io.containerd.cgroups.v2.Metrics"
     assert v2pb.Metrics.FromString(a.value).memory_events.oom_kill == 1
     cg = cgroups.container_cgroup(78, root=str(root), proc=proc, mode="v2")
     assert cg.version == 2 and cg.memory_dir == str(root / "kubepods/pod1/c2")
     # explicit mode overrides detection
-    a1 = cgroups.metrics_any(78, root=str(root), proc=proc, mode="v1")
+    a1 = cgroups.container_cgroup(78, root=str(root), proc=proc, mode="v1").metrics_any()
     assert a1.type_url == "io.containerd.cgroups.v1.Metrics"
 
 
 def test_metrics_any_for_this_process() -> None:
     import os
 
-    a = cgroups.metrics_any(os.getpid())
+    a = cgroups.container_cgroup(os.getpid()).metrics_any()
     assert a.type_url in (cgroups.V1_TYPE_URL, cgroups.V2_TYPE_URL)
     cls = v1pb.Metrics if a.type_url == cgroups.V1_TYPE_URL else v2pb.Metrics
     cls.FromString(a.value)

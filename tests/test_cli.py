@@ -129,3 +129,12 @@ def test_missing_value(flag: str) -> None:
 def test_extra_positional(argv: list[str]) -> None:
     with pytest.raises(UsageError, match="unexpected arguments"):
         parse_args(argv)
+
+
+def test_socket_flag_is_accepted_and_ignored() -> None:
+    """The Go shim takes -socket; containerd never passes it to start/delete, so it is only accepted."""
+    from shim.common.record import field_names
+    from shim.launch.flags import Flags
+
+    assert parse_args(["-socket", "/run/x.sock", "-id", "c1", "start"]) == Flags(id="c1", action="start")
+    assert "socket" not in field_names(Flags)

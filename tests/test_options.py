@@ -1,4 +1,4 @@
-"""shim.common.options: decoding CreateTaskRequest.options and the bundle's options.json."""
+"""shim.common.options and shim.daemon.service.options_from_any: decoding CreateTaskRequest.options and the bundle's options.json."""
 
 from __future__ import annotations
 
@@ -12,14 +12,13 @@ import pytest
 from shim.common.errors import InvalidArgument
 from shim.common.options import (
     OPTIONS_FILE,
-    RUNC_OPTIONS_TYPE,
     RUNC_ROOT,
     RUNC_ROOT_FILE,
     RUNTIME_FILE,
     RuncOptions,
-    from_any,
-    type_name,
 )
+from shim.common.wire import RUNC_OPTIONS_TYPE, type_name
+from shim.daemon.service import options_from_any as from_any
 from shim.proto import runc_options_pb2, runtimeoptions_pb2
 
 FULL = RuncOptions(

@@ -38,3 +38,12 @@ def test_fill_partial_pools_leaves_no_free_slot_for_a_shim_to_dirty() -> None:
     free_after = sum(avail for size, avail in heap._malloc_stats() if size >= 48)
     assert filled >= free_before > 0
     assert free_after < free_before / 2, (free_before, free_after)  # reading the stats frees a few again
+
+
+def test_heap_sharing_runs_only_on_verified_versions(monkeypatch) -> None:
+    """Both tricks write CPython internals: on an unchecked version they must do nothing."""
+    from shim.template import heap
+
+    monkeypatch.setattr(heap, "VERIFIED", frozenset())
+    assert heap.fill_partial_pools() == 0
+    assert heap.immortalize_heap() == 0

@@ -273,12 +273,16 @@ def test_container_stats_and_list(cri, kubelet, pb):
     busy = kubelet.start_container(pod, "busy", "i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done; sleep 3600",
                                    memory=64 * MiB)
     idle = kubelet.start_container(pod, "idle", "sleep 3600")
-    time.sleep(0.5)
 
     def cpu(cid):
         return cri.client.rt("ContainerStats", container_id=cid).stats.cpu.usage_core_nano_seconds.value
 
+    def counted(cid):
+        stats = cri.client.rt("ContainerStats", container_id=cid).stats
+        return stats.cpu.usage_core_nano_seconds.value > 0 and stats.memory.working_set_bytes.value > 0
+
     wait_for(lambda: cpu(busy) > 20_000_000, timeout=20, message="busy container's CPU > 20ms")
+    wait_for(lambda: counted(idle), timeout=20, message="the idle container's CPU and memory to be counted")
     stats = cri.client.rt("ContainerStats", container_id=busy).stats
     assert stats.attributes.id == busy and stats.attributes.metadata.name == "busy"
     assert stats.cpu.timestamp > 0

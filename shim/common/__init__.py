@@ -2,6 +2,5 @@
 config, records, the hand-written protobuf wire codec, errors, mounts, and the lean helpers.
 
 Standard library only, like shim.launch, since the launcher imports it on every start
-(the one protobuf import, in options.from_any, is lazy and only the daemon reaches it).
-Keep this file free of imports.
+(the import contracts in pyproject.toml check it). Keep this file free of imports.
 """

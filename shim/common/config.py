@@ -19,6 +19,9 @@ CONFIG_ENV = "SHIM_CONFIG"
 #: in BootstrapParams.socket_dir). The template's socket goes beside them.
 SOCKET_DIR = "/run/containerd/s"
 
+#: Where the cgroup filesystem is mounted (the launcher joins ShimCgroup there; the shim reads stats).
+CGROUP_ROOT = "/sys/fs/cgroup"
+
 #: The fd a new shim finds its listening socket on, however it was started (exec or fork).
 LISTEN_FD = 3
 
@@ -49,16 +52,3 @@ class ShimConfig:
         import ast
 
         return cls(**ast.literal_eval(text))
-
-
-def set_title(title: str) -> None:
-    """Set argv as ps shows it and the 15-byte name pgrep matches ("containerd-shim").
-
-    Call before the environment changes: setproctitle reuses the memory of the
-    original argv and environment block.
-    """
-    try:
-        from setproctitle import setproctitle
-    except ImportError:  # the title is cosmetic
-        return
-    setproctitle(title)

@@ -1,7 +1,7 @@
 """Domain errors, each carrying the containerd/gRPC status code it maps to.
 
 The domain (process, container, runc_client) raises these without knowing
-about ttrpc; ``service.py`` turns them into ttrpc statuses. The codes are the
+about ttrpc; ``shim.daemon.service`` turns them into ttrpc statuses. The codes are the
 gRPC ones containerd's errdefs understands.
 """
 
@@ -30,10 +30,6 @@ class AlreadyExists(ShimError):
 
 class FailedPrecondition(ShimError):
     code = 9
-
-
-class Unimplemented(ShimError):
-    code = 12
 
 
 class Unavailable(ShimError):

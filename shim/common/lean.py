@@ -15,6 +15,8 @@ from array import array
 AF_UNIX = _socket.AF_UNIX
 SOCK_STREAM = _socket.SOCK_STREAM
 SOCK_SEQPACKET = _socket.SOCK_SEQPACKET
+#: signal.SIGKILL on Linux: the signal module costs the launcher ~4 ms to import.
+SIGKILL = 9
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover

@@ -1,6 +1,10 @@
 """Runtime options: what containerd sends in CreateTaskRequest.options, and
 what the shim leaves in the bundle so the ``delete`` action can find runc again.
 
+Standard library only (it is on the launcher's path): the typed
+``containerd.runc.v1.Options`` is decoded with protobuf by the daemon
+(shim.daemon.service.options_from_any); the CRI TOML form is read here.
+
 containerd's typeurl writes bare type names (``containerd.runc.v1.Options``),
 which protobuf's ``Any.Unpack`` does not accept, so we match names ourselves.
 """
@@ -17,8 +21,6 @@ RUNC_ROOT = "/run/containerd/runc"
 OPTIONS_FILE = "options.json"
 RUNTIME_FILE = "runtime"
 RUNC_ROOT_FILE = "runc-root"  # the runc --root in use, plain text: read by delete without json
-RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
-RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 
 
 @record
@@ -63,34 +65,6 @@ class RuncOptions:
             return cls()
         known = set(field_names(cls))
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def type_name(type_url: str) -> str:
-    return type_url.rsplit("/", 1)[-1]
-
-
-def from_any(type_url: str, value: bytes) -> RuncOptions:
-    """Decode CreateTaskRequest.options; empty or unknown types → defaults.
-
-    CRI sends ``runtimeoptions.v1.Options`` (a TOML file path or body) for
-    runtime types it does not know, ours included; its TOML uses the Go field
-    names of runc's Options (BinaryName, SystemdCgroup, ...).
-    """
-    name = type_name(type_url) if type_url else ""
-    if name == RUNC_OPTIONS_TYPE:
-        from google.protobuf.message import DecodeError
-
-        from shim.proto import runc_options_pb2
-
-        try:
-            msg = runc_options_pb2.Options.FromString(value)
-        except DecodeError as e:
-            raise InvalidArgument(f"runtime options {RUNC_OPTIONS_TYPE}: {e}") from e
-        typed = set(msg.DESCRIPTOR.fields_by_name)
-        return RuncOptions(**{name: getattr(msg, name) for name in field_names(RuncOptions) if name in typed})
-    if name == RUNTIME_OPTIONS_TYPE:
-        return from_toml(runtime_options_toml(value))
-    return RuncOptions()
 
 
 def runtime_options_toml(value: bytes) -> str:

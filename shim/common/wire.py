@@ -8,6 +8,16 @@ generated classes.
 
 from __future__ import annotations
 
+#: The runtime options' type names (an Any's type URL, which containerd's typeurl writes bare):
+#: here, not in shim.common.options, so ``start`` reads them without importing that module.
+RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
+RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
+
+
+def type_name(type_url: str) -> str:
+    """The message name of a type URL, with or without a ``type.googleapis.com/`` prefix."""
+    return type_url.rsplit("/", 1)[-1]
+
 
 def varint(value: int) -> bytes:
     value &= (1 << 64) - 1  # negative int32/int64 are ten-byte two's complement

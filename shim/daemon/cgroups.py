@@ -21,10 +21,10 @@ from typing import Literal, TypeVar
 
 from google.protobuf import any_pb2
 
+from shim.common.config import CGROUP_ROOT
 from shim.proto import cgroups_v1_metrics_pb2 as v1pb
 from shim.proto import cgroups_v2_metrics_pb2 as v2pb
 
-CGROUP_ROOT = "/sys/fs/cgroup"
 PROC = "/proc"
 MOUNTINFO = "/proc/self/mountinfo"
 
@@ -606,15 +606,3 @@ def container_cgroup(
     if mode is None:
         mode = cgroup_mode(root, mountinfo=mountinfo)
     return ContainerCgroup(mode=mode, paths=cgroup_paths(pid, proc), root=root, proc=proc)
-
-
-def metrics_any(
-    pid: int,
-    *,
-    root: str = CGROUP_ROOT,
-    proc: str = PROC,
-    mountinfo: str = MOUNTINFO,
-    mode: Mode | None = None,
-) -> any_pb2.Any:
-    """Task.Stats payload for ``pid``: Any with a bare ``io.containerd.cgroups.vN.Metrics`` URL."""
-    return container_cgroup(pid, root=root, proc=proc, mountinfo=mountinfo, mode=mode).metrics_any()

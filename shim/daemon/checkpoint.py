@@ -1,6 +1,6 @@
 """Checkpoint and restore with criu: the request's flags, criu's work directory, its logs.
 
-The container (``shim.container``) runs the OCI runtime's checkpoint/restore under
+The container (``shim.daemon.container``) runs the OCI runtime's checkpoint/restore under
 the init's lock; what is criu-specific lives here: which flags a
 CheckpointTaskRequest means, where criu works, and the end of its log that says
 why it failed (read in a worker thread by the caller).

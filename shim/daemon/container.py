@@ -6,10 +6,10 @@ protocol: runc in the shim, a fake in unit tests), then changes state and
 enqueues the matching event in one synchronous step, so events leave in the
 order the state changed and two requests on one process never interleave.
 
-Exits are ``shim.exits``'s: one module from reap to publish. Events leave
-through ``Context.events`` (``shim.task_events.TaskEventSink``) as plain
+Exits are ``shim.daemon.exits``'s: one module from reap to publish. Events leave
+through ``Context.events`` (``shim.daemon.task_events.TaskEventSink``) as plain
 values: protobuf stays in the service layer. Checkpoint/restore details are
-``shim.checkpoint``'s.
+``shim.daemon.checkpoint``'s.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ rejects (a status other than Unavailable/DeadlineExceeded) is given up after a
 few tries, so one bad event cannot wedge the queue forever.
 
 Memory stays bounded however long containerd stays away: past a thousand
-events the queue spills to an unnamed file (``shim.event_queue``), written and
+events the queue spills to an unnamed file (``shim.daemon.event_queue``), written and
 read back in worker threads. Delivery is at least once: an event whose
 Forward was cut by a broken connection is sent again on the next one (containerd
 may then see it twice); in the normal path every event is sent exactly once.

@@ -7,7 +7,7 @@ would cancel everything: every other container's copiers, the reaper, the
 server. ``Isolated`` is a container's view of that nursery: a task that fails
 is logged with the container's id and counted, and nothing else stops. The
 container itself stays controllable (State, Kill, Delete), and its exits are
-still published: ``Container._monitor`` records an exit whatever failed around it.
+still published: ``shim.daemon.exits.monitor`` records an exit whatever failed around it.
 """
 
 from __future__ import annotations

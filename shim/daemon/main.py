@@ -21,7 +21,7 @@ import sys
 import trio
 
 from shim import __version__
-from shim.common.config import CONFIG_ENV, ShimConfig, set_title
+from shim.common.config import CONFIG_ENV, ShimConfig
 from shim.thp import set_child_subreaper
 from shim.ttrpc import Server
 
@@ -32,6 +32,7 @@ from .reaper import Reaper
 from .service import TaskService
 from .shimlog import setup_logging
 from .task_events import TaskEvents
+from .title import set_title
 
 log = logging.getLogger("shim.daemon")
 

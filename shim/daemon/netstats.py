@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from shim.proto import cgroups_v1_metrics_pb2 as v1
 
-PROC = "/proc"
+from .cgroups import PROC
+
 _FIELDS = ("rx_bytes", "rx_packets", "rx_errors", "rx_dropped", "tx_bytes", "tx_packets", "tx_errors", "tx_dropped")
 # /proc/net/dev columns: rx bytes packets errs drop fifo frame compressed multicast, tx bytes packets errs drop ...
 _COLUMNS = (0, 1, 2, 3, 8, 9, 10, 11)

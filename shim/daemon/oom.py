@@ -33,6 +33,8 @@ from typing import Literal
 
 import trio
 
+from shim.common.config import CGROUP_ROOT
+
 from . import cgroups
 
 log = logging.getLogger("shim.oom")
@@ -141,7 +143,7 @@ class OOMWatcher:
     def __init__(
         self,
         *,
-        root: str = cgroups.CGROUP_ROOT,
+        root: str = CGROUP_ROOT,
         proc: str = cgroups.PROC,
         mountinfo: str = cgroups.MOUNTINFO,
         mode: cgroups.Mode | None = None,

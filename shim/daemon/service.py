@@ -14,11 +14,13 @@ from collections.abc import Awaitable, Callable
 
 import trio
 from google.protobuf import any_pb2, empty_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from shim.common.errors import AlreadyExists, InvalidArgument, NotFound, ShimError
 from shim.common.mount import MountSpec
-from shim.common.options import from_any, type_name
+from shim.common.options import RuncOptions, from_toml, runtime_options_toml
+from shim.common.record import field_names
+from shim.common.wire import RUNC_OPTIONS_TYPE, RUNTIME_OPTIONS_TYPE, type_name
 from shim.proto import runc_options_pb2, shim_pb2, task_types_pb2
 from shim.ttrpc import CallContext, Code, Server, TTRPCError
 
@@ -54,6 +56,26 @@ def check_id(kind: str, value: str) -> None:
     """Ids name files in the bundle (``<exec-id>.pid``): "/x" or "../x" must never reach a path."""
     if len(value) > MAX_ID_LENGTH or not _ID.fullmatch(value):
         raise InvalidArgument(f"{kind} {value[:MAX_ID_LENGTH]!r}: must match {_ID.pattern} (at most {MAX_ID_LENGTH} characters)")
+
+
+def options_from_any(type_url: str, value: bytes) -> RuncOptions:
+    """Decode CreateTaskRequest.options; empty or unknown types → defaults.
+
+    CRI sends ``runtimeoptions.v1.Options`` (a TOML file path or body) for
+    runtime types it does not know, ours included; its TOML uses the Go field
+    names of runc's Options (BinaryName, SystemdCgroup, ...).
+    """
+    name = type_name(type_url) if type_url else ""
+    if name == RUNC_OPTIONS_TYPE:
+        try:
+            msg = runc_options_pb2.Options.FromString(value)
+        except DecodeError as e:
+            raise InvalidArgument(f"runtime options {RUNC_OPTIONS_TYPE}: {e}") from e
+        typed = set(msg.DESCRIPTOR.fields_by_name)
+        return RuncOptions(**{name: getattr(msg, name) for name in field_names(RuncOptions) if name in typed})
+    if name == RUNTIME_OPTIONS_TYPE:
+        return from_toml(runtime_options_toml(value))
+    return RuncOptions()
 
 
 class TaskService:
@@ -116,7 +138,7 @@ class TaskService:
             bundle=req.bundle,
             rootfs=[MountSpec(m.type, m.source, list(m.options)) for m in req.rootfs],
             stdio=StdioPaths(req.stdin, req.stdout, req.stderr, req.terminal),
-            options=from_any(req.options.type_url, req.options.value),
+            options=options_from_any(req.options.type_url, req.options.value),
             checkpoint=req.checkpoint,
             parent_checkpoint=req.parent_checkpoint,
         )

@@ -9,11 +9,11 @@ The stdout string picks the mode, as in the Go shim (pkg/process/io.go):
   directories created 0755, file created 0644); stdin still comes from its
   fifo.
 - ``binary:///path/to/logger?k=v``: a logger binary gets the container's
-  output (see ``shim.logger``); stdin is not connected.
+  output (see ``shim.daemon.logger``); stdin is not connected.
 - anything else: "unknown STDIO scheme".
 
 With a terminal, runc sends us the pty master and the shim copies it to and
-from the fifos (see ``shim.console``).
+from the fifos (see ``shim.daemon.console``).
 
 Holding our own pipe ends means the container never sees EPIPE when a client
 detaches, and that an exit can wait until the last byte was copied out.

@@ -1,6 +1,6 @@
 """Task events as containerd receives them: the one place the domain's events become protobuf.
 
-The container logic (``shim.container``, ``shim.exits``) reports what happened
+The container logic (``shim.daemon.container``, ``shim.daemon.exits``) reports what happened
 through the ``TaskEventSink`` protocol with plain values; ``TaskEvents``
 turns each report into the containerd.events message and its topic and hands
 it to the publisher, which keeps the order. Unit tests pass a recorder

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from shim.common.config import SOCKET_DIR
 from shim.common.record import Factory, record
-from shim.common.wire import Malformed, bytes_field, varint_field
+from shim.common.wire import RUNC_OPTIONS_TYPE, RUNTIME_OPTIONS_TYPE, Malformed, bytes_field, type_name, varint_field
 from shim.common.wire import fields as _fields
 from shim.common.wire import text as _text
 
@@ -65,8 +65,6 @@ if TYPE_CHECKING:
     from .flags import Flags
 
 PROTOCOL = "ttrpc"
-RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
-RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 LOG_LEVEL_DEBUG = -4  # bootstrap.proto LogLevel; the Go shim logs debug at <= DEBUG
 #: The highest task API version we will claim (containerd.task.v3.Task).
 MAX_VERSION = 3
@@ -81,7 +79,7 @@ class RawAny:
 
     @property
     def type_name(self) -> str:
-        return self.type_url.rsplit("/", 1)[-1]
+        return type_name(self.type_url)
 
 
 @record
@@ -291,7 +289,7 @@ def render_start_output(address: str, start_input: StartInput) -> bytes:
     if start_input.bootstrap:
         return encode_bootstrap_result(version, address)
     if version >= 2:
-        import json  # already loaded by the launcher (shim.config); not on 1.6's path
+        import json  # lazily: only 1.7+ get JSON (1.6 a plain address, 2.3 protobuf)
 
         # Go's encoding/json: struct field order, no spaces.
         return json.dumps(

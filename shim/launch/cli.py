@@ -24,6 +24,8 @@ class UsageError(Exception):
 
 
 _VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
+#: Accepted as the Go shim accepts it (its -socket serves an existing socket), and ignored.
+_IGNORED_FLAGS = {"socket"}
 _BOOL_FLAGS = {"debug", "v", "info"}
 
 
@@ -51,7 +53,8 @@ def parse_args(argv: list[str]) -> Flags:
                 if i >= len(argv):
                     raise UsageError(f"flag needs an argument: -{name}")
                 value = argv[i]
-            setattr(flags, name.replace("-", "_"), value)
+            if name not in _IGNORED_FLAGS:
+                setattr(flags, name.replace("-", "_"), value)
         else:
             raise UsageError(f"flag provided but not defined: -{name}")
         i += 1

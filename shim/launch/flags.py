@@ -1,4 +1,4 @@
-"""The command line flags containerd passes a shim (parsed by ``shim.cli``).
+"""The command line flags containerd passes a shim (parsed by ``shim.launch.cli``).
 
 A module of its own so that the actions (launcher, cleanup, bootstrap) can take
 a ``Flags`` without importing the cli module that dispatches to them.
@@ -16,7 +16,6 @@ class Flags:
     publish_binary: str = ""
     id: str = ""
     bundle: str = ""
-    socket: str = ""
     debug: bool = False
     version: bool = False
     info: bool = False

@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 
 from shim import __version__
-from shim.common.wire import Malformed, bytes_field, fields, text
+from shim.common.wire import RUNC_OPTIONS_TYPE, RUNTIME_OPTIONS_TYPE, Malformed, bytes_field, fields, text
 
-from .bootstrap import RUNC_OPTIONS_TYPE, RUNTIME_OPTIONS_TYPE, RawAny, decode_any
+from .bootstrap import RawAny, decode_any
 
 RUNTIME_NAME = "io.containerd.runc.v2-py"
 #: containerd's typeurl for opencontainers/runtime-spec specs-go/features.Features (JSON value).
@@ -42,10 +42,10 @@ def binary_name(options: RawAny | None) -> str:
         return name or DEFAULT_BINARY
     if options.type_name == RUNTIME_OPTIONS_TYPE:
         from shim.common.errors import ShimError
-        from shim.common.options import from_any
+        from shim.common.options import from_toml, runtime_options_toml
 
         try:
-            return from_any(options.type_url, options.value).binary
+            return from_toml(runtime_options_toml(options.value)).binary
         except ShimError as e:
             raise InfoError(str(e)) from e
     return DEFAULT_BINARY

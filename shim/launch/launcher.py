@@ -17,11 +17,11 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from dataclasses import dataclass
 
 from shim.common import lean
 from shim.common.bundle import ADDRESS_FILE, write_atomic
-from shim.common.config import CONFIG_ENV, LISTEN_FD, ShimConfig
+from shim.common.config import CGROUP_ROOT, CONFIG_ENV, LISTEN_FD, ShimConfig
+from shim.common.record import record
 from shim.thp import disable_for_self
 
 from . import template_client
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 SPAWN = "from shim.daemon.main import run_from_env; run_from_env()"
 
 
-@dataclass(frozen=True)
+@record  # not dataclasses: importing it costs every start ~15 ms (shim.common.record)
 class Origin:
     """A start run inside the warm template (for start-relay) rather than in a process of its own.
 
@@ -115,7 +115,7 @@ def _oom_score_above_parent(pid: int, parent: int = 0) -> None:
             raise
 
 
-def join_cgroup(pid: int, path: str, root: str = "/sys/fs/cgroup") -> None:
+def join_cgroup(pid: int, path: str, root: str = CGROUP_ROOT) -> None:
     """Move the shim into Options.shim_cgroup, as the Go shim's start does.
 
     cgroup v2: <root>/<path>/cgroup.procs. v1 (also hybrid): every mounted
@@ -227,7 +227,7 @@ def start(flags: Flags, origin: Origin | None = None) -> int:
         except OSError:
             # As Go's start: a shim that is not the OOM victim it should be, or outside
             # its cgroup, must not serve.
-            os.kill(pid, 9)  # SIGKILL (importing signal costs the launcher ~4 ms)
+            os.kill(pid, lean.SIGKILL)
             os.unlink(path)
             raise
     write_atomic(os.path.join(bundle, ADDRESS_FILE), address)

@@ -159,7 +159,7 @@ def _retire(path: str) -> None:
     pid = _template_pid(path)
     if pid:
         try:
-            os.kill(pid, 9)  # SIGKILL (importing signal costs the launcher ~4 ms)
+            os.kill(pid, lean.SIGKILL)
         except OSError:
             pass
     try:

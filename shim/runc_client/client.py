@@ -19,7 +19,7 @@ import os
 import signal
 import subprocess
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
@@ -214,10 +214,6 @@ class Runc:
 
     async def delete(self, id: str, *, force: bool = False) -> None:
         await self.run("delete", *(["--force"] if force else []), id)
-
-    async def state(self, id: str) -> dict[str, Any]:
-        state: dict[str, Any] = json.loads(await self.run("state", id))
-        return state
 
     async def ps(self, id: str) -> list[int]:
         out = await self.run("ps", "--format", "json", id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from shim.common.errors import ShimError
+from shim.common.options import RUNC_ROOT
 from shim.common.record import Factory, record
 
 
@@ -22,7 +23,7 @@ class RuncError(ShimError):
 @record
 class RuncConfig:
     binary: str = "runc"
-    root: str = "/run/containerd/runc/default"
+    root: str = os.path.join(RUNC_ROOT, "default")
     log_path: str | None = None
     systemd_cgroup: bool = False
     criu: str = ""

@@ -5,8 +5,9 @@ things make it write where it need not: reference-count updates on objects it
 merely touches, and new small objects landing in the free slots of the
 template's partly used obmalloc pools. ``immortalize_heap`` stops the first
 (PEP 683 immortal objects, 3.12+), ``fill_partial_pools`` the second. Both
-reach below the public API, so each checks that this interpreter behaves as
-expected and does nothing otherwise: only a cost, never correctness, depends
+reach below the public API, so each runs only on the CPython versions it was
+verified on (``VERIFIED``), checks that this interpreter behaves as expected,
+and does nothing otherwise: only a cost, never correctness, depends
 on them.
 """
 
@@ -15,6 +16,15 @@ from __future__ import annotations
 import gc
 import os
 import sys
+
+#: The CPython versions whose internals both tricks were written and checked against (the
+#: immortal refcount value, the format of sys._debugmallocstats). Another version runs without
+#: them (more private memory per shim, nothing else) until someone checks it and adds it here.
+VERIFIED = frozenset({(3, 12), (3, 13)})
+
+
+def verified() -> bool:
+    return sys.version_info[:2] in VERIFIED
 
 
 def immortalize_heap() -> int:
@@ -30,7 +40,7 @@ def immortalize_heap() -> int:
     the template built to share. Returns how many objects were marked (0 when
     the interpreter is older or behaves differently).
     """
-    if not _immortal_refcounts_work():
+    if not verified() or not _immortal_refcounts_work():
         return 0
     import ctypes
 
@@ -108,6 +118,8 @@ def fill_partial_pools() -> int:
     shim's own, packed. Measured on 3.13: ~0.2 MiB less private memory per
     shim. Returns how many blocks were filled.
     """
+    if not verified():
+        return 0
     stats = _malloc_stats()
     sizes = dict(stats)
     filled = sum(avail for size, avail in stats if size >= 48) + sizes.get(32, 0)

@@ -26,7 +26,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from shim.common.config import LISTEN_FD, PROCESS_NAME, ShimConfig, set_title
+from shim.common.config import LISTEN_FD, PROCESS_NAME, ShimConfig
+from shim.daemon.title import set_title
 from shim.launch.template_client import GO, STALE, fingerprint
 
 from .heap import fill_partial_pools, immortalize_heap

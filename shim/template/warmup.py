@@ -16,13 +16,13 @@ import tomllib  # noqa: F401  (CRI runtime options are parsed after fork; import
 import trio
 
 from shim.daemon.container import Context
-from shim.daemon.events import TASK_EXIT, EventPublisher
+from shim.daemon.events import EventPublisher
 from shim.daemon.reaper import Reaper
 from shim.daemon.service import SERVICE_V2, TaskService
 from shim.daemon.shimlog import LogrusFormatter
 from shim.daemon.stdio import ProcessIO, StdioPaths
 from shim.daemon.task_events import TaskEvents
-from shim.proto import events_pb2, shim_pb2
+from shim.proto import shim_pb2
 from shim.ttrpc import Client, Server, TTRPCError
 
 _REQUESTS = [
@@ -41,7 +41,8 @@ async def _exercise() -> None:
     server = Server()
     a, b = socket.socketpair()
     async with trio.open_nursery() as nursery:
-        ctx = Context("warm", reaper, TaskEvents(publisher), nursery)
+        events = TaskEvents(publisher)
+        ctx = Context("warm", reaper, events, nursery)
         TaskService(ctx).register(server)
         nursery.start_soon(server.serve_stream, trio.SocketStream(trio.socket.from_stdlib_socket(a)))
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(b))
@@ -51,7 +52,7 @@ async def _exercise() -> None:
                     await client.call(SERVICE_V2, method, request.SerializeToString(), timeout=1)
                 except TTRPCError:
                     pass  # NotFound: the point is the round trip
-        publisher.publish(TASK_EXIT, events_pb2.TaskExit(container_id="warm", exit_status=1))
+        events.exited("warm", "warm", 1, 1, 0.0)  # through task_events, as a real exit goes
         ProcessIO(StdioPaths()).close()
         nursery.cancel_scope.cancel()
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 import ctypes
 import os
 
+from shim.common.lean import SIGKILL
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable, Sequence
 
 PR_SET_PDEATHSIG = 1
-SIGKILL = 9  # signal.SIGKILL on Linux; the signal module costs ~4 ms to import on the start path
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_THP_DISABLE = 41
 PR_GET_THP_DISABLE = 42

@@ -1,4 +1,4 @@
-"""Vendored ttrpc (v1.1 wire protocol, as spoken by containerd 1.6).
+"""ttrpc, written for this shim (v1.1 wire protocol, as spoken by containerd 1.6 and later).
 
 ``codec`` is the sans-IO protocol layer; ``server`` and ``client`` are thin
 trio transports on top of it.

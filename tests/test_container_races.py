@@ -257,7 +257,7 @@ async def test_exec_start_failing_while_the_init_is_dying_gets_failed_preconditi
     exit (state S, PF_EXITING) until every other process of its namespace is gone, including
     the one `runc exec` was starting, so runc exec fails while the init is neither reaped nor
     a zombie. Before: Unknown ("OCI runtime exec failed"), outside the documented codes."""
-    from shim import lean
+    from shim.common import lean
 
     async with trio.open_nursery() as nursery:
         h = await running(tmp_path, nursery)
@@ -280,7 +280,7 @@ async def test_exec_start_failing_with_a_live_init_is_the_runtimes_error(
 ) -> None:
     """The other side of the check above: an init that is alive and not exiting (flags
     without PF_EXITING) leaves runc's failure as it is (Unknown, with runc's words)."""
-    from shim import lean
+    from shim.common import lean
 
     async with trio.open_nursery() as nursery:
         h = await running(tmp_path, nursery)
@@ -339,7 +339,7 @@ async def test_a_task_created_from_a_checkpoint_is_restorable_until_its_start(tm
     """Restore is a state, not a flag read at Start: until Start restores it there is no
     process, so Exec, Update, Pause and Checkpoint are refused (before: Exec and Update were
     accepted and reached the runtime, which could only fail: Unknown). Start restores."""
-    from shim.checkpoint import CheckpointRequest
+    from shim.daemon.checkpoint import CheckpointRequest
 
     async with trio.open_nursery() as nursery:
         h = make_container(str(tmp_path), nursery, checkpoint=str(tmp_path / "image"))

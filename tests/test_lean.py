@@ -179,7 +179,7 @@ def test_process_ending_is_false_for_a_live_process_and_true_from_exit_on() -> N
     import os
     import subprocess
 
-    from shim import lean
+    from shim.common import lean
 
     assert not lean.process_ending(os.getpid())  # alive: no PF_EXITING in its flags
     assert int(lean.proc_stat(os.getpid())[6]) & lean.PF_EXITING == 0

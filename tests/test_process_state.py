@@ -254,8 +254,8 @@ async def test_a_failed_operation_changes_nothing() -> None:
 
 def test_every_state_has_a_task_status() -> None:
     """State answers with one of containerd's statuses for every state (restorable: created)."""
+    from shim.daemon.service import _STATUS
     from shim.proto import task_types_pb2
-    from shim.service import _STATUS
 
     assert set(_STATUS) == set(State)
     assert _STATUS[S.RESTORABLE] == task_types_pb2.CREATED

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+from pathlib import Path
 
 import trio
 
 from integration.harness import pid_alive
-from integration.shim_driver import EVENTUALLY, Lab, expect_error, wait_until
+from integration.shim_driver import EVENTUALLY, Lab, expect_error, oci_runtime, runc_options, wait_until
 from integration.test_task_api_direct import exec_, process_spec, start_exec
 from shim.proto import shim_pb2, task_types_pb2
 from shim.ttrpc import Code, TTRPCError
@@ -58,6 +60,83 @@ async def test_no_exec_once_the_init_is_reaped(lab: Lab) -> None:
     await wait_until(lambda: not pid_alive(shim.pid), EVENTUALLY, message=f"shim {shim.pid} to exit")
 
 
+def delaying_runtime(lab: Lab) -> tuple[str, Path, Path]:
+    """An OCI runtime wrapper (as BinaryName) that parks every `exec` until ``release`` exists,
+    logging one line per parked exec to ``calls``, then runs the real runtime: what containerd's
+    runc-fp "delayExec" failpoint does for its TestIssue10589."""
+    calls, release = lab.tmp / "exec-calls", lab.tmp / "exec-release"
+    wrapper = lab.tmp / "delay-exec-runtime"
+    real = shutil.which(oci_runtime())
+    assert real, oci_runtime()
+    wrapper.write_text(f"""#!/bin/sh
+for arg in "$@"; do
+    if [ "$arg" = exec ]; then
+        echo exec >> '{calls}'
+        while [ ! -e '{release}' ]; do sleep 0.02; done
+        break
+    fi
+done
+exec '{real}' "$@"
+""")
+    wrapper.chmod(0o755)
+    return str(wrapper), calls, release
+
+
+async def test_exec_created_while_the_init_exit_is_held(lab: Lab) -> None:
+    """containerd's TestIssue10589 (issue 18, item 2): exec1 is parked inside `runc exec`, so
+    the init's exit is held; the init is SIGKILLed and reaped; exec2 is created. As in Go, the
+    task is still running while its exit is held (State, Create of exec2), exec2's Start is
+    refused ("init process is not running": FailedPrecondition) without reaching the runtime,
+    and once exec1's runc exec fails the init's exit goes out. Before: State said stopped and
+    exec2's Create was refused ("cannot exec in a stopped container")."""
+    sink = await lab.start_sink()
+    cid = lab.new_id("held")
+    bundle = lab.bundle(cid, ["sleep", "1000"])
+    wrapper, calls, release = delaying_runtime(lab)
+    shim = await lab.start_shim(cid, bundle, ttrpc_address=sink.path)
+    init = (await shim.create(cid, bundle, options=runc_options(binary_name=wrapper))).pid
+    await shim.start(cid)
+    await exec_(shim, cid, "exec1", process_spec(bundle, ["sleep", "301"]))
+    outcome: list[str] = []
+
+    async def start_exec1() -> None:
+        try:
+            await start_exec(shim, cid, "exec1")
+            outcome.append("ok")
+        except TTRPCError as e:
+            outcome.append(e.code.name)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start_exec1)
+            await wait_until(calls.exists, EVENTUALLY, message="exec1's runc exec to be parked")
+            os.kill(init, signal.SIGKILL)
+            await wait_until(lambda: not os.path.exists(f"/proc/{init}"), EVENTUALLY,
+                             message="the shim to reap the init")
+            assert (await shim.state(cid)).status == task_types_pb2.RUNNING  # held: still running
+            await exec_(shim, cid, "exec2", process_spec(bundle, ["sleep", "302"]))  # accepted, as in Go
+            await expect_error(Code.FAILED_PRECONDITION, start_exec(shim, cid, "exec2"),
+                               contains="init process is not running")
+            assert calls.read_text().splitlines() == ["exec"]  # exec2 never reached the runtime
+            assert "/tasks/exit" not in sink.topics()
+            release.touch()
+    finally:
+        release.touch()
+    assert outcome == ["FAILED_PRECONDITION"]  # runc exec in a dead container
+    assert (await shim.wait(cid)).exit_status == 137
+    assert (await shim.state(cid)).status == task_types_pb2.STOPPED
+    for eid in ("exec1", "exec2"):
+        await shim.call("Delete", shim_pb2.DeleteRequest(id=cid, exec_id=eid))
+    await shim.delete(cid)
+    await wait_until(lambda: sink.topics()[-1:] == ["/tasks/delete"], EVENTUALLY, message="the delete event")
+    topics = sink.topics()
+    assert "/tasks/exec-started" not in topics
+    assert topics.count("/tasks/exec-added") == 2 and topics.count("/tasks/exit") == 1, topics
+    check_event_sequence(sink.events, cid)
+    await shim.shutdown(cid)
+    await wait_until(lambda: not pid_alive(shim.pid), EVENTUALLY, message=f"shim {shim.pid} to exit")
+
+
 #: What a request racing others on one task may get besides success: the documented codes.
 RACE_CODES = {Code.FAILED_PRECONDITION, Code.NOT_FOUND, Code.ALREADY_EXISTS}
 
@@ -98,7 +177,8 @@ async def _race(name_calls: list, rng) -> list[tuple[str, str]]:
             await call()
             outcomes.append((name, "ok"))
         except TTRPCError as e:
-            outcomes.append((name, e.code.name))
+            # an undocumented code carries its message: a failure says what the shim answered
+            outcomes.append((name, e.code.name if e.code in RACE_CODES else str(e)))
 
     calls = list(name_calls)
     rng.shuffle(calls)

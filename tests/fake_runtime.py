@@ -159,7 +159,8 @@ class Harness:
 OWN_PID_NAMESPACE = '{"ociVersion": "1.0.2", "linux": {"namespaces": [{"type": "pid"}]}}'
 
 
-def make_container(bundle: str, nursery: trio.Nursery, id: str = "c1", config: str | None = OWN_PID_NAMESPACE) -> Harness:
+def make_container(bundle: str, nursery: trio.Nursery, id: str = "c1", config: str | None = OWN_PID_NAMESPACE,
+                   checkpoint: str = "") -> Harness:
     if config is not None:
         with open(os.path.join(bundle, "config.json"), "w") as f:
             f.write(config)
@@ -172,5 +173,5 @@ def make_container(bundle: str, nursery: trio.Nursery, id: str = "c1", config: s
         return made[0]
 
     ctx = Context("ns", router, events, nursery, runtime=factory)
-    container = Container(CreateRequest(id=id, bundle=bundle), ctx)
+    container = Container(CreateRequest(id=id, bundle=bundle, checkpoint=checkpoint), ctx)
     return Harness(container, made[0], events, router)

@@ -242,3 +242,121 @@ async def test_init_exit_kills_the_rest_unless_the_pid_namespace_is_its_own(
         h.runtime.exit(h.runtime.init_pid, 0)
         await h.container.init.wait()
     assert (("kill", "c1", "9") in h.runtime.calls) is kills_all
+
+
+def _stat_fields(state: bytes, flags: int) -> list[bytes]:
+    """/proc/<pid>/stat after the command name, as far as the flags field (the 7th)."""
+    return [state, b"1", b"1", b"1", b"0", b"-1", str(flags).encode()]
+
+
+async def test_exec_start_failing_while_the_init_is_dying_gets_failed_precondition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window behind the flaky integration test_200_concurrent_requests…: the task is
+    SIGKILLed while an exec starts; its init, a pid-namespace init, stays inside the kernel's
+    exit (state S, PF_EXITING) until every other process of its namespace is gone, including
+    the one `runc exec` was starting, so runc exec fails while the init is neither reaped nor
+    a zombie. Before: Unknown ("OCI runtime exec failed"), outside the documented codes."""
+    from shim.common import lean
+
+    async with trio.open_nursery() as nursery:
+        h = await running(tmp_path, nursery)
+        c = h.container
+        init_pid = h.runtime.init_pid
+        monkeypatch.setattr(lean, "proc_stat", lambda pid: _stat_fields(b"S", 0x400100 | lean.PF_EXITING)
+                            if pid == init_pid else [])
+        c.add_exec("e1", StdioPaths(), b'{"args": ["true"]}')
+        h.runtime.fail("exec", "unable to start container process: error executing setns process: exit status 1")
+        with pytest.raises(FailedPrecondition, match="cannot exec in a stopped container"):
+            await c.start("e1")
+        assert not c.init.reaped
+        h.runtime.exit(init_pid, 137)
+        assert (await c.init.wait()).status == 137
+    assert ev.TASK_EXEC_STARTED not in h.events.topics()
+
+
+async def test_exec_start_failing_with_a_live_init_is_the_runtimes_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side of the check above: an init that is alive and not exiting (flags
+    without PF_EXITING) leaves runc's failure as it is (Unknown, with runc's words)."""
+    from shim.common import lean
+
+    async with trio.open_nursery() as nursery:
+        h = await running(tmp_path, nursery)
+        c = h.container
+        init_pid = h.runtime.init_pid
+        monkeypatch.setattr(lean, "proc_stat", lambda pid: _stat_fields(b"S", 0x400100) if pid == init_pid else [])
+        c.add_exec("e1", StdioPaths(), b'{"args": ["nosuch"]}')
+        h.runtime.fail("exec", 'exec: "nosuch": executable file not found in $PATH')
+        with pytest.raises(ShimError, match="OCI runtime exec failed: exec: \"nosuch\"") as info:
+            await c.start("e1")
+        assert type(info.value) is ShimError and info.value.code == 2  # Unknown
+        h.runtime.exit(init_pid, 0)
+
+
+async def test_exec_created_while_the_init_exit_is_held_its_start_is_refused(tmp_path: Path) -> None:
+    """containerd's TestIssue10589: exec1 is parked inside `runc exec`, so the init's exit is
+    held; the init is SIGKILLed (and reaped); exec2 is created. As in Go, the task is still
+    RUNNING while its exit is held (State, Create of an exec), and only exec2's Start is
+    refused ("init process is not running"). Before: exec2's Create was refused
+    ("cannot exec in a stopped container") and State said STOPPED."""
+    async with trio.open_nursery() as nursery:
+        h = await running(tmp_path, nursery)
+        c = h.container
+        c.add_exec("exec1", StdioPaths(), b'{"args": ["sleep", "301"]}')
+        gate = h.runtime.gate("exec")
+        results: list[str] = []
+
+        async def start_exec1() -> None:
+            results.append(await outcome(lambda: c.start("exec1")))
+
+        nursery.start_soon(start_exec1)
+        await gate.entered.wait()
+        h.runtime.exit(h.runtime.init_pid, 137)  # SIGKILL; the shim reaps it at once
+        await trio.testing.wait_all_tasks_blocked()
+        assert c.init.reaped
+        assert c.init.state is State.RUNNING and c.init.exit is None  # held: State says running
+        c.add_exec("exec2", StdioPaths(), b'{"args": ["sleep", "302"]}')  # accepted, as in Go
+        with pytest.raises(FailedPrecondition, match="init process is not running"):
+            await c.start("exec2")
+        assert h.runtime.commands().count("exec") == 1  # exec2 never reached the runtime
+        assert ev.TASK_EXIT not in h.events.topics()
+        h.runtime.fail("exec", "cannot exec in a stopped container")  # what runc says now
+        gate.release.set()
+        assert (await c.init.wait()).status == 137
+        assert results == ["FailedPrecondition"]
+        assert c.init.state is State.STOPPED
+        await c.delete("exec1")
+        await c.delete("exec2")
+        await c.delete()
+    assert h.events.topics() == [
+        ev.TASK_CREATE, ev.TASK_START, ev.TASK_EXEC_ADDED, ev.TASK_EXEC_ADDED, ev.TASK_EXIT, ev.TASK_DELETE,
+    ]
+
+
+async def test_a_task_created_from_a_checkpoint_is_restorable_until_its_start(tmp_path: Path) -> None:
+    """Restore is a state, not a flag read at Start: until Start restores it there is no
+    process, so Exec, Update, Pause and Checkpoint are refused (before: Exec and Update were
+    accepted and reached the runtime, which could only fail: Unknown). Start restores."""
+    from shim.daemon.checkpoint import CheckpointRequest
+
+    async with trio.open_nursery() as nursery:
+        h = make_container(str(tmp_path), nursery, checkpoint=str(tmp_path / "image"))
+        c = h.container
+        await c.create()
+        assert c.init.state is State.RESTORABLE
+        with pytest.raises(FailedPrecondition, match="cannot exec in a restorable container"):
+            c.add_exec("e1", StdioPaths(), b'{"args": ["true"]}')
+        with pytest.raises(FailedPrecondition, match="cannot update a restorable process"):
+            await c.update(b"{}")
+        with pytest.raises(FailedPrecondition, match="cannot pause a restorable process"):
+            await c.pause()
+        with pytest.raises(FailedPrecondition, match="cannot checkpoint a restorable process"):
+            await c.checkpoint(CheckpointRequest(path=str(tmp_path / "again")))
+        assert h.runtime.commands() == []  # nothing reached the runtime: there is no container yet
+        await c.start()
+        assert c.init.state is State.RUNNING
+        assert h.runtime.commands() == ["restore"]
+        h.runtime.exit(h.runtime.init_pid, 0)
+        await c.init.wait()

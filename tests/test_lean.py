@@ -173,3 +173,20 @@ def test_process_state_reads_the_letter_after_the_command_name() -> None:
         pass
     child.wait()
     assert lean.process_state(child.pid) == b""
+
+
+def test_process_ending_is_false_for_a_live_process_and_true_from_exit_on() -> None:
+    import os
+    import subprocess
+
+    from shim.common import lean
+
+    assert not lean.process_ending(os.getpid())  # alive: no PF_EXITING in its flags
+    assert int(lean.proc_stat(os.getpid())[6]) & lean.PF_EXITING == 0
+    child = subprocess.Popen(["sh", "-c", "exit 0"])
+    while lean.process_state(child.pid) != b"Z":  # exited, not yet waited for: a zombie
+        pass
+    assert lean.process_ending(child.pid)
+    child.wait()
+    assert lean.process_ending(child.pid)  # gone
+    assert lean.proc_stat(child.pid) == []

@@ -68,13 +68,39 @@ def send_fds(sock: _socket.socket, data: bytes, fds: list[int]) -> None:
     sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array("i", fds).tobytes())])
 
 
-def process_state(pid: int) -> bytes:
-    """The state letter of /proc/<pid>/stat (b"R", b"S", b"T", b"Z", ...); b"" if there is no such process."""
+def proc_stat(pid: int) -> list[bytes]:
+    """The fields of /proc/<pid>/stat after the command name (state first); [] if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0]
+            return f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
-        return b""
+        return []
+
+
+def process_state(pid: int) -> bytes:
+    """The state letter of /proc/<pid>/stat (b"R", b"S", b"T", b"Z", ...); b"" if there is no such process."""
+    fields = proc_stat(pid)
+    return fields[0] if fields else b""
+
+
+#: The kernel's per-task flag set as do_exit begins (include/linux/sched.h).
+PF_EXITING = 0x4
+
+
+def process_ending(pid: int) -> bool:
+    """Gone, a zombie, or already inside the kernel's exit (PF_EXITING) though not a zombie yet.
+
+    The last case is the window a plain state check misses: a pid-namespace init
+    that was SIGKILLed stays in do_exit (state S or D) until every other process
+    of its namespace is reaped, including the one ``runc exec`` was starting.
+    """
+    fields = proc_stat(pid)
+    if len(fields) < 7 or fields[0] in (b"Z", b"X"):
+        return True
+    try:
+        return bool(int(fields[6]) & PF_EXITING)
+    except ValueError:
+        return False
 
 
 #: Held while one process decides whether a shim socket is live (and binds or removes it):

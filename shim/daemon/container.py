@@ -149,7 +149,7 @@ class Container:
             ),
             ctx.reaper,
         )
-        self.init = Process(request.id, stdio=request.stdio)
+        self.init = Process(request.id, stdio=request.stdio, restore=bool(request.checkpoint))
         self.execs: dict[str, Process] = {}
         self.cgroup: ContainerCgroup | None = None
         self._mounted = False
@@ -304,7 +304,10 @@ class Container:
             raise InvalidArgument("exec id is empty")
         if exec_id in self.execs:
             raise AlreadyExists(f"id {exec_id}: already exists")
-        self._check_init_not_reaped()
+        self.init.lifecycle.check(Op.EXEC)
+        if self.init.reaped and not exits.execs_pending(self):
+            # Reaped and its exit not held for other execs: stopped, whatever the state says this instant.
+            raise FailedPrecondition("cannot exec in a stopped container")
         self.execs[exec_id] = Process(self.id, exec_id, stdio, exec_spec(exec_id, spec, stdio.terminal))
         self.events.exec_added(self.id, exec_id)
 
@@ -313,7 +316,7 @@ class Container:
             return await self._start_exec(self.process(exec_id))
         async with self.init.operation(Op.START):
             try:
-                if self.request.checkpoint:
+                if self.init.state is State.RESTORABLE:
                     await self._restore()
                 else:
                     await self.runc.start(self.id)
@@ -374,19 +377,21 @@ class Container:
         self.events.checkpointed(self.id, request.path)
 
     def _init_dead(self) -> bool:
-        """After a runtime call failed: did it fail because the init is gone? Reaped, or a
-        zombie the reaper has not collected yet (its pid is still ours: no reuse)."""
+        """After a runtime call failed: did it fail because the init is gone or going? Reaped,
+        a zombie the reaper has not collected yet, or already inside the kernel's exit (a
+        SIGKILLed pid-namespace init waits there for the process runc exec was starting). Its
+        pid is still ours until the reaper collects it: no reuse."""
         if self.init.reaped or not self.init.pid:
             return self.init.reaped
-        return lean.process_state(self.init.pid) in (b"", b"Z", b"X")  # procfs: never blocks
+        return lean.process_ending(self.init.pid)  # procfs: never blocks
 
     def _check_init_not_reaped(self) -> None:
-        """An exec needs a live init. The init's state stays RUNNING until its exit is published
-        (after its output is out), but once it is reaped an exec could only fail, or, worse,
-        exit after the init's exit went out (containerd relies on the order; Go refuses too)."""
+        """An exec starts only in a live init. Once the init is reaped (even while its exit is
+        held for other execs, State still saying running) an exec could only fail, or, worse,
+        exit after the init's exit went out: refused, in Go's words."""
         self.init.lifecycle.check(Op.EXEC)
         if self.init.reaped:
-            raise FailedPrecondition("cannot exec in a stopped container")
+            raise FailedPrecondition(f"container {self.id} init process is not running")
 
     async def _start_exec(self, process: Process) -> int:
         async with process.operation(Op.START):
@@ -417,7 +422,7 @@ class Container:
         except BaseException as e:
             if process.io is not None:
                 process.io.close()
-            process.exit_reported = False  # Delete takes it; no TaskExit, as the Go shim does
+            process.publish_exit = False  # Delete takes it; no TaskExit, as the Go shim does
             if started is not None:
                 # It runs, but Start failed: kill it, and its real exit releases Wait.
                 if started.exit is None:
@@ -426,8 +431,8 @@ class Container:
                 self.tasks.start_soon(exits.monitor, self, process, started)
             else:
                 # It will never run: release anyone waiting on it (containerd's Wait is pending).
-                process.set_exited(EXEC_START_FAILED, time.time())
-                process.mark_reported()
+                process.record_exit(EXEC_START_FAILED, time.time())
+                process.set_exit_out()
             if isinstance(e, RuncError):
                 if self._init_dead():  # the init died while runc exec ran
                     raise FailedPrecondition("cannot exec in a stopped container") from e
@@ -460,15 +465,15 @@ class Container:
             return await self._delete_exec(self.process(exec_id))
         init = self.init
         async with init.operation(Op.DELETE):
-            was_created = init.state is State.CREATED
+            was_created = init.state in (State.CREATED, State.RESTORABLE)
             # Deleting a never-started task kills its init: that death is part of
             # the delete, not an exit to report (create → delete, no /tasks/exit).
-            init.exit_reported = not was_created
+            init.publish_exit = not was_created
             try:
                 await self.runc.delete(self.id, force=was_created)
             except RuncError as e:
-                init.exit_reported = True
                 if not gone(e):
+                    init.publish_exit = True  # not deleted: its exit is the task's again
                     raise
         if was_created:
             if init.pid:  # a restore that never ran has no process to wait for

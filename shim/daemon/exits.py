@@ -3,19 +3,24 @@
 The reaper (``shim.reaper``) collects every child and hands the exit to the
 process's watch; ``monitor`` takes it from there, once per started process:
 
-1. record: under the process's lock (after an operation in flight, so a Start
+1. hold (init only): if execs are running or still inside ``runc exec``
+   (``InFlight``) when the init is reaped, what is left of a shared pid
+   namespace is killed and the init's exit waits until every exec's exit is
+   out, since containerd relies on a task's exec exits preceding its init's.
+   Meanwhile the task is still running, as in Go (its init state changes only
+   when its exit is handled): State says running and an exec may be created,
+   but none may start once the init is reaped. With no exec pending, nothing
+   is held: the exit is recorded at once, and leftovers killed after that;
+2. record: under the process's lock (after an operation in flight, so a Start
    has published TaskStart), the exit is set and the state is STOPPED: State,
    Kill, Exec and Delete see a dead process from now on;
-2. order (init only): what is left of a shared pid namespace is killed, and
-   the init's exit waits until every exec's exit is out, including an exec
-   still inside ``runc exec`` (``InFlight``), since containerd relies on a
-   task's exec exits preceding its init's;
 3. drain: the process's output is copied out (bounded: output nobody reads
    must not hold the exit), and a pending OOM event goes first;
-4. publish: TaskExit, unless the exit is part of a Delete (a never-started
-   task killed by it), then Wait returns (containerd closes its IO then).
+4. publish: TaskExit, unless ``Process.record_exit`` says the exit is part of
+   another operation (a Delete of a never-started task, a failed exec Start),
+   then Wait returns (containerd closes its IO then).
 
-Whatever fails in 2-3 is logged and counted, and the exit is still published.
+Whatever fails in 1 and 3 is logged and counted, and the exit is still published.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import trio
@@ -99,38 +105,58 @@ def gone(error: RuncError) -> bool:
 _GONE = ("not running", "no such process", "process already finished", "does not exist", "not exist")
 
 
+def execs_pending(container: Container) -> bool:
+    """Execs the init's exit must wait for: inside ``runc exec``, or started and not out yet."""
+    return bool(container.execs_starting.count) or any(p.pid and not p.exit_out for p in container.execs.values())
+
+
 async def monitor(container: Container, process: Process, watch: Watch) -> None:
     """Steps 1-4 above for one started process of ``container``."""
     exit = await watch.wait()
+    init = process is container.init
+    # Decided at reap: no exec starts once the init is reaped, so none can join the wait later.
+    held = init and execs_pending(container)
+    if held:
+        await _guarded(container, process, _after_the_execs(container))
     async with process.lock:
-        report = process.set_exited(exit.status, exit.timestamp) and process.exit_reported
-    try:
-        if process is container.init:
-            await _after_the_execs(container)
-        await _drain(container, process)
-    except Exception:  # whatever failed, the exit is still published
-        container.tasks.faults += 1
-        log.exception("%s: before publishing the exit of %s", container.id, process.exec_id or "init")
-    if report:
+        publish = process.record_exit(exit.status, exit.timestamp)
+    if init and not held:
+        await _guarded(container, process, _kill_leftovers(container))
+    await _guarded(container, process, _drain(container, process))
+    if publish:
         container.events.exited(container.id, process.exec_id or container.id, process.pid, exit.status,
                                 exit.timestamp)
-    process.mark_reported()
+    process.set_exit_out()
+
+
+async def _guarded(container: Container, process: Process, step: Awaitable[None]) -> None:
+    """A step before publishing: whatever fails in it, the exit is still published."""
+    try:
+        await step
+    except Exception:
+        container.tasks.faults += 1
+        log.exception("%s: before publishing the exit of %s", container.id, process.exec_id or "init")
 
 
 async def _after_the_execs(container: Container) -> None:
-    """Let every exec's exit go out before the init's (containerd relies on it)."""
+    """Kill what is left, then let every exec's exit go out before the init's (containerd relies on it)."""
+    await _kill_leftovers(container)
+    with trio.move_on_after(EXEC_EXIT_WAIT):
+        await container.execs_starting.idle()
+        for process in [p for p in container.execs.values() if p.pid and not p.exit_out]:
+            await process.wait()
+        return
+    log.warning("%s: execs still running %.0fs after init exit", container.id, EXEC_EXIT_WAIT)
+
+
+async def _kill_leftovers(container: Container) -> None:
+    """A shared pid namespace outlives its init: kill what is left in it, as Go does."""
     if await trio.to_thread.run_sync(shares_pid_namespace, container.bundle):
         try:
             await container.runc.kill(container.id, signal.SIGKILL, all=True)
         except RuncError as e:
             if not gone(e):
                 log.warning("%s: killing leftovers after init exit: %s", container.id, e)
-    with trio.move_on_after(EXEC_EXIT_WAIT):
-        await container.execs_starting.idle()
-        for process in [p for p in container.execs.values() if p.pid and not p.reported]:
-            await process.wait()
-        return
-    log.warning("%s: execs still running %.0fs after init exit", container.id, EXEC_EXIT_WAIT)
 
 
 async def _drain(container: Container, process: Process) -> None:

@@ -40,6 +40,7 @@ CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
 
 _STATUS = {
     State.CREATED: task_types_pb2.CREATED,
+    State.RESTORABLE: task_types_pb2.CREATED,  # as Go shows a task created from a checkpoint
     State.RUNNING: task_types_pb2.RUNNING,
     State.PAUSED: task_types_pb2.PAUSED,
     State.STOPPED: task_types_pb2.STOPPED,

@@ -1,12 +1,12 @@
-"""shim.idmap's pure part: the uidmap/gidmap mount options containerd 2.x sends for
+"""shim.common.idmap's pure part: the uidmap/gidmap mount options containerd 2.x sends for
 user-namespace pods (``uidmap=0:65536:65536``, ranges separated by ``,``)."""
 
 from __future__ import annotations
 
 import pytest
 
-from shim.errors import InvalidArgument
-from shim.idmap import IdMapping, IdRange, map_lines, parse_ranges, take_mapping
+from shim.common.errors import InvalidArgument
+from shim.common.idmap import IdMapping, IdRange, map_lines, parse_ranges, take_mapping
 
 
 def test_one_range() -> None:

@@ -223,7 +223,7 @@ def attach_loop(path: str, read_only: bool) -> tuple[str, int]:
 def mount(spec: MountSpec, target: str) -> int:
     """One containerd mount; blocking (the shim calls it from a worker thread). Returns how
     many mounts it stacked at target (2 for an ID-mapped non-overlay); on failure it has
-    taken its own mounts off again. ``uidmap=``/``gidmap=`` options: see idmap.py."""
+    taken its own mounts off again. ``uidmap=``/``gidmap=`` options: see shim.common.idmap."""
     mapping, options = take_mapping(spec.options)
     if mapping is None:
         return _mount(spec.type, spec.source, options, target, None)

@@ -121,8 +121,8 @@ def take_mapping(options: list[str]) -> tuple[IdMapping | None, list[str]]:
     if not values:
         return None, options
     if len(values) != 2:
-        raise InvalidArgument(f"mount options {sorted(values)} without {({'uidmap', 'gidmap'} - set(values)).pop()}: "
-                              "an ID-mapped mount needs both uidmap and gidmap")
+        missing = "gidmap" if "uidmap" in values else "uidmap"
+        raise InvalidArgument(f"mount option {missing}= is missing: an ID-mapped mount needs both uidmap and gidmap")
     return IdMapping(parse_ranges(values["uidmap"], "uidmap"), parse_ranges(values["gidmap"], "gidmap")), rest
 
 

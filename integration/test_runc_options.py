@@ -110,3 +110,22 @@ def test_bad_runtime_options_toml_is_invalid_argument(containerd, image, cid, tm
     )
     assert r.returncode != 0
     assert "runtime options TOML" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-executable"])
+def test_a_runtime_binary_that_cannot_run_is_named_as_go_names_it(containerd, image, cid, tmp_path, shim_socket, kind):
+    """containerd's TestContainerRuntimeOptionsv2: the error quotes the binary, in os/exec's words."""
+    if kind == "missing":
+        binary, words = "no-runc", 'exec: "no-runc": executable file not found in $PATH'
+    else:
+        binary = str(tmp_path / "runc-not-executable")
+        Path(binary).write_text("#!/bin/sh\nexit 0\n")
+        words = f'exec: "{binary}": permission denied'
+    config = tmp_path / "runc.toml"
+    config.write_text(f'BinaryName = "{binary}"\n')
+    r = containerd.ctr(
+        "run", "--rm", "--runtime", RUNTIME, "--runtime-config-path", str(config), image, cid, "true", check=False
+    )
+    assert r.returncode != 0
+    assert f"OCI runtime create failed: {words}" in r.stderr, r.stderr
+    wait_for(lambda: not shim_pids(cid, address=containerd.address), timeout=EVENTUALLY, message="shim exit")

@@ -16,6 +16,7 @@ import struct
 import time
 from collections.abc import Callable
 
+from .idmap import map_mount_in_place, mapped_lowerdirs, take_mapping, user_namespace
 from .record import Factory, record
 
 MS_RDONLY = 0x1
@@ -126,7 +127,7 @@ def _check(result: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+def _mount_call(source: str, target: str, fstype: str, flags: int, data: str) -> None:
     result = _libc.mount(
         source.encode(), target.encode(), fstype.encode() if fstype else None, flags, data.encode() if data else None
     )
@@ -171,7 +172,7 @@ def compact_lowerdir(data: str, parent_fd_path: Callable[[str], str]) -> tuple[s
 
 def _mount_overlay(source: str, target: str, flags: int, data: str) -> None:
     if len(data) < PAGE_SIZE:
-        _mount(source, target, "overlay", flags, data)
+        _mount_call(source, target, "overlay", flags, data)
         return
     fds: list[int] = []
 
@@ -181,7 +182,7 @@ def _mount_overlay(source: str, target: str, flags: int, data: str) -> None:
 
     try:
         compacted, _ = compact_lowerdir(data, through_fd)
-        _mount(source, target, "overlay", flags, compacted)
+        _mount_call(source, target, "overlay", flags, compacted)
     finally:
         for fd in fds:
             os.close(fd)
@@ -219,27 +220,58 @@ def attach_loop(path: str, read_only: bool) -> tuple[str, int]:
         os.close(backing)
 
 
-def mount(spec: MountSpec, target: str) -> None:
-    """One containerd mount; blocking (the shim calls it from a worker thread)."""
-    options = [option for option in spec.options if option != "loop"]
-    parsed = parse_options(options)
+def mount(spec: MountSpec, target: str) -> int:
+    """One containerd mount; blocking (the shim calls it from a worker thread). Returns how
+    many mounts it stacked at target (2 for an ID-mapped non-overlay); on failure it has
+    taken its own mounts off again. ``uidmap=``/``gidmap=`` options: see shim.common.idmap."""
+    mapping, options = take_mapping(spec.options)
+    if mapping is None:
+        return _mount(spec.type, spec.source, options, target, None)
+    with user_namespace(mapping) as userns:
+        return _mount(spec.type, spec.source, options, target, userns)
+
+
+def _mount(fstype: str, source: str, options: list[str], target: str, userns: int | None) -> int:
+    loop = "loop" in options
+    parsed = parse_options([option for option in options if option != "loop"])
     flags = parsed.flags
-    source, loop_fd = spec.source, -1
-    if len(options) != len(spec.options):  # a file system image: mount it through a loop device
-        source, loop_fd = attach_loop(spec.source, read_only=bool(flags & MS_RDONLY))
+    stacked = 0
     try:
-        if spec.type == "overlay":
-            _mount_overlay(source, target, flags, parsed.data)
+        if fstype == "overlay" and userns is not None:
+            with mapped_lowerdirs(parsed.data, userns, os.path.dirname(target)) as data:
+                _mount_overlay(source, target, flags, data)
+                stacked = 1
         else:
-            _mount(source, target, spec.type, flags & ~MS_REMOUNT if flags & MS_BIND else flags, parsed.data)
+            _mount_source(fstype, source, target, flags, parsed.data, loop)
+            stacked = 1
+        # A bind mount ignores MS_RDONLY and friends on the first call; remount to apply them.
+        if flags & MS_BIND and flags & (MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC):
+            _mount_call("", target, "", flags | MS_REMOUNT, "")
+        if fstype != "overlay" and userns is not None:
+            map_mount_in_place(target, userns)
+            stacked = 2
+        if parsed.propagation:
+            _mount_call("", target, "", parsed.propagation, "")
+    except BaseException:
+        for _ in range(stacked):
+            unmount(target)
+        raise
+    return stacked
+
+
+def _mount_source(fstype: str, source: str, target: str, flags: int, data: str, loop: bool) -> None:
+    """The mount(2) of one mount as given (through a loop device for a file system image)."""
+    loop_fd = -1
+    if loop:
+        source, loop_fd = attach_loop(source, read_only=bool(flags & MS_RDONLY))
+    try:
+        if fstype == "overlay":
+            _mount_overlay(source, target, flags, data)
+        else:
+            _mount_call(source, target, fstype, flags & ~MS_REMOUNT if flags & MS_BIND else flags, data)
     finally:
         if loop_fd >= 0:
             os.close(loop_fd)  # the mount holds the device now (or, failed, it clears itself)
-    # A bind mount ignores MS_RDONLY and friends on the first call; remount to apply them.
-    if flags & MS_BIND and flags & (MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC):
-        _mount("", target, "", flags | MS_REMOUNT, "")
-    if parsed.propagation:
-        _mount("", target, "", parsed.propagation, "")
 
 
 def mount_all(specs: list[MountSpec], target: str) -> None:
@@ -247,8 +279,7 @@ def mount_all(specs: list[MountSpec], target: str) -> None:
     done = 0
     try:
         for spec in specs:
-            mount(spec, target)
-            done += 1
+            done += mount(spec, target)
     except BaseException:
         for _ in range(done):
             unmount(target)

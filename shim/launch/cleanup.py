@@ -19,7 +19,7 @@ from shim.common import wire
 from shim.common.bundle import ADDRESS_FILE, DELETE_RESPONSE_FILE, INIT_PID_FILE, ROOTFS_DIR, RUNC_LOG, read_pid_file
 from shim.common.mount import unmount_all
 from shim.common.options import RUNC_ROOT_FILE, RuncOptions
-from shim.runc_client.config import RuncConfig, last_log_error, log_size
+from shim.runc_client.config import RuncConfig, last_log_error, log_size, start_error
 from shim.thp import runc_command
 
 from .flags import Flags
@@ -35,14 +35,18 @@ def force_delete(config: RuncConfig, id: str) -> None:
     import subprocess
 
     offset = log_size(config.log_path)
-    argv, preexec = runc_command(config.global_args() + ["delete", "--force", id], config.thp_original)
-    result = subprocess.run(
-        argv,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        check=False,
-        preexec_fn=preexec,
-    )
+    try:
+        argv, preexec = runc_command(config.global_args() + ["delete", "--force", id], config.thp_original)
+        result = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+            preexec_fn=preexec,
+        )
+    except OSError as e:
+        _warn(f"failed to remove runc container: {start_error(config.binary, e) or e}")
+        return
     if result.returncode != 0:
         detail = result.stderr.decode(errors="replace").strip() or last_log_error(config.log_path, offset)
         if "does not exist" not in detail:

@@ -26,7 +26,7 @@ import trio
 from shim.daemon.reaper import Watch
 from shim.thp import runc_command
 
-from .config import RuncConfig, RuncError, Stdio, last_log_error, log_size
+from .config import NOT_STARTED, RuncConfig, RuncError, Stdio, last_log_error, log_size, start_error
 
 log = logging.getLogger("shim.runc")
 
@@ -58,7 +58,7 @@ class Runc:
         With ``stdio`` the command's stdio are the given fds (create/exec hand
         them to the container) and nothing is captured.
         """
-        argv, preexec = runc_command(self.config.global_args() + list(args), self.config.thp_original)
+        argv = self.config.global_args() + list(args)
         began = time.perf_counter()
         log_offset = log_size(self.config.log_path)
         child_ends: list[int] = []  # closed in the parent once runc holds them
@@ -75,16 +75,7 @@ class Runc:
                 err_r, err_w = os.pipe2(os.O_CLOEXEC)
                 child_ends += [out_w, err_w]
                 child = [in_fd, out_w, err_w]
-            # Popen only forks and execs; the exit comes from the reaper, never a blocking wait.
-            proc = subprocess.Popen(  # noqa: ASYNC220
-                argv,
-                stdin=child[0],
-                stdout=child[1],
-                stderr=child[2],
-                preexec_fn=preexec,  # noqa: PLW1509 - None where thp-exec is built; else prctl calls only
-                process_group=0,
-                env={**os.environ, **self.config.extra_env} if self.config.extra_env else None,
-            )
+            proc = self._popen(args[0], argv, child)
             # No await between Popen and watch: the reaper cannot have run yet.
             watch = self._reaper.watch(proc.pid)
             spawned = time.perf_counter()
@@ -131,6 +122,26 @@ class Runc:
                 detail = last_log_error(self.config.log_path, log_offset) or detail
             raise RuncError(args[0], exit.status, detail)
         return out
+
+    def _popen(self, command: str, argv: list[str], child: list[int]) -> subprocess.Popen[bytes]:
+        """Fork and exec runc (the exit comes from the reaper, never a blocking wait); a binary
+        that cannot be run is a RuncError in Go's words, whichever the command."""
+        try:
+            argv, preexec = runc_command(argv, self.config.thp_original)
+            return subprocess.Popen(
+                argv,
+                stdin=child[0],
+                stdout=child[1],
+                stderr=child[2],
+                preexec_fn=preexec,  # noqa: PLW1509 - None where thp-exec is built; else prctl calls only
+                process_group=0,
+                env={**os.environ, **self.config.extra_env} if self.config.extra_env else None,
+            )
+        except OSError as e:
+            detail = start_error(self.config.binary, e)
+            if detail is None:
+                raise
+            raise RuncError(command, NOT_STARTED, detail) from e
 
     def _abandon(self, pid: int, watch: Watch) -> None:
         """Kill runc's process group (runc is its leader) and stop watching it. Its pid is

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from shim.common.errors import ShimError
 from shim.common.options import RUNC_ROOT
 from shim.common.record import Factory, record
+
+#: RuncError.status when the runtime binary could not be started at all
+NOT_STARTED = -1
 
 
 class RuncError(ShimError):
@@ -18,6 +22,61 @@ class RuncError(ShimError):
         self.command = command
         self.status = status
         self.detail = detail
+
+
+def _go_errno_text(err: int) -> str:
+    """Go's text for an errno: the C library's message with a lower-case first letter."""
+    text = os.strerror(err)
+    return text[:1].lower() + text[1:]
+
+
+def _go_quote(name: str) -> str:
+    """strconv.Quote for the printable names a binary has."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _not_executable(path: str) -> str:
+    """Why Go's LookPath refuses ``path`` ("" when it would run it)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"stat {path}: {_go_errno_text(e.errno or 0)}"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory"
+    if not os.access(path, os.X_OK, effective_ids=True):
+        return "permission denied"
+    return ""
+
+
+def _look_path(binary: str) -> tuple[str, str]:
+    """Go's LookPath: (the path it would run, why it refuses the binary or "")."""
+    if "/" in binary:
+        return binary, _not_executable(binary)
+    for directory in os.environ.get("PATH", "").split(":"):
+        path = os.path.join(directory or ".", binary)
+        if not _not_executable(path):
+            return path, ""
+    return binary, "executable file not found in $PATH"
+
+
+def exec_error(binary: str, err: OSError) -> str:
+    """What the Go shim says when its OCI runtime binary cannot be started (``err``: the
+    exec's failure): os/exec's LookPath words, ``exec: "no-runc": executable file not found
+    in $PATH`` or ``exec: "/x/runc": permission denied``; a binary LookPath accepts but the
+    kernel refuses gets Go's ``fork/exec <path>: <errno text>``. containerd's own tests look
+    for the quoted name; every runtime call (client and ``shim delete``) answers this way."""
+    path, problem = _look_path(binary)
+    if problem:
+        return f"exec: {_go_quote(binary)}: {problem}"
+    return f"fork/exec {path}: {_go_errno_text(err.errno or 0)}"
+
+
+def start_error(binary: str, err: OSError) -> str | None:
+    """Go's words when ``err`` (from starting the runtime) is about the binary itself (its
+    lookup in shim.thp or its exec names it, perhaps as found on PATH); None for any other
+    failure (no fds, no memory, the thp-exec step), which keeps its own text."""
+    name = os.fsdecode(err.filename) if isinstance(err.filename, (str, bytes)) else None
+    return exec_error(binary, err) if name and os.path.basename(name) == os.path.basename(binary) else None
 
 
 @record

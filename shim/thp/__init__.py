@@ -21,6 +21,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from shim.common.nofile import restore_in_child
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable, Sequence
@@ -73,7 +75,8 @@ def set_child_subreaper() -> None:
 
 
 def runc_preexec(original: int) -> Callable[[], None]:
-    """A ``preexec_fn`` for runc: restore the host's THP policy, die with the shim.
+    """A ``preexec_fn`` for runc: restore the host's THP policy and the open-file limit
+    the shim was started with (shim.nofile), die with the shim.
 
     Runs in the forked child before exec, so it must only make syscalls.
     """
@@ -81,6 +84,7 @@ def runc_preexec(original: int) -> Callable[[], None]:
     def preexec() -> None:
         _prctl(PR_SET_THP_DISABLE, 1 if original else 0, 0, 0, 0)
         _prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
+        restore_in_child()
 
     return preexec
 

@@ -86,3 +86,83 @@ def restore_for(pid: int) -> None:
             resource.prlimit(pid, _NOFILE, (_original, hard))
         except (OSError, ValueError):
             pass
+
+
+# -- running out ------------------------------------------------------------------
+
+#: Fds kept open for the calls that stop or remove a task (Kill, Delete): each runc call
+#: takes ~6 at once (two pipes for its output, Popen's own error pipe).
+RESERVE = 24
+#: What a new task or exec must leave free besides the reserve: ~9 fds a task holds,
+#: plus the transient ones of its runc call and its IO setup.
+PER_TASK = 16
+
+_EXHAUSTED = frozenset({24, 23})  # errno.EMFILE, errno.ENFILE (errno costs an import on the start path)
+
+
+def exhausted(error: BaseException) -> bool:
+    """True for "too many open files" (the process's or the system's)."""
+    return isinstance(error, OSError) and error.errno in _EXHAUSTED
+
+
+class Reserve:
+    """A few fds held open (/dev/null) so that a task can always be stopped and removed.
+
+    Without it, a shim whose tasks took every fd could not run ``runc kill`` or ``runc
+    delete`` for any of them (the issue 16 report: every Kill and Delete failed with
+    EMFILE until the limit was raised from outside). A call that stops or removes a task
+    and finds no fd takes these (``release``); they are taken back once fds are free
+    again (``refill``). Calls that add (Create, Exec) first check ``room``: a shim
+    near its limit refuses them, so they cannot eat into the reserve.
+    """
+
+    def __init__(self, size: int = RESERVE) -> None:
+        self.size = size
+        self._fds: list[int] = []
+
+    @property
+    def held(self) -> int:
+        return len(self._fds)
+
+    def refill(self) -> bool:
+        """Open what is missing; False if the fds are not there (yet)."""
+        import os
+
+        while len(self._fds) < self.size:
+            try:
+                self._fds.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return False
+        return True
+
+    def release(self) -> bool:
+        """Give the reserve up for a call that must not fail; False if it was already gone."""
+        import os
+
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+        return bool(fds)
+
+    def room(self, needed: int = PER_TASK) -> bool:
+        """Whether ``needed`` more fds fit below the soft limit with the reserve kept.
+
+        The lowest free fd is a lower bound on the fds open (the kernel hands out the
+        lowest free number): cheap (two syscalls) where counting /proc/self/fd costs
+        ~25 ms at 9000 fds. Holes left by closed fds make it optimistic; a Create that
+        then runs out anyway fails with the same clear error.
+        """
+        import os
+
+        try:
+            probe = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            if exhausted(e):
+                return False
+            raise
+        os.close(probe)
+        return current() - probe >= needed + (self.size - len(self._fds))
+
+
+#: The shim's one reserve, filled at start (shim.daemon).
+reserve = Reserve()

@@ -78,6 +78,7 @@ def main(config: ShimConfig) -> int:
     set_child_subreaper()
     nofile.remember(config.nofile_original)
     nofile.raise_soft_limit()  # a forked shim has its template's limit
+    nofile.reserve.refill()  # so that every task stays killable and deletable
     os.chdir(config.bundle)
     listener = socket.socket(fileno=config.listen_fd)
     name = SocketName(config.socket_path)

@@ -12,12 +12,15 @@ import textwrap
 CHILD = textwrap.dedent("""
     import os, resource, subprocess
     from shim.common import nofile
-    from shim.thp import runc_preexec
+    from shim.thp import exec_helper, runc_command, runc_preexec
     original = nofile.raise_soft_limit()
     nofile.remember(original)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     via_preexec = subprocess.run(["sh", "-c", "ulimit -Sn"], capture_output=True, text=True,
                                  preexec_fn=runc_preexec(0)).stdout.strip()
+    argv, preexec = runc_command(["sh", "-c", "ulimit -Sn"], 0)
+    assert exec_helper() is None or argv[0] == exec_helper(), argv
+    via_helper = subprocess.run(argv, capture_output=True, text=True, preexec_fn=preexec).stdout.strip()
     r, w = os.pipe()
     pid = os.posix_spawn("/bin/sh", ["sh", "-c", "read x"], os.environ,
                          file_actions=[(os.POSIX_SPAWN_DUP2, r, 0)])
@@ -27,7 +30,7 @@ CHILD = textwrap.dedent("""
     os.write(w, b"go\\n")
     os.waitpid(pid, 0)
     spawned = [line.split()[3] for line in out.splitlines() if line.startswith("Max open files")][0]
-    print(original, soft, hard, via_preexec, spawned)
+    print(original, soft, hard, via_preexec, via_helper, spawned)
 """)
 
 
@@ -44,9 +47,10 @@ def test_raised_for_the_shim_restored_for_children() -> None:
     assert hard > 64, "needs a hard limit above 64"
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True,
                          preexec_fn=_lower_soft(64)).stdout.split()
-    original, soft, shim_hard, via_preexec, spawned = (int(x) for x in out)
+    original, soft, shim_hard, via_preexec, via_helper, spawned = (int(x) for x in out)
     assert (original, soft, shim_hard) == (64, hard, hard)  # the shim: raised to the hard limit
     assert via_preexec == 64  # runc (preexec_fn) gets what the shim was started with
+    assert via_helper == 64  # runc through thp-exec (vfork) too
     assert spawned == 64  # a posix_spawn'ed child (a logger binary) too
 
 

@@ -289,7 +289,7 @@ def _translating(handler: Callable[..., Awaitable[Message]]) -> Callable[..., Aw
 
 def _need_fds(what: str, adding: InFlight) -> None:
     """Refuse to add a process when its fds, with those of the ones being added now, would
-    eat into the reserve that keeps every task killable and deletable (shim.nofile.Reserve)."""
+    eat into the reserve that keeps every task killable and deletable (shim.common.nofile.Reserve)."""
     if not nofile.reserve.room(nofile.PER_TASK * (adding.count + 1)):
         raise ResourceExhausted(f"{what}: too many open files (the shim is at its open-file limit of "
                                 f"{nofile.current()}; running tasks can still be killed and deleted)")

@@ -11,7 +11,7 @@ Order matters for THP: the launcher disables THP for itself first, so the
 shim it spawns has it disabled from its first page; the original value
 travels in the config and is restored for runc (see shim.thp). The same for the
 open-file limit: raised to the hard limit here, given back to runc, the
-containers and logger binaries (see shim.nofile).
+containers and logger binaries (see shim.common.nofile).
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ class _Child:
     in_w: int | None
 
 
-#: Commands that stop, remove or inspect a task: they may take the fd reserve (shim.nofile).
+#: Commands that stop, remove or inspect a task: they may take the fd reserve (shim.common.nofile).
 _MAY_TAKE_RESERVE = frozenset({"kill", "delete", "state", "ps", "start", "pause", "resume"})
 #: Commands that add a process: refused at once when the fds are gone.
 _ADDS = frozenset({"create", "exec", "restore"})

@@ -77,7 +77,7 @@ def set_child_subreaper() -> None:
 
 def runc_preexec(original: int) -> Callable[[], None]:
     """A ``preexec_fn`` for runc: restore the host's THP policy and the open-file limit
-    the shim was started with (shim.nofile), die with the shim.
+    the shim was started with (shim.common.nofile), die with the shim.
 
     Runs in the forked child before exec, so it must only make syscalls.
     """

@@ -742,8 +742,12 @@ class Containerd:
 
     def __init__(self, log_level: str = "debug", namespace: str = NAMESPACE,
                  extra_config: str = "", tmp_parent: str = "/tmp",
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None,
+                 shim_nofile: tuple[int, int] | None = None) -> None:
         self.log_level = log_level
+        # (soft, hard) RLIMIT_NOFILE our shim's launcher starts with: containerd 2.x under
+        # systemd passes 1024 soft down; 1.6 passes its own raised limit (see shim_wrapper_dir).
+        self.shim_nofile = shim_nofile
         self.extra_env = dict(extra_env or {})  # containerd's env, so also the shims' env
         self._namespace = namespace
         self.extra_config = extra_config
@@ -806,9 +810,26 @@ class Containerd:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if k not in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "PYTHONPATH")}
-        env["PATH"] = os.pathsep.join([str(PROJECT_BIN), str(VENV_BIN), SYSTEM_PATH])
+        first = [str(self.shim_wrapper_dir)] if self.shim_nofile else []
+        env["PATH"] = os.pathsep.join([*first, str(PROJECT_BIN), str(VENV_BIN), SYSTEM_PATH])
         env.update(self.extra_env)
         return env
+
+    @property
+    def shim_wrapper_dir(self) -> Path:
+        return self._need_dir() / "shim-bin"
+
+    def _write_shim_wrapper(self) -> None:
+        """With ``shim_nofile``: a launcher of the same name first on containerd's PATH that
+        sets that open-file limit and execs the real one (test-only: what containerd 2.x
+        started by systemd does to its shims)."""
+        assert self.shim_nofile is not None
+        soft, hard = self.shim_nofile
+        self.shim_wrapper_dir.mkdir()
+        wrapper = self.shim_wrapper_dir / PY_SHIM_BINARY
+        wrapper.write_text(f"#!/bin/sh\nulimit -S -n {soft} && ulimit -H -n {hard} || exit 1\n"
+                           f"exec {PROJECT_BIN / PY_SHIM_BINARY} \"$@\"\n")
+        wrapper.chmod(0o755)
 
     # -- lifecycle ----------------------------------------------------------
     def config_toml(self) -> str:
@@ -855,6 +876,8 @@ disabled_plugins = [
             raise ContainerdError(f"socket path too long: {self.address}")
         self._snapshot_host_paths()
         self.config_path.write_text(self.config_toml())
+        if self.shim_nofile:
+            self._write_shim_wrapper()
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - held for containerd's lifetime
         self.proc = subprocess.Popen(
             ["containerd", "--config", str(self.config_path)],

@@ -360,3 +360,32 @@ async def test_a_task_created_from_a_checkpoint_is_restorable_until_its_start(tm
         assert h.runtime.commands() == ["restore"]
         h.runtime.exit(h.runtime.init_pid, 0)
         await c.init.wait()
+
+
+async def test_a_stale_exit_is_not_given_to_an_exec_that_reuses_its_pid(tmp_path: Path) -> None:
+    """Issue 16: while one exec's ``runc exec`` is in flight (its hold open), an orphan is
+    reaped with nobody watching it; a second exec whose process gets the same pid again must
+    be running, not reported exited with the orphan's status."""
+    with trio.fail_after(10):
+        await _stale_exit_and_reused_pid(tmp_path)
+
+
+async def _stale_exit_and_reused_pid(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        h = await running(tmp_path, nursery)
+        c, rt = h.container, h.runtime
+        c.add_exec("slow", StdioPaths(), json.dumps({"args": ["true"], "cwd": "/"}).encode())
+        c.add_exec("reuser", StdioPaths(), json.dumps({"args": ["true"], "cwd": "/"}).encode())
+        gate = rt.gate("exec")
+        nursery.start_soon(c.start, "slow")
+        await gate.entered.wait()  # the slow exec's hold is open
+        reused = rt._next_pid
+        rt.exit(reused, 137)  # an orphan with that pid dies and is reaped, unwatched
+        assert await c.start("reuser") == reused  # the pid is handed out again
+        await trio.testing.wait_all_tasks_blocked()
+        assert c.process("reuser").state is State.RUNNING
+        assert ev.TASK_EXIT not in h.events.topics()
+        gate.release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        for pid in (reused, rt.exec_pids[-1], rt.init_pid):  # end what the test started
+            rt.exit(pid, 0)

@@ -3,6 +3,7 @@ real cgroup v1 OOM when running as root on a host with a v1 memory hierarchy."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -141,6 +142,76 @@ async def test_v2_stops_when_cgroup_empty_and_remove(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
     with pytest.raises(RuntimeError):
         w.add_cgroup("late", str(cg), 2, fired.append)
+
+
+def make_v2_cgroups(tmp_path: Path, n: int) -> list[Path]:
+    """``n`` v2 cgroups side by side (what a shim serving a namespace watches)."""
+    made = []
+    for i in range(n):
+        cg = tmp_path / "cg" / "ns" / f"c{i}"
+        cg.mkdir(parents=True)
+        (cg / "memory.events").write_text(events_text())
+        (cg / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+        made.append(cg)
+    return made
+
+
+def inotify_instances() -> int:
+    fds = os.listdir("/proc/self/fd")
+    return sum(1 for fd in fds if _link(f"/proc/self/fd/{fd}") == "anon_inode:inotify")
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+async def test_v2_one_inotify_instance_for_every_cgroup(tmp_path: Path) -> None:
+    """Issue 16: root's ``fs.inotify.max_user_instances`` (128 for all processes together)
+    must not bound the tasks one shim serves: one instance, one watch per cgroup. (Tested on
+    a tmp tree only: this machine's cgroup v2 mount is empty, its containers are on v1.)"""
+    cgs = make_v2_cgroups(tmp_path, 5)
+    fired: list[str] = []
+    w = oom.OOMWatcher(root=str(tmp_path / "cg"), mode="v2")
+    before = inotify_instances()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(w.run)
+        for i, cg in enumerate(cgs):
+            w.add_cgroup(f"c{i}", str(cg), 2, fired.append)
+        assert inotify_instances() == before + 1
+        write_in_place(cgs[3] / "memory.events", events_text(max=1, oom_=1, kill=1))
+        await wait_for(lambda: fired == ["c3"])
+        write_in_place(cgs[0] / "memory.events", events_text(max=1, oom_=1, kill=1))
+        await wait_for(lambda: fired == ["c3", "c0"])
+        # a removed watch stops waking its task; the others still fire
+        w.remove("c1")
+        (cgs[4] / "memory.events").unlink()  # cgroup gone: its watch ends by itself
+        await wait_for(lambda: "c4" not in w)
+        write_in_place(cgs[2] / "memory.events", events_text(max=1, oom_=1, kill=1))
+        await wait_for(lambda: fired == ["c3", "c0", "c2"])
+        nursery.cancel_scope.cancel()
+    assert inotify_instances() == before  # closed with the watcher
+
+
+async def test_v2_without_inotify_polls_and_says_so_once(tmp_path: Path, monkeypatch, caplog) -> None:
+    def no_instance_left() -> None:
+        raise OSError(errno.EMFILE, "inotify_init1: Too many open files")
+
+    monkeypatch.setattr(oom, "_Inotify", no_instance_left)
+    cgs = make_v2_cgroups(tmp_path, 3)
+    fired: list[str] = []
+    w = oom.OOMWatcher(root=str(tmp_path / "cg"), mode="v2", poll_interval=0.02)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(w.run)
+        for i, cg in enumerate(cgs):
+            w.add_cgroup(f"c{i}", str(cg), 2, fired.append)
+        write_in_place(cgs[1] / "memory.events", events_text(max=1, oom_=1, kill=1))
+        await wait_for(lambda: fired == ["c1"])
+        nursery.cancel_scope.cancel()
+    warnings = [r for r in caplog.records if r.name == "shim.oom" and "polling" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
 
 
 async def test_add_errors(tmp_path: Path) -> None:

@@ -91,15 +91,15 @@ def test_other_pid_not_delivered() -> None:
 
 async def test_early_exit_during_hold_delivered_on_watch() -> None:
     r = ExitRouter()
-    with r.hold():
+    with r.hold() as hold:
         assert r.route(ex(20, 5)) is False
-        w = r.watch(20)
+        w = r.watch(20, hold)
         assert w.exit == ex(20, 5)
         assert r.watched == 0  # already satisfied, not registered
         with trio.fail_after(1):
             assert await w.wait() == ex(20, 5)
         # It was claimed: a second watch does not see it again.
-        w2 = r.watch(20)
+        w2 = r.watch(20, hold)
         assert w2.exit is None
 
 
@@ -113,31 +113,45 @@ def test_early_exit_without_hold_dropped() -> None:
 
 def test_unclaimed_exit_dropped_when_hold_closes() -> None:
     r = ExitRouter()
-    with r.hold():
+    with r.hold() as hold:
         r.route(ex(31))
-    assert r.watch(31).exit is None
+    assert r.held == 0
+    assert r.watch(31, hold).exit is None
 
 
-def test_nested_holds_keep_exits_until_last_closes() -> None:
+def test_an_exit_is_claimed_only_through_a_hold_open_when_it_was_reaped() -> None:
+    """Each hold keeps what was reaped while it was open, and only for a watch given it: an
+    exit reaped before a hold opened is not that hold's (the Go shim's per-start subscribers)."""
     r = ExitRouter()
-    with r.hold():
-        with r.hold():
-            r.route(ex(40, 1))
+    with r.hold() as outer:
+        r.route(ex(40, 1))
+        with r.hold() as inner:
             r.route(ex(41, 2))
-        # Inner hold closed, outer still open: exits are kept.
-        assert r.watch(40).exit == ex(40, 1)
-        r.route(ex(42, 3))
-    # Last hold closed: unclaimed ones are gone.
-    assert r.watch(41).exit is None
-    assert r.watch(42).exit is None
+        assert r.watch(40, inner).exit is None  # reaped before inner opened
+        assert r.watch(41, outer).exit == ex(41, 2)  # reaped while both were open
+    assert r.held == 0  # every hold closed: nothing kept
+
+
+def test_a_stale_exit_is_not_claimed_by_a_later_watch_of_a_reused_pid() -> None:
+    """In a shim serving many tasks holds overlap continuously. An orphan reaped with no
+    watcher while one long hold is open must not be delivered to a process that a later
+    runtime call starts under the same (reused) pid: that process is running."""
+    r = ExitRouter()
+    with r.hold():  # e.g. a slow runc create of another task
+        r.route(ex(42, 137))  # an orphan (a container's grandchild) reaped, nobody watches it
+        with r.hold() as later:  # a runc exec whose process gets the pid again
+            w = r.watch(42, later)
+        assert w.exit is None
+        assert r.watched == 1
 
 
 def test_hold_released_on_exception() -> None:
     r = ExitRouter()
-    with pytest.raises(RuntimeError), r.hold():
+    with pytest.raises(RuntimeError), r.hold() as hold:
         raise RuntimeError("boom")
     r.route(ex(50))
-    assert r.watch(50).exit is None  # no hold left open
+    assert r.held == 0
+    assert r.watch(50, hold).exit is None  # no hold left open
 
 
 def test_double_watch_raises() -> None:
@@ -172,9 +186,9 @@ async def test_reaper_collects_real_child_status() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(reaper.run)
-            with reaper.hold():  # the child may exit before we watch its pid
+            with reaper.hold() as hold:  # the child may exit before we watch its pid
                 proc = subprocess.Popen(["/bin/sh", "-c", "exit 7"])
-                watch = reaper.watch(proc.pid)
+                watch = reaper.watch(proc.pid, hold)
             try:
                 exit = await watch.wait()
             finally:

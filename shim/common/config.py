@@ -38,6 +38,7 @@ class ShimConfig:
     listen_fd: int = LISTEN_FD
     debug: bool = False
     thp_original: int = 0
+    nofile_original: int = 0  # the soft RLIMIT_NOFILE containerd gave the launcher (shim.common.nofile)
 
     def title(self) -> str:
         """How the shim shows in ps: as the Go shim's re-exec does (its binary name and flags)."""

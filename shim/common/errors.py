@@ -34,3 +34,9 @@ class FailedPrecondition(ShimError):
 
 class Unavailable(ShimError):
     code = 14
+
+
+class ResourceExhausted(ShimError):
+    """Out of fds (or another per-process resource): the shim serves on, the caller may retry."""
+
+    code = 8

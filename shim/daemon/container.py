@@ -55,7 +55,7 @@ from .exits import InFlight, gone
 from .isolation import Isolated
 from .oom import OOMWatcher
 from .process import ExitInfo, Op, Process, State
-from .reaper import ExitRouter, Watch
+from .reaper import ExitRouter, Hold, Watch
 from .runtime import OCIRuntime, RuntimeFactory
 from .stdio import ProcessIO, StdioPaths
 from .task_events import TaskEventSink
@@ -184,7 +184,7 @@ class Container:
             pid_file = os.path.join(self.bundle, INIT_PID_FILE)
             log.debug("%s: runc create", self.id)
             runtime_called = True
-            with self.ctx.reaper.hold():
+            with self.ctx.reaper.hold() as hold:
                 await self.runc.create(
                     self.id,
                     self.bundle,
@@ -194,7 +194,7 @@ class Container:
                     no_new_keyring=req.options.no_new_keyring,
                     console_socket=init.io.console_socket,
                 )
-                watch = self._watch_pid_file(pid_file)
+                watch = self._watch_pid_file(pid_file, hold)
             log.debug("%s: runc create returned, pid file read", self.id)
             init.io.close_child_ends()
             await init.io.start(self.tasks)
@@ -234,15 +234,15 @@ class Container:
         req = self.request
         self.events.created(self.id, self.bundle, req.rootfs, req.stdio, req.checkpoint, pid)
 
-    def _watch_pid_file(self, pid_file: str) -> Watch:
-        """Call inside a reaper hold: the process may already have exited."""
-        return self.ctx.reaper.watch(read_pid_file(pid_file))
+    def _watch_pid_file(self, pid_file: str, hold: Hold) -> Watch:
+        """Call inside the reaper hold of the runtime call: the process may already have exited."""
+        return self.ctx.reaper.watch(read_pid_file(pid_file), hold)
 
-    def _watch_if_started(self, pid_file: str) -> Watch | None:
+    def _watch_if_started(self, pid_file: str, hold: Hold) -> Watch | None:
         """After a runtime call that failed or was cancelled (inside its reaper hold): the
         process it may have started anyway, per its pid file."""
         try:
-            return self._watch_pid_file(pid_file)
+            return self._watch_pid_file(pid_file, hold)
         except (OSError, ValueError):
             return None
 
@@ -334,7 +334,7 @@ class Container:
         work, _ = criu.work_dir(self.bundle, req.options.criu_work_path)
         pid_file = os.path.join(self.bundle, INIT_PID_FILE)
         try:
-            with self.ctx.reaper.hold():
+            with self.ctx.reaper.hold() as hold:
                 await self.runc.restore(
                     self.id,
                     self.bundle,
@@ -346,7 +346,7 @@ class Container:
                     no_pivot=req.options.no_pivot_root,
                     console_socket=init.io.console_socket,
                 )
-                watch = self._watch_pid_file(pid_file)
+                watch = self._watch_pid_file(pid_file, hold)
         except RuncError as e:
             tail = await trio.to_thread.run_sync(criu.log_tail, work, "restore.log")
             raise ShimError(f"OCI runtime restore failed: {e.detail}{tail}") from e
@@ -408,15 +408,15 @@ class Container:
                 f.write(process.spec)
             process.io = self._new_io(process.stdio, process.exec_id)
             log.debug("%s: runc exec %s", self.id, process.exec_id)
-            with self.ctx.reaper.hold():
+            with self.ctx.reaper.hold() as hold:
                 try:
                     await self.runc.exec(
                         self.id, spec_path, pid_file, process.io.runc_stdio(), console_socket=process.io.console_socket
                     )
                 except BaseException:
-                    started = self._watch_if_started(pid_file)  # cancelled after runc started it
+                    started = self._watch_if_started(pid_file, hold)  # cancelled after runc started it
                     raise
-                watch = started = self._watch_pid_file(pid_file)
+                watch = started = self._watch_pid_file(pid_file, hold)
             process.io.close_child_ends()
             await process.io.start(self.tasks)
         except BaseException as e:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import trio
 
 from shim.common.errors import ShimError
+from shim.common.nofile import restore_for
 
 from .fds import OwnedFds, notify_closing
 from .isolation import Spawner
@@ -117,6 +118,8 @@ def start_logger(
         )
     except OSError as e:
         raise ShimError(f"failed to start binary process {path}: {e.strerror}") from e
+    else:
+        restore_for(pid)  # the open-file limit the shim was started with, as for runc
     finally:
         for fd in high:
             os.close(fd)

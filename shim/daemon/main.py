@@ -21,6 +21,7 @@ import sys
 import trio
 
 from shim import __version__
+from shim.common import nofile
 from shim.common.config import CONFIG_ENV, ShimConfig
 from shim.thp import set_child_subreaper
 from shim.ttrpc import Server
@@ -76,6 +77,9 @@ def main(config: ShimConfig) -> int:
     setup_logging(config.bundle, config.debug)
     log.debug("shim %s starting (pid %d)", config.id, os.getpid())
     set_child_subreaper()
+    nofile.remember(config.nofile_original)
+    nofile.raise_soft_limit()  # a forked shim has its template's limit
+    nofile.reserve.refill()  # so that every task stays killable and deletable
     os.chdir(config.bundle)
     listener = socket.socket(fileno=config.listen_fd)
     name = SocketName(config.socket_path)

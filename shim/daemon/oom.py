@@ -7,8 +7,13 @@ calls ``on_oom(key)`` (synchronously, from the watcher's task) for every OOM eve
   ``cgroup.event_control`` against ``memory.oom_control``. The kernel also signals
   it when the cgroup is removed; like containerd we then check whether the cgroup
   still exists, and stop watching (without calling ``on_oom``) if it does not.
-* cgroup v2: ``memory.events`` is watched with inotify (IN_MODIFY, via ctypes; a
-  poll every ``poll_interval`` seconds if inotify is unavailable). ``on_oom`` is
+* cgroup v2: ``memory.events`` is watched with inotify (IN_MODIFY, via ctypes):
+  one inotify instance per watcher, one watch per cgroup, one reader task waking
+  the cgroup's task. (An instance per cgroup would run into
+  ``fs.inotify.max_user_instances``, 128 for all of root's processes together, at
+  the 128th container of a shim serving a namespace.) If inotify is unavailable
+  (no instance or no watch left) a cgroup is polled every ``poll_interval``
+  seconds instead, and that is logged once per watcher. ``on_oom`` is
   called whenever its ``oom_kill`` count (``oom`` on kernels without ``oom_kill``)
   rises above the last non-zero value seen, starting from 0 as containerd does.
   Watching stops when ``memory.events`` disappears or ``cgroup.events`` says
@@ -50,37 +55,69 @@ _IN_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len
 _libc: ctypes.CDLL | None = None
 
 
-def _inotify_watch(path: str) -> int:
-    """A non-blocking inotify fd watching ``path`` for IN_MODIFY/IN_DELETE_SELF."""
+def _libc_call(name: str, *args: object) -> int:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
-    fd: int = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    if fd < 0:
+    result: int = getattr(_libc, name)(*args)
+    if result < 0:
         e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    wd = _libc.inotify_add_watch(fd, os.fsencode(path), IN_MODIFY | IN_DELETE_SELF)
-    if wd < 0:
-        e = ctypes.get_errno()
-        os.close(fd)
-        raise OSError(e, f"inotify_add_watch {path}: {os.strerror(e)}", path)
-    return fd
+        raise OSError(e, f"{name}: {os.strerror(e)}")
+    return result
 
 
-def _drain_inotify(fd: int) -> int:
-    """Read all pending inotify events; return the OR of their masks."""
-    mask = 0
+class _Inotify:
+    """One inotify instance: a watch (wd) per cgroup's memory.events, shared by every cgroup."""
+
+    def __init__(self) -> None:
+        self.fd = _libc_call("inotify_init1", os.O_NONBLOCK | os.O_CLOEXEC)
+        #: Who is interested in each watch (two keys may share a cgroup: the kernel gives one wd).
+        self.watchers: dict[int, list[_Watch]] = {}
+
+    def add(self, path: str, w: _Watch) -> int:
+        wd = _libc_call("inotify_add_watch", self.fd, os.fsencode(path), IN_MODIFY | IN_DELETE_SELF)
+        self.watchers.setdefault(wd, []).append(w)
+        return wd
+
+    def remove(self, wd: int, w: _Watch) -> None:
+        watchers = self.watchers.get(wd, [])
+        if w in watchers:
+            watchers.remove(w)
+        if watchers:
+            return
+        self.watchers.pop(wd, None)
+        try:
+            _libc_call("inotify_rm_watch", self.fd, wd)
+        except OSError:
+            pass  # already gone with its cgroup (IN_IGNORED)
+
+    async def run(self) -> None:
+        """Wake the cgroup tasks whose memory.events changed."""
+        while True:
+            await trio.lowlevel.wait_readable(self.fd)
+            for wd, mask in _read_inotify(self.fd).items():
+                for w in self.watchers.get(wd, ()):
+                    w.mask |= mask
+                    w.changed.set()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _read_inotify(fd: int) -> dict[int, int]:
+    """Read all pending inotify events; the OR of their masks per watch."""
+    masks: dict[int, int] = {}
     while True:
         try:
             buf = os.read(fd, 4096)
         except BlockingIOError:
-            return mask
+            return masks
         if not buf:
-            return mask
+            return masks
         off = 0
         while off + _IN_EVENT.size <= len(buf):
-            _, m, _, length = _IN_EVENT.unpack_from(buf, off)
-            mask |= m
+            wd, m, _, length = _IN_EVENT.unpack_from(buf, off)
+            masks[wd] = masks.get(wd, 0) | m
             off += _IN_EVENT.size + length
 
 
@@ -128,14 +165,21 @@ class _Watch:
     version: Literal[1, 2]
     memory_dir: str
     on_oom: OnOOM
-    fd: int | None  # eventfd (v1), inotify fd (v2), or None (v2 polling)
+    fd: int | None  # eventfd (v1), or None (v2)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     closed: bool = False
     last_count: int = 0  # v2: oom_kill count already reported
+    inotify: _Inotify | None = None  # v2: the watcher's instance, None when polling
+    wd: int = -1
+    mask: int = 0  # v2: inotify events seen since the task last looked
+    changed: trio.Event = field(default_factory=trio.Event)
 
     def close(self) -> None:
-        if not self.closed and self.fd is not None:
-            os.close(self.fd)
+        if not self.closed:
+            if self.fd is not None:
+                os.close(self.fd)
+            if self.inotify is not None:
+                self.inotify.remove(self.wd, self)
         self.closed = True
 
 
@@ -162,6 +206,8 @@ class OOMWatcher:
         self._pending: list[_Watch] = []
         self._nursery: trio.Nursery | None = None
         self._finished = False
+        self._inotify: _Inotify | None = None
+        self._polling_logged = False
 
     # --- public API -------------------------------------------------------------
 
@@ -172,6 +218,8 @@ class OOMWatcher:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self._inotify is not None:
+                    nursery.start_soon(self._inotify.run)
                 pending, self._pending = self._pending, []
                 for w in pending:
                     if self._watches.get(w.key) is w:
@@ -185,6 +233,9 @@ class OOMWatcher:
                 w.close()
             self._watches.clear()
             self._pending.clear()
+            if self._inotify is not None:
+                self._inotify.close()
+                self._inotify = None
 
     def add(self, key: str, pid: int, on_oom: OnOOM) -> None:
         """Watch ``pid``'s memory cgroup; ``on_oom(key)`` on each OOM. Replaces ``key``.
@@ -210,18 +261,31 @@ class OOMWatcher:
             if not os.path.isfile(events):
                 raise FileNotFoundError(errno.ENOENT, "no memory.events", events)
             fd = None
-            if self.use_inotify:
-                try:
-                    fd = _inotify_watch(events)
-                except (OSError, AttributeError) as e:  # AttributeError: no libc symbol
-                    log.warning("inotify unavailable (%s); polling %s", e, events)
         w = _Watch(key=key, version=version, memory_dir=memory_dir, on_oom=on_oom, fd=fd)
         self.remove(key)
+        if version == 2 and self.use_inotify:
+            self._inotify_watch(w, os.path.join(memory_dir, "memory.events"))
         self._watches[key] = w
         if self._nursery is not None:
             self._nursery.start_soon(self._watch, w)
         else:
             self._pending.append(w)
+
+    def _inotify_watch(self, w: _Watch, events: str) -> None:
+        """Watch ``events`` through the watcher's one inotify instance, made on first use;
+        without inotify (no instance or no watch left), ``w`` polls, logged once."""
+        try:
+            if self._inotify is None:
+                self._inotify = _Inotify()
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._inotify.run)
+            w.wd = self._inotify.add(events, w)
+            w.inotify = self._inotify
+        except (OSError, AttributeError) as e:  # AttributeError: no libc symbol
+            if not self._polling_logged:
+                self._polling_logged = True
+                log.warning("inotify unavailable (%s): polling memory.events every %gs (logged once)",
+                            e, self.poll_interval)
 
     def remove(self, key: str) -> None:
         """Stop watching ``key`` (no-op if unknown)."""
@@ -307,10 +371,12 @@ class OOMWatcher:
     async def _watch_v2(self, w: _Watch) -> None:
         while True:
             gone = False
-            if w.fd is not None:
+            if w.inotify is not None:
                 with trio.move_on_after(self.recheck_interval):
-                    await trio.lowlevel.wait_readable(w.fd)
-                gone = bool(_drain_inotify(w.fd) & (IN_IGNORED | IN_DELETE_SELF))
+                    await w.changed.wait()
+                w.changed = trio.Event()
+                gone = bool(w.mask & (IN_IGNORED | IN_DELETE_SELF))
+                w.mask = 0
             else:
                 await trio.sleep(self.poll_interval)
             if not self._check_v2(w):

@@ -8,10 +8,13 @@ to exactly one watcher.
 
 The bookkeeping is kept separate from the signal loop (``ExitRouter`` is pure
 and unit-tested): an exit may arrive before anyone knows its pid (a process
-that dies while ``runc create``/``runc exec`` is still running). While a
-``hold`` is open, unclaimed exits are kept so that ``watch`` can find them;
-once the last hold closes they are dropped, since nobody can claim them any
-more and keeping them would leak.
+that dies while ``runc create``/``runc exec`` is still running). Each ``hold``
+(one per such runtime call) keeps the unclaimed exits reaped while it is open,
+and only a ``watch`` given that hold can claim them; they go when the hold
+closes. As the Go shim's per-start exit subscribers: in a shim serving many
+tasks holds overlap all the time, and one map shared by every hold would grow
+and let a later watch of a reused pid claim a stale exit (a running container
+reported exited).
 """
 
 from __future__ import annotations
@@ -63,19 +66,27 @@ class Watch:
         return self.exit
 
 
+class Hold:
+    """The unclaimed exits reaped while one runtime call that starts a process ran."""
+
+    def __init__(self) -> None:
+        self.exits: dict[int, Exit] = {}
+
+
 class ExitRouter:
     """Matches reaped exits to watches; pure bookkeeping, no syscalls."""
 
     def __init__(self) -> None:
         self._watches: dict[int, Watch] = {}
-        self._unclaimed: dict[int, Exit] = {}
-        self._holds = 0
+        self._holds: list[Hold] = []
 
-    def watch(self, pid: int) -> Watch:
+    def watch(self, pid: int, hold: Hold | None = None) -> Watch:
+        """Watch ``pid``; with the ``hold`` open around the call that started it, an exit
+        reaped since the hold opened is delivered at once."""
         if pid in self._watches:
             raise ValueError(f"pid {pid} is already watched")
         w = Watch(pid)
-        early = self._unclaimed.pop(pid, None)
+        early = hold.exits.pop(pid, None) if hold is not None else None
         if early is not None:
             w.deliver(early)
         else:
@@ -92,20 +103,25 @@ class ExitRouter:
         if w is not None:
             w.deliver(exit)
             return True
-        if self._holds:
-            self._unclaimed[exit.pid] = exit
+        for hold in self._holds:
+            hold.exits[exit.pid] = exit
         return False
 
     @contextmanager
-    def hold(self) -> Iterator[None]:
+    def hold(self) -> Iterator[Hold]:
         """Keep unclaimed exits while a pid we will want to watch is not known yet."""
-        self._holds += 1
+        hold = Hold()
+        self._holds.append(hold)
         try:
-            yield
+            yield hold
         finally:
-            self._holds -= 1
-            if not self._holds:
-                self._unclaimed.clear()
+            self._holds.remove(hold)
+            hold.exits.clear()  # nobody can claim them any more
+
+    @property
+    def held(self) -> int:
+        """Unclaimed exits kept by the open holds (each counted once per hold)."""
+        return sum(len(hold.exits) for hold in self._holds)
 
     @property
     def watched(self) -> int:

@@ -16,7 +16,8 @@ import trio
 from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import DecodeError, Message
 
-from shim.common.errors import AlreadyExists, InvalidArgument, NotFound, ShimError
+from shim.common import nofile
+from shim.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, ShimError
 from shim.common.mount import MountSpec
 from shim.common.options import RuncOptions, from_toml, runtime_options_toml
 from shim.common.record import field_names
@@ -27,6 +28,7 @@ from shim.ttrpc import CallContext, Code, Server, TTRPCError
 from . import events as ev
 from .checkpoint import CheckpointRequest
 from .container import Container, Context, CreateRequest
+from .exits import InFlight
 from .netstats import network_stats
 from .process import Process, State
 from .stdio import StdioPaths
@@ -87,6 +89,8 @@ class TaskService:
         self.shutdown_requested = trio.Event()
         #: Shutdown{now: true}: in-flight calls get no grace.
         self.shutdown_now = False
+        #: Creates and exec Starts in progress: the fds they are about to take count as taken.
+        self._adding = InFlight()
 
     def register(self, server: Server) -> None:
         """Serve containerd.task.v2.Task and its byte-identical v3 twin (containerd 2.x)."""
@@ -134,6 +138,7 @@ class TaskService:
         check_id("container id", req.id)
         if req.id in self.containers:
             raise AlreadyExists(f"container {req.id}: already exists")
+        _need_fds(f"create {req.id}", self._adding)
         request = CreateRequest(
             id=req.id,
             bundle=req.bundle,
@@ -146,7 +151,8 @@ class TaskService:
         container = Container(request, self.ctx)
         self.containers[req.id] = container  # reserve the id while runc works
         try:
-            pid = await container.create()
+            with self._adding:
+                pid = await container.create()
         except BaseException:
             del self.containers[req.id]
             raise
@@ -154,6 +160,10 @@ class TaskService:
 
     async def start(self, req: shim_pb2.StartRequest, _: CallContext) -> shim_pb2.StartResponse:
         container = self._container(req.id)
+        if req.exec_id:
+            _need_fds(f"exec {req.exec_id} in {req.id}", self._adding)
+            with self._adding:
+                return shim_pb2.StartResponse(pid=await container.start(req.exec_id))
         return shim_pb2.StartResponse(pid=await container.start(req.exec_id))
 
     async def state(self, req: shim_pb2.StateRequest, _: CallContext) -> shim_pb2.StateResponse:
@@ -292,5 +302,17 @@ def _translating(handler: Callable[..., Awaitable[Message]]) -> Callable[..., Aw
             return await handler(request, ctx)
         except ShimError as e:
             raise TTRPCError(Code(e.code), e.message) from e
+        except OSError as e:
+            if not nofile.exhausted(e):
+                raise
+            raise TTRPCError(Code.RESOURCE_EXHAUSTED, f"{e}: the shim is at its open-file limit") from e
 
     return call
+
+
+def _need_fds(what: str, adding: InFlight) -> None:
+    """Refuse to add a process when its fds, with those of the ones being added now, would
+    eat into the reserve that keeps every task killable and deletable (shim.common.nofile.Reserve)."""
+    if not nofile.reserve.room(nofile.PER_TASK * (adding.count + 1)):
+        raise ResourceExhausted(f"{what}: too many open files (the shim is at its open-file limit of "
+                                f"{nofile.current()}; running tasks can still be killed and deleted)")

@@ -41,7 +41,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import trio
 
-from shim.common.errors import InvalidArgument, ShimError
+from shim.common.errors import InvalidArgument, ResourceExhausted, ShimError
+from shim.common.nofile import exhausted
 from shim.runc_client.config import Stdio
 
 from .console import Console
@@ -121,6 +122,8 @@ def _open_fifo(path: str, flags: int) -> int:
     try:
         return os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
+        if exhausted(e):  # the shim's fds, not the caller's path
+            raise ResourceExhausted(f"open stdio {path}: {e.strerror}") from e
         raise InvalidArgument(f"open stdio {path}: {e.strerror}") from e
 
 

@@ -9,7 +9,9 @@ shim.launch.grouping's.
 
 Order matters for THP: the launcher disables THP for itself first, so the
 shim it spawns has it disabled from its first page; the original value
-travels in the config and is restored for runc (see shim.thp).
+travels in the config and is restored for runc (see shim.thp). The same for the
+open-file limit: raised to the hard limit here, given back to runc, the
+containers and logger binaries (see shim.common.nofile).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from shim.common import lean
 from shim.common.bundle import ADDRESS_FILE, write_atomic
 from shim.common.config import CGROUP_ROOT, CONFIG_ENV, LISTEN_FD, ShimConfig
+from shim.common.nofile import raise_soft_limit
 from shim.common.record import record
 from shim.thp import disable_for_self
 
@@ -47,6 +50,7 @@ class Origin:
     parent: int  # containerd's pid (the relay's parent): the shim's OOM score follows it
     thp_original: int  # containerd's THP setting (the relay's): runc and containers get it back
     fork: Callable[[ShimConfig, _socket.socket], int]  # forks the shim; returns its pid
+    nofile_original: int = 0  # the relay's soft RLIMIT_NOFILE (containerd's): the same (shim.common.nofile)
 
 
 def bind(path: str) -> _socket.socket | None:
@@ -193,6 +197,9 @@ def start(flags: Flags, origin: Origin | None = None) -> int:
     bundle = flags.bundle or os.getcwd()
     given = parse_start_input(_read_stdin(), flags, os.environ)
     thp_original = disable_for_self() if origin is None else origin.thp_original
+    # Raised before the shim or a template is started from here; a start inside the template
+    # has the template's raised limit, so containerd's comes from the relay (Origin).
+    nofile_original = raise_soft_limit() if origin is None else origin.nofile_original
     settings = launch_settings(given.options_any)
     placement = place(bundle, given.instance_id, given.namespace, given.grpc_address, given.socket_directory,
                       settings.shim_group)
@@ -211,6 +218,7 @@ def start(flags: Flags, origin: Origin | None = None) -> int:
             listen_fd=LISTEN_FD,
             debug=given.debug,
             thp_original=thp_original,
+            nofile_original=nofile_original,
         )
         try:
             pid = _start_shim(config, sock, shared=placement.shared, origin=origin)

@@ -19,10 +19,13 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
+from shim.common import nofile
+from shim.common.errors import ResourceExhausted
 from shim.daemon.reaper import Watch
 from shim.thp import runc_command
 
@@ -47,6 +50,67 @@ async def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+@dataclass
+class _Child:
+    """A runc just started: its process, the watch on its pid, our ends of its pipes."""
+
+    proc: subprocess.Popen[bytes]
+    watch: Watch
+    out_r: int | None
+    err_r: int | None
+    in_w: int | None
+
+
+#: Commands that stop, remove or inspect a task: they may take the fd reserve (shim.common.nofile).
+_MAY_TAKE_RESERVE = frozenset({"kill", "delete", "state", "ps", "start", "pause", "resume"})
+#: Commands that add a process: refused at once when the fds are gone.
+_ADDS = frozenset({"create", "exec", "restore"})
+#: How long a call that found no fd waits for other runc calls to give theirs back.
+FD_WAIT = 10.0
+FD_RETRY_POLL = 0.05
+
+
+class _FdPressure:
+    """What a runc call does when the shim is out of fds (EMFILE while starting runc).
+
+    A call that stops or removes a task takes the reserve and tries again; then, like
+    any other call, it waits for a runc call in flight to give its fds back (kill of
+    every task at once needs ~6 fds per call). A call that would add a process fails at
+    once with ResourceExhausted: the shim serves on, and the caller learns why.
+    """
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self._freed = trio.Event()
+
+    async def wait(self, command: str, error: OSError, deadline: float) -> None:
+        """Return when trying again makes sense; raise ResourceExhausted when it does not."""
+        if command in _MAY_TAKE_RESERVE and nofile.reserve.release():
+            log.warning("runc %s: out of fds (%s): using the reserve", command, error.strerror)
+            return
+        if command in _ADDS or trio.current_time() >= deadline:
+            raise ResourceExhausted(
+                f"runc {command}: {error.strerror} (the shim is at its open-file limit of {nofile.current()})"
+            ) from error
+        # Nothing in flight: fds may still come back (a connection or a task's IO closing).
+        with trio.move_on_at(deadline if self.in_flight else trio.current_time() + FD_RETRY_POLL):
+            await self._freed.wait()
+
+    def started(self) -> None:
+        self.in_flight += 1
+
+    def freed(self) -> None:
+        """A runc call ended: its fds are back. Wake the waiters, take the reserve back."""
+        self.in_flight -= 1
+        self._freed.set()
+        self._freed = trio.Event()
+        if nofile.reserve.held < nofile.reserve.size:
+            nofile.reserve.refill()
+
+
+_fds = _FdPressure()
+
+
 class Runc:
     def __init__(self, config: RuncConfig, reaper: ExitWatcher) -> None:
         self.config = config
@@ -61,32 +125,19 @@ class Runc:
         argv = self.config.global_args() + list(args)
         began = time.perf_counter()
         log_offset = log_size(self.config.log_path)
-        child_ends: list[int] = []  # closed in the parent once runc holds them
-        out_r = err_r = in_w = None
-        try:
-            if stdio is not None:
-                child = [subprocess.DEVNULL if fd is None else fd for fd in (stdio.stdin, stdio.stdout, stdio.stderr)]
-            else:
-                in_fd: int = subprocess.DEVNULL
-                if input is not None:
-                    in_fd, in_w = os.pipe2(os.O_CLOEXEC)
-                    child_ends.append(in_fd)
-                out_r, out_w = os.pipe2(os.O_CLOEXEC)
-                err_r, err_w = os.pipe2(os.O_CLOEXEC)
-                child_ends += [out_w, err_w]
-                child = [in_fd, out_w, err_w]
-            proc = self._popen(args[0], argv, child)
-            # No await between Popen and watch: the reaper cannot have run yet.
-            watch = self._reaper.watch(proc.pid)
-            spawned = time.perf_counter()
-        except BaseException:
-            for fd in (out_r, err_r, in_w):
-                if fd is not None:
-                    os.close(fd)
-            raise
-        finally:
-            for fd in child_ends:
-                os.close(fd)
+        deadline = 0.0
+        while True:
+            try:
+                child = self._spawn(args[0], argv, stdio, input)
+                break
+            except OSError as e:
+                if not nofile.exhausted(e):
+                    raise
+                deadline = deadline or trio.current_time() + FD_WAIT
+                await _fds.wait(args[0], e, deadline)
+        spawned = time.perf_counter()
+        _fds.started()
+        proc, watch, out_r, err_r, in_w = child.proc, child.watch, child.out_r, child.err_r, child.in_w
         out = err = b""
         results: dict[str, bytes] = {}
 
@@ -111,6 +162,7 @@ class Runc:
             # reap a recycled pid); a returncode marks it as done even when
             # we were cancelled and the reaper will collect runc unseen.
             proc.returncode = watch.exit.status if watch.exit else -1
+            _fds.freed()
         if log.isEnabledFor(logging.DEBUG):  # the bench's timeline reads these
             now = time.perf_counter()
             log.debug("runc %s: %.2f ms (spawn %.2f ms)", args[0], (now - began) * 1e3, (spawned - began) * 1e3)
@@ -122,6 +174,34 @@ class Runc:
                 detail = last_log_error(self.config.log_path, log_offset) or detail
             raise RuncError(args[0], exit.status, detail)
         return out
+
+    def _spawn(self, command: str, argv: list[str], stdio: Stdio | None, input: bytes | None) -> _Child:
+        """Start runc and watch its pid (no await in between: the reaper cannot have run yet)."""
+        child_ends: list[int] = []  # closed in the parent once runc holds them
+        out_r = err_r = in_w = None
+        try:
+            if stdio is not None:
+                child = [subprocess.DEVNULL if fd is None else fd for fd in (stdio.stdin, stdio.stdout, stdio.stderr)]
+            else:
+                in_fd: int = subprocess.DEVNULL
+                if input is not None:
+                    in_fd, in_w = os.pipe2(os.O_CLOEXEC)
+                    child_ends.append(in_fd)
+                out_r, out_w = os.pipe2(os.O_CLOEXEC)
+                err_r, err_w = os.pipe2(os.O_CLOEXEC)
+                child_ends += [out_w, err_w]
+                child = [in_fd, out_w, err_w]
+            proc = self._popen(command, argv, child)
+            watch = self._reaper.watch(proc.pid)
+        except BaseException:
+            for fd in (out_r, err_r, in_w):
+                if fd is not None:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in child_ends:
+                os.close(fd)
+        return _Child(proc, watch, out_r, err_r, in_w)
 
     def _popen(self, command: str, argv: list[str], child: list[int]) -> subprocess.Popen[bytes]:
         """Fork and exec runc (the exit comes from the reaper, never a blocking wait); a binary

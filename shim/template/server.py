@@ -58,6 +58,22 @@ def _peer_uid(conn: socket.socket) -> int:
     return uid
 
 
+def _peer_nofile(conn: socket.socket) -> int:
+    """The peer's (start-relay's, so containerd's) soft open-file limit; 0 if unknown.
+
+    The launcher child runs with this template's raised limit (shim.common.nofile), and the
+    limit runc and the containers get back must be the one containerd gave its start."""
+    import resource
+    import socket
+    import struct
+
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    try:
+        return resource.prlimit(struct.unpack("3i", creds)[0], resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        return 0
+
+
 def _claim(path: str) -> int | None:
     """Hold <path>.lock for our lifetime; None if another template holds it.
 
@@ -206,13 +222,14 @@ class LaunchRequest:
 def _serve_launch(conn: socket.socket, message: bytes, stdio: list[int]) -> None:
     """Fork a child that runs the launcher for start-relay; answer with its pid."""
     request = LaunchRequest.parse(message)
+    nofile = _peer_nofile(conn)
     pid = os.fork()
     if pid == 0:
-        _become_launcher(conn, stdio, request)
+        _become_launcher(conn, stdio, request, nofile)
     conn.send(str(pid).encode())
 
 
-def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchRequest) -> None:
+def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchRequest, nofile: int = 0) -> None:
     """In the forked child: be the ``start`` process containerd ran, never return.
 
     Its stdio are the relay's (containerd reads them), its environment and working
@@ -241,7 +258,7 @@ def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchReque
         os.environ.clear()
         os.environ.update(request.env)
         os.chdir(request.cwd)
-        code = _run_start(request)
+        code = _run_start(request, nofile)
     finally:
         try:
             sys.stdout.flush()
@@ -251,7 +268,7 @@ def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchReque
             os._exit(code)
 
 
-def _run_start(request: LaunchRequest) -> int:
+def _run_start(request: LaunchRequest, nofile: int = 0) -> int:
     from shim.launch.cli import USAGE, UsageError, parse_args, run_start
     from shim.launch.launcher import Origin
 
@@ -263,7 +280,7 @@ def _run_start(request: LaunchRequest) -> int:
     if flags.action != "start" or flags.info or flags.version:
         print(f"start-relay relays start only, not {request.args!r}", file=sys.stderr)
         return 2
-    return run_start(flags, Origin(request.parent, request.thp_original, fork_for_launcher))
+    return run_start(flags, Origin(request.parent, request.thp_original, fork_for_launcher, nofile))
 
 
 def fork_for_launcher(config: ShimConfig, listener: _socket.socket) -> int:

@@ -22,6 +22,8 @@ import ctypes
 import os
 
 from shim.common.lean import SIGKILL
+from shim.common.nofile import original as original_nofile
+from shim.common.nofile import restore_in_child
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -74,7 +76,8 @@ def set_child_subreaper() -> None:
 
 
 def runc_preexec(original: int) -> Callable[[], None]:
-    """A ``preexec_fn`` for runc: restore the host's THP policy, die with the shim.
+    """A ``preexec_fn`` for runc: restore the host's THP policy and the open-file limit
+    the shim was started with (shim.common.nofile), die with the shim.
 
     Runs in the forked child before exec, so it must only make syscalls.
     """
@@ -82,6 +85,7 @@ def runc_preexec(original: int) -> Callable[[], None]:
     def preexec() -> None:
         _prctl(PR_SET_THP_DISABLE, 1 if original else 0, 0, 0, 0)
         _prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
+        restore_in_child()
 
     return preexec
 
@@ -110,10 +114,13 @@ def find_program(name: str) -> str:
 
 
 def runc_command(argv: Sequence[str], original: int) -> tuple[list[str], Callable[[], None] | None]:
-    """The argv and preexec_fn that start ``argv`` (runc) with the host's THP policy and
-    SIGKILL on the shim's death: through thp-exec when it is built (subprocess then uses
-    vfork), else argv as is with a preexec_fn."""
+    """The argv and preexec_fn that start ``argv`` (runc) with the host's THP policy, the
+    open-file limit the shim was started with (shim.common.nofile) and SIGKILL on the
+    shim's death: through thp-exec when it is built (subprocess then uses vfork), else
+    argv as is with a preexec_fn."""
     helper = exec_helper()
     if helper is None:
         return list(argv), runc_preexec(original)
-    return [helper, "1" if original else "0", str(os.getpid()), find_program(argv[0]), *argv[1:]], None
+    nofile = original_nofile()
+    limit = [f"nofile={nofile}"] if nofile is not None else []
+    return [helper, "1" if original else "0", str(os.getpid()), *limit, find_program(argv[0]), *argv[1:]], None

@@ -27,7 +27,6 @@ def calls(runc: Runc, tmp: str) -> dict[str, Callable[[], Awaitable[object]]]:
         "exec": lambda: runc.exec("c", f"{tmp}/p.json", f"{tmp}/pid", stdio),
         "kill": lambda: runc.kill("c", 9, all=True),
         "delete": lambda: runc.delete("c", force=True),
-        "state": lambda: runc.state("c"),
         "ps": lambda: runc.ps("c"),
         "pause": lambda: runc.pause("c"),
         "resume": lambda: runc.resume("c"),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from integration.harness import Containerd, build_busybox_image
 
-from . import environment, latency, memory, pods, procs, report, shims, throughput, timeline
+from . import environment, latency, memory, pods, procs, report, shims, tasks, throughput, timeline
 from .tasks import SHIMS, log
 from .thp import ThpGuard
 
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"THP policy {'restored to' if restored else 'NOT restored to'} {thp.original} "
             f"(now {thp.current})")
     results["thp_restored"] = restored
+    results["peer_leftovers"] = tasks.PEER_LEFTOVERS
     results["environment"]["thp_enabled_at_end"] = thp.current
     results["environment"]["loadavg_at_end"] = os.getloadavg()
     results["duration_s"] = time.monotonic() - t_start

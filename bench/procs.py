@@ -177,6 +177,13 @@ def family_pids(address: str | None = None, templates: bool = True) -> dict[str,
             for f, procs in family_procs(address).items()}
 
 
+def kill_pids(pids: list[int]) -> None:
+    """SIGKILL these pids (found as shims of our containerd a moment ago)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def stop_templates(address: str, timeout: float = 5.0) -> list[int]:
     """Kill our containerd's template processes and remove their socket/pid files."""
     victims = {p: cmdline(p) or [] for p, kind in family_procs(address)["python"].items() if kind == "template"}

@@ -200,6 +200,9 @@ def markdown(results: dict) -> str:
         if "error" in ex.get(shim, {}):
             lines.append("")
             lines.append(f"exec on the {shim} shim failed: `{ex[shim]['error'][:300]}`")
+    for left in results.get("peer_leftovers") or []:
+        lines += ["", (f"Finding: {left['family']} shim(s) {left['pids']} stayed alive after their tasks were "
+                       "deleted (killed by pid so the run could go on; the other columns are unaffected).")]
     if results.get("cleanup_leftovers"):
         lines += ["", f"Left over at containerd stop (removed): {results['cleanup_leftovers']}"]
     return "\n".join(lines) + "\n"

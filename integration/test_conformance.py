@@ -244,7 +244,11 @@ async def test_spawned_shim_is_named_like_the_go_shim(lab: Lab) -> None:
 
 
 def test_template_is_named_for_pgrep(containerd, image, cid) -> None:
-    containerd.ctr("run", "--rm", "--runtime", PY_RUNTIME, image, cid, "true")
+    # Per-task shims (an explicit group each, so also in the namespace pass, whose one shared
+    # shim never needs a template), two of them: a template is there from the second on.
+    for i in range(2):
+        containerd.ctr("run", "--rm", "--annotation", f"io.containerd.runc.v2.group={cid}-{i}",
+                       "--runtime", PY_RUNTIME, image, f"{cid}-{i}", "true")
     pid = wait_for(containerd.template_pid, timeout=60, message="a warm template")
     argv = read_cmdline(pid) or []
     assert argv[:2] == ["containerd-shim-runc-v2-py", "template"], argv

@@ -327,6 +327,9 @@ def _warm_up() -> None:
     immortalize_heap()
     fill_partial_pools()  # last: anything allocated and freed after it would leave holes again
     gc.freeze()
+    from .heapdump import dump_if_asked
+
+    dump_if_asked()  # only for bench/memattr.py (SHIM_PY_HEAPDUMP set): in a forked child
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -152,20 +152,33 @@ def changed_words(before: bytes, after: bytes, base: int) -> list[int]:
     return [base + 8 * k for k in range(len(a)) if a[k] != b[k]]
 
 
-def writes_by_field(words: Iterable[int], index: Index) -> Counter[tuple[str, str]]:
+def writes_by_field(words: Iterable[int], index: Index, maps: list[Mapping]) -> Counter[tuple[str, str]]:
     """{(kind, where in the object): changed words}. Where: "+offset" into the block
-    (code objects: "header" or "bytecode", by the code type's basic size), or NO_OBJECT."""
+    (code objects: "header" or "bytecode", by the code type's basic size); for a
+    word in no template block, (NO_OBJECT, its region)."""
     out: Counter[tuple[str, str]] = Counter()
+    starts_maps = [m.start for m in maps]
     for w in words:
         b = index.at(w)
         if b is None:
-            out[(NO_OBJECT, "")] += 1
+            i = bisect.bisect_right(starts_maps, w) - 1
+            out[(NO_OBJECT, region(maps, i) if i >= 0 and maps[i].end > w else "other")] += 1
             continue
         offset = w - b.address
         if b.kind != "code":
             out[(b.kind, f"+{offset}")] += 1
         else:
             out[(b.kind, "bytecode" if offset >= CODE_HEADER else f"header +{offset}")] += 1
+    return out
+
+
+def written_code(words: Iterable[int], index: Index) -> Counter[str]:
+    """{code object label: changed words}: the functions whose bytecode (counters, inline caches) the shim wrote."""
+    out: Counter[str] = Counter()
+    for w in words:
+        b = index.at(w)
+        if b is not None and b.kind == "code":
+            out[b.label] += 1
     return out
 
 
@@ -286,14 +299,21 @@ def report(shim: int, template: int, blocks: list[Block]) -> str:
     table = attribute(pages, maps, blocks)
     copied = sorted(p for p, h in pages.items() if h == "copied")
     text = render(table, uss(shim), code_in_pages(copied, blocks))
-    writes, pages_by_words = diff_pages(shim, template, copied, blocks)
+    writes, pages_by_words, code = diff_pages(shim, template, copied, blocks)
+    files: Counter[str] = Counter()
+    for label, n in code.items():
+        files[_short(label.split(":", 1)[0])] += 1
+    functions = ", ".join(f"{_short(k)} {n}" for k, n in code.most_common(30))
     return (text + "\n\n" + render_writes(writes) + "\ncopied pages by changed words (of 512): "
             + ", ".join(f"{label}: {pages_by_words[label]}" for _, label in _BUCKETS)
-            + f" (unchanged now: {len(copied) - sum(pages_by_words.values())})")
+            + f" (unchanged now: {len(copied) - sum(pages_by_words.values())})"
+            + f"\ncode objects written: {len(code)}; by file: "
+            + ", ".join(f"{f} {n}" for f, n in files.most_common(25))
+            + f"\nmost written code (changed words): {functions}")
 
 
 def diff_pages(shim: int, template: int, pages: list[int],
-               blocks: list[Block]) -> tuple[Counter[tuple[str, str]], Counter[str]]:
+               blocks: list[Block]) -> tuple[Counter[tuple[str, str]], Counter[str], Counter[str]]:
     """Which words of the copied pages differ now between template and shim, by object field."""
     words: list[int] = []
     fs, ft = os.open(f"/proc/{shim}/mem", os.O_RDONLY), os.open(f"/proc/{template}/mem", os.O_RDONLY)
@@ -306,7 +326,9 @@ def diff_pages(shim: int, template: int, pages: list[int],
     finally:
         os.close(fs)
         os.close(ft)
-    return writes_by_field(words, Index(blocks)), density(words)
+    index = Index(blocks)
+    maps = parse_maps(Path(f"/proc/{shim}/maps").read_text())
+    return writes_by_field(words, index, maps), density(words), written_code(words, index)
 
 
 def density(words: Iterable[int]) -> Counter[str]:
@@ -437,7 +459,8 @@ def drive(settle: float) -> str:
         ref = build_busybox_image(tar)
         c.import_image(tar)
         runtime = runtime_args(c.dir, BY_NAME["python"])
-        c.ctr("run", "-d", *runtime, ref, "memattr-first", "sleep", "86400")  # spawned; starts the template
+        for cid in ("memattr-first", "memattr-second"):  # spawned; the second start launches the template
+            c.ctr("run", "-d", *runtime, ref, cid, "sleep", "86400")
         wait_for(lambda: c.template_pid() is not None and os.path.exists(dump), timeout=30,
                  message="the template and its heap dump")
         keep = lifecycle(c, ref, runtime)

@@ -117,11 +117,12 @@ def test_changed_words_and_density():
 
 
 def test_writes_by_field_names_the_code_region():
-    blocks = [Block(0x100, 1000, "code"), Block(0x600, 64, "type")]
-    words = [0x100, 0x100 + memattr.CODE_HEADER, 0x600 + 16, 0x700]
-    out = memattr.writes_by_field(words, memattr.Index(blocks))
+    heap = 0x55D0A1000000
+    blocks = [Block(heap + 0x100, 1000, "code"), Block(heap + 0x600, 64, "type")]
+    words = [heap + 0x100, heap + 0x100 + memattr.CODE_HEADER, heap + 0x600 + 16, heap + 0x700, 0x10]
+    out = memattr.writes_by_field(words, memattr.Index(blocks), memattr.parse_maps(MAPS))
     assert out == {("code", "header +0"): 1, ("code", "bytecode"): 1, ("type", "+16"): 1,
-                   (memattr.NO_OBJECT, ""): 1}
+                   (memattr.NO_OBJECT, "malloc main arena ([heap])"): 1, (memattr.NO_OBJECT, "other"): 1}
 
 
 def test_load_dump_reads_pid_and_blocks():
@@ -138,7 +139,7 @@ def test_heapdump_blocks_cover_the_gc_header_and_separate_tables():
     d = {i: i for i in range(50)}  # a table of its own, allocated apart from the dict
     (table, obj) = heapdump.blocks(d)
     assert obj == (id(d) - 16, dict.__basicsize__ + 16, "dict")
-    assert table[2] == "dict table" and table[1] == d.__sizeof__() - dict.__basicsize__
+    assert table[2] == "dict-table" and table[1] == d.__sizeof__() - dict.__basicsize__
     assert not (table[0] <= id(d) < table[0] + table[1])
     s = "not a small string"
     assert heapdump.blocks(s) == [(id(s), sys.getsizeof(s), "str")]

@@ -63,7 +63,7 @@ def blocks(obj: object) -> list[tuple[int, int, str]]:
         if isinstance(obj, dict) and _read_pointer(address + 5 * _WORD):
             table = 0  # split table: its keys belong to the type, the values block is not exposed
         if table > 0 and pointer:
-            out.append((pointer, table, "dict table" if isinstance(obj, dict) else "list table"))
+            out.append((pointer, table, "dict-table" if isinstance(obj, dict) else "list-table"))
     else:
         try:
             size = sys.getsizeof(obj)
@@ -121,7 +121,7 @@ def write(path: str, owner: int) -> int:
             type_dicts.update(id(r) for r in gc.get_referents(obj) if isinstance(r, dict))
     lines = [f"# pid {owner}\n"]
     for obj in objects:
-        prefix = "type " if id(obj) in type_dicts else ""
+        prefix = "type-" if id(obj) in type_dicts else ""
         lines.extend(f"{address:x} {size} {prefix}{kind} {label(obj)}\n" for address, size, kind in blocks(obj))
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:

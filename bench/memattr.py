@@ -301,7 +301,7 @@ def report(shim: int, template: int, blocks: list[Block]) -> str:
     text = render(table, uss(shim), code_in_pages(copied, blocks))
     writes, pages_by_words, code = diff_pages(shim, template, copied, blocks)
     files: Counter[str] = Counter()
-    for label, n in code.items():
+    for label in code:
         files[_short(label.split(":", 1)[0])] += 1
     functions = ", ".join(f"{_short(k)} {n}" for k, n in code.most_common(30))
     return (text + "\n\n" + render_writes(writes) + "\ncopied pages by changed words (of 512): "

@@ -327,9 +327,10 @@ def _warm_up() -> None:
     immortalize_heap()
     fill_partial_pools()  # last: anything allocated and freed after it would leave holes again
     gc.freeze()
-    from .heapdump import dump_if_asked
+    if os.environ.get("SHIM_PY_HEAPDUMP"):  # only for bench/memattr.py; imported only then
+        from .heapdump import dump_if_asked
 
-    dump_if_asked()  # only for bench/memattr.py (SHIM_PY_HEAPDUMP set): in a forked child
+        dump_if_asked()  # in a forked child: the template's heap stays as it is
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

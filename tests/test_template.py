@@ -68,3 +68,14 @@ def test_a_template_is_wanted_when_no_mark_can_be_kept(tmp_path: Path) -> None:
     from shim.launch import template_client as template
 
     assert template.wanted(str(tmp_path / "missing-dir" / "py-template-x"))
+
+
+def test_a_dead_templates_successor_is_wanted_at_once(tmp_path: Path) -> None:
+    """A template killed or retired leaves its pid file (a clean idle exit removes it): the
+    host had two shims, so the next start relaunches it without a first-start mark."""
+    from shim.launch import template_client as template
+
+    path = str(tmp_path / "py-template-x")
+    Path(path + ".pid").write_text("12345")
+    assert template.wanted(path, now=1000.0)
+    assert not Path(path + ".wanted").exists()

@@ -172,13 +172,17 @@ def _retire(path: str) -> None:
 def wanted(path: str, now: float | None = None) -> bool:
     """Whether a start that found no template should launch one: only the second within WANTED_WITHIN.
 
-    A template costs its whole heap (~20 MiB Pss) and saves ~15 MiB per forked
+    A template costs its whole heap (~30 MiB Pss) and saves ~15 MiB per forked
     shim against a spawned one, so with one task it only costs: the first
     start leaves ``<path>.wanted`` and spawns its shim alone; a second start
     while that mark is fresh consumes it and launches the template, which later
     starts fork from. An old mark (nothing started for as long as a template
-    idles before it exits) counts as a first start again.
+    idles before it exits) counts as a first start again. A template that died
+    or was retired (its pid file is left: only a clean exit removes it) was
+    wanted, so its successor starts at once.
     """
+    if os.path.exists(path + ".pid"):
+        return True
     mark = path + ".wanted"
     now = time.time() if now is None else now
     try:

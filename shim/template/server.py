@@ -315,7 +315,9 @@ def _warm_up() -> None:
     """Import and initialise everything a shim uses, so children share it."""
     import setproctitle  # noqa: F401
 
-    # the whole shim, and what a start-relay's launch runs in a child of this process
+    # The whole shim; and the launcher: a start relayed here runs it in a forked child that forks
+    # the shim, so a module that child imported would be private memory in that shim (measured
+    # with bench.memattr: 5.2 -> 4.6 MiB private per shim).
     import shim.daemon.main
     import shim.launch.cli
     import shim.launch.launcher  # noqa: F401

@@ -101,8 +101,8 @@ def test_warm_up_leaves_no_thread_behind() -> None:
 def test_template_imports_the_launcher_a_relayed_start_runs() -> None:
     """A start relayed to the template runs the launcher in a forked child that then forks the
     shim: whatever that child imports stays private in the shim, so the template imports it."""
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]); from shim.template import server; server._warm_up(); "
-             "print(' '.join(m for m in ('shim.launch.cli', 'shim.launch.launcher') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-I", "-c", probe, str(SHIM.parent)], capture_output=True, text=True,
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from shim.template import server; server._warm_up(); "
+            "print(' '.join(m for m in ('shim.launch.cli', 'shim.launch.launcher') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-I", "-c", code, str(ROOT)], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["shim.launch.cli", "shim.launch.launcher"]

@@ -185,7 +185,12 @@ def kill_pids(pids: list[int]) -> None:
 
 
 def stop_templates(address: str, timeout: float = 5.0) -> list[int]:
-    """Kill our containerd's template processes and remove their socket/pid files."""
+    """Kill our containerd's template processes and remove their socket/pid files, and the
+    first start's mark that a template is wanted (so the next start is a first start again)."""
+    from shim.launch import template_client as shim_template
+
+    with contextlib.suppress(OSError):
+        os.unlink(shim_template.socket_path(address) + ".wanted")
     victims = {p: cmdline(p) or [] for p, kind in family_procs(address)["python"].items() if kind == "template"}
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):

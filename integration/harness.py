@@ -946,11 +946,15 @@ disabled_plugins = [
 
     def stop_template(self, timeout: float = EVENTUALLY) -> int | None:
         """End the template this containerd's shims started (it would idle out later)."""
+        from shim.launch import template_client as shim_template
+
         pid = self.template_pid()
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             wait_for(lambda: not pid_alive(pid), timeout=timeout, message=f"template {pid} to exit")
+        with contextlib.suppress(OSError):  # the first start's mark that a template is wanted
+            os.unlink(shim_template.socket_path(self.address) + ".wanted")
         return pid
 
     def stop(self, timeout: float = 15.0, remove_containers: bool = True) -> Leftovers:

@@ -49,6 +49,16 @@ def remove(containerd: Containerd, cid: str) -> None:
     containerd.ctr("c", "rm", cid, check=False)
 
 
+def warm_template(containerd: Containerd, image: str, new_cid) -> int:
+    """The template, started as in production: by the second start that finds none (the first
+    start of a containerd only marks one as wanted, shim/template.py wanted)."""
+    for k in range(2):
+        if containerd.template_pid():
+            break
+        run_detached(containerd, image, new_cid(f"warm{k}"))
+    return wait_for(containerd.template_pid, message="a template")
+
+
 def forked(pid: int) -> bool:
     """Forked from the template (fork, setsid, fork): a member of the session its middle
     process leads. A spawned shim (start_new_session) leads a session of its own. Both
@@ -64,9 +74,8 @@ def exec_works(containerd: Containerd, cid: str) -> bool:
 
 
 def test_shims_fork_from_the_template(containerd, image, new_cid):
-    first, second = new_cid("a"), new_cid("b")
-    run_detached(containerd, image, first)
-    template = wait_for(containerd.template_pid, message="a template")
+    second = new_cid("b")
+    template = warm_template(containerd, image, new_cid)
     shim = run_detached(containerd, image, second)
     assert forked(shim), read_cmdline(shim)
     assert read_status(shim)["PPid"] != str(template), "the shim must not be the template's child"
@@ -75,13 +84,11 @@ def test_shims_fork_from_the_template(containerd, image, new_cid):
     assert exec_works(containerd, second)
     remove(containerd, second)
     wait_for(lambda: not pid_alive(shim), timeout=EVENTUALLY, message="forked shim exit")
-    remove(containerd, first)
 
 
 def test_killing_the_template_touches_no_shim_and_starts_still_work(containerd, image, new_cid):
     before, after = new_cid("before"), new_cid("after")
-    run_detached(containerd, image, new_cid("warm"))
-    template = wait_for(containerd.template_pid, message="a template")
+    template = warm_template(containerd, image, new_cid)
     shim = run_detached(containerd, image, before)
     os.kill(template, signal.SIGKILL)
     wait_for(lambda: not pid_alive(template), message="template gone")
@@ -99,8 +106,7 @@ def test_a_stopped_template_is_replaced_and_never_causes_two_shims(containerd, i
     """A SIGSTOPped template: the start falls back to spawning its shim without waiting out a
     timeout, kills the stopped template (it could only ever answer late) and starts a new one,
     which later starts fork from (issue 11 item 6). One shim per socket throughout."""
-    run_detached(containerd, image, new_cid("warm"))
-    template = wait_for(containerd.template_pid, message="a template")
+    template = warm_template(containerd, image, new_cid)
     cid = new_cid("stopped")
     os.kill(template, signal.SIGSTOP)
     try:
@@ -130,6 +136,35 @@ def test_a_stopped_template_is_replaced_and_never_causes_two_shims(containerd, i
     remove(containerd, cid)
 
 
+def test_a_single_task_runs_without_a_template_and_a_second_start_brings_one(image):
+    """One task: its shim is spawned and no template is started (it would cost its whole heap
+    for nothing); the second start launches it, and the third forks from it."""
+    with Containerd(log_level="info") as containerd:
+        tar = containerd.dir / "busybox.tar"
+        from integration.harness import build_busybox_image
+
+        build_busybox_image(tar, image)
+        containerd.import_image(tar)
+        ids = [f"lazy-{os.getpid()}-{i}" for i in range(3)]
+        first = run_detached(containerd, image, ids[0])
+        assert not forked(first)
+        assert containerd.template_pid() is None
+        assert exec_works(containerd, ids[0])
+        assert containerd.template_pid() is None  # still: nothing but a start launches it
+        run_detached(containerd, image, ids[1])
+        wait_for(containerd.template_pid, message="a template after the second start")
+        served = False
+        for attempt in range(20):  # once warm (a start during its warm-up falls back to spawning)
+            cid = f"lazy-{os.getpid()}-later{attempt}"
+            served = forked(run_detached(containerd, image, cid))
+            remove(containerd, cid)
+            if served:
+                break
+        assert served, "no start was forked from the template"
+        for cid in ids[:2]:
+            remove(containerd, cid)
+
+
 def test_disabled_template_spawns_every_shim(image):
     with Containerd(log_level="info", extra_env={"SHIM_PY_TEMPLATE": "0"}) as containerd:
         tar = containerd.dir / "busybox.tar"
@@ -152,7 +187,7 @@ def test_templates_stopped_during_50_starts_never_cause_two_shims_on_a_socket(co
     each container ends up with exactly one shim, and each shim socket with one holder."""
     from concurrent.futures import ThreadPoolExecutor
 
-    run_detached(containerd, image, new_cid("warm"))
+    warm_template(containerd, image, new_cid)
     ids = [new_cid(f"s{i}") for i in range(50)]
     stopped: set[int] = set()
     done = False

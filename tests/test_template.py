@@ -47,3 +47,35 @@ def test_heap_sharing_runs_only_on_verified_versions(monkeypatch) -> None:
     monkeypatch.setattr(heap, "VERIFIED", frozenset())
     assert heap.fill_partial_pools() == 0
     assert heap.immortalize_heap() == 0
+
+
+def test_a_template_is_wanted_only_by_the_second_start_within_the_idle_timeout(tmp_path: Path) -> None:
+    from shim.launch import template_client as template
+    from shim.template import server
+
+    assert template.WANTED_WITHIN == server.IDLE_TIMEOUT
+    path = str(tmp_path / "py-template-x")
+    assert not template.wanted(path, now=1000.0)  # the first start: only the mark
+    assert Path(path + ".wanted").exists()
+    assert template.wanted(path, now=1000.0 + template.WANTED_WITHIN)  # the second: launch it
+    assert not Path(path + ".wanted").exists()  # consumed
+    assert not template.wanted(path, now=5000.0)  # the next one marks again...
+    assert not template.wanted(path, now=5000.0 + template.WANTED_WITHIN + 1)  # ...a stale mark is a first start
+    assert template.wanted(path, now=5000.0 + template.WANTED_WITHIN + 2)
+
+
+def test_a_template_is_wanted_when_no_mark_can_be_kept(tmp_path: Path) -> None:
+    from shim.launch import template_client as template
+
+    assert template.wanted(str(tmp_path / "missing-dir" / "py-template-x"))
+
+
+def test_a_dead_templates_successor_is_wanted_at_once(tmp_path: Path) -> None:
+    """A template killed or retired leaves its pid file (a clean idle exit removes it): the
+    host had two shims, so the next start relaunches it without a first-start mark."""
+    from shim.launch import template_client as template
+
+    path = str(tmp_path / "py-template-x")
+    Path(path + ".pid").write_text("12345")
+    assert template.wanted(path, now=1000.0)
+    assert not Path(path + ".wanted").exists()

@@ -68,3 +68,41 @@ def test_template_warm_up_loads_every_lazy_import() -> None:
     imported, loaded = probe()
     missing = {module: names - loaded for module, names in lazy_imports(imported).items() if names - loaded}
     assert missing == {}
+
+
+def test_warm_up_drives_a_whole_task_lifecycle_through_the_service() -> None:
+    """The template's warm-up runs the code a real shim runs around runc (create, start, an exec
+    and its pty resize, state, pids, pause/resume, update, kill, the exit, wait, delete), each
+    request answered without error, so the interpreter specialises that code before any fork."""
+    import shim.daemon.main  # noqa: F401
+    from shim.template.warmup import ROUNDS, warm_up
+
+    answers = warm_up(rounds=2)
+    assert ROUNDS >= 2
+    ok = {method for method, error in answers if not error}
+    assert {"Create", "Start", "Exec", "ResizePty", "CloseIO", "State", "Pids", "Pause", "Resume", "Update",
+            "Kill", "Wait", "Delete"} <= ok, answers
+    assert answers.count(("Create", "")) == 2
+    errors = {(m, e) for m, e in answers if e}
+    # the fake pids have no cgroup, an exec's pid cannot be signalled, and "gone" was never created
+    assert errors <= {("Stats", "NOT_FOUND"), ("Kill", "NOT_FOUND"), ("State", "NOT_FOUND")}, errors
+
+
+def test_warm_up_leaves_no_thread_behind() -> None:
+    """The template forks right after its warm-up: a thread alive then (trio keeps an idle worker
+    for 10 s after a to_thread job) could hold a lock the forked shim would wait on forever."""
+    code = ("import sys, os; sys.path.insert(0, sys.argv[1]); import shim.daemon.main; "
+            "from shim.template.warmup import warm_up; warm_up(); print(len(os.listdir('/proc/self/task')))")
+    out = subprocess.run([sys.executable, "-I", "-c", code, str(ROOT)], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "1"
+
+
+def test_template_imports_the_launcher_a_relayed_start_runs() -> None:
+    """A start relayed to the template runs the launcher in a forked child that then forks the
+    shim: whatever that child imports stays private in the shim, so the template imports it."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from shim.template import server; server._warm_up(); "
+            "print(' '.join(m for m in ('shim.launch.cli', 'shim.launch.launcher') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-I", "-c", code, str(ROOT)], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["shim.launch.cli", "shim.launch.launcher"]

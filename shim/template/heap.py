@@ -44,17 +44,23 @@ def immortalize_heap() -> int:
         return 0
     import ctypes
 
-    seen: set[int] = set()
+    # The refcount itself marks what was visited: a set of ids would allocate an
+    # int per object (~2.7 MiB for this heap), reachable through gc.get_objects
+    # when the set existed before the call, so made immortal and kept forever;
+    # the rest freed and left as holes for fill_partial_pools to fill. An object
+    # immortal already (interned strings, static types, small ints) is skipped
+    # with its referents: those are the GC's own objects, found in its list.
     stack = gc.get_objects()
+    count = 0
+    refcount = sys.getrefcount
     while stack:
         obj = stack.pop()
-        address = id(obj)
-        if address in seen:
+        if refcount(obj) == _IMMORTAL:
             continue
-        seen.add(address)
-        ctypes.c_ssize_t.from_address(address).value = _IMMORTAL
+        ctypes.c_ssize_t.from_address(id(obj)).value = _IMMORTAL
+        count += 1
         stack.extend(gc.get_referents(obj))
-    return len(seen)
+    return count
 
 
 _IMMORTAL = 0xFFFFFFFF  # _Py_IMMORTAL_REFCNT on 64-bit CPython 3.12/3.13

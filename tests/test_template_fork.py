@@ -442,3 +442,29 @@ def test_a_template_whose_code_changed_answers_stale_and_exits(tmp_path: Path) -
         assert not (Path(stale.bundle) / "report.json").exists()
     finally:
         stop(proc)
+
+
+def test_a_start_that_launched_the_template_is_forked_from_it(tmp_path: Path, monkeypatch) -> None:
+    """The start that launches the template waits for it instead of spawning a shim of ~20 MiB
+    that would live as long as its task: right after the spawn the socket is not even there."""
+    monkeypatch.setattr(template_client, "REQUEST_TIMEOUT", EVENTUALLY)
+    path = tmp_path / "tpl.sock"
+    proc = start_template(path)
+    config = make_config(tmp_path, "launched")
+    listener = listening_socket(Path(config.socket_path))
+    try:
+        pid = template_client.fork_when_ready(str(path), config, listener, wait=EVENTUALLY)
+        assert pid is not None
+        assert read_report(Path(config.bundle))["pid"] == pid
+    finally:
+        listener.close()
+        stop(proc)
+
+
+def test_no_template_coming_means_spawn_after_the_wait(tmp_path: Path) -> None:
+    config = make_config(tmp_path, "never")
+    listener = listening_socket(Path(config.socket_path))
+    try:
+        assert template_client.fork_when_ready(str(tmp_path / "none.sock"), config, listener, wait=0.1) is None
+    finally:
+        listener.close()

@@ -185,12 +185,9 @@ def _start_shim(config: ShimConfig, sock: _socket.socket, shared: bool = False, 
         return origin.fork(config, sock)
     template_path = template_client.socket_path(config.address, os.path.dirname(config.socket_path))
     pid, template_alive = template_client.request_fork(template_path, config, sock)
-    if pid is not None:
-        return pid
-    pid = spawn(config, sock)
-    if not template_alive:
-        template_client.spawn_template(template_path)
-    return pid
+    if pid is None and not template_alive and template_client.spawn_template(template_path):
+        pid = template_client.fork_when_ready(template_path, config, sock)
+    return pid if pid is not None else spawn(config, sock)
 
 
 def start(flags: Flags, origin: Origin | None = None) -> int:

@@ -40,6 +40,8 @@ ANSWER_MARGIN = 0.5  # the launcher waits REQUEST_TIMEOUT plus this for the pid
 ANSWER_POLL = 0.05  # how often a waiting launcher checks that the template is not stopped
 GO = b"go"  # the launcher's word to a forked shim that it may serve
 STALE = b"stale"  # the template's answer when the code on disk changed since it started
+READY_WAIT = 2.0  # how long a start that launched the template waits for it to listen
+READY_POLL = 0.01
 WANTED_WITHIN = 600.0  # a second start this soon after a first launches a template (its idle timeout)
 #: The template's entry point (nothing else imports shim.template: see shim/template).
 MAIN = "from shim.template.server import main; main()"
@@ -203,11 +205,11 @@ def wanted(path: str, now: float | None = None) -> bool:
     return False
 
 
-def spawn_template(path: str) -> None:
-    """Start a template in the background for the next starts (not waited for), once one is
-    wanted: on the second start that found none (see wanted)."""
+def spawn_template(path: str) -> bool:
+    """Start a template in the background (not waited for), once one is wanted: on the
+    second start that found none (see wanted). True if one was started."""
     if not wanted(path):
-        return
+        return False
     import subprocess
 
     log = os.open(path + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -223,3 +225,19 @@ def spawn_template(path: str) -> None:
     finally:
         os.close(log)
     proc.returncode = 0  # it outlives us
+    return True
+
+
+def fork_when_ready(path: str, config: ShimConfig, listener: _socket.socket, wait: float = READY_WAIT) -> int | None:
+    """Ask a template that was just spawned for the shim, as soon as it listens (its socket
+    is bound ~50 ms after the spawn; a request made while it warms up is answered when it
+    is done, ~0.3 s). A start that launched the template pays that once rather than a
+    spawned shim's ~20 MiB for the shim's whole life. None: spawn after all."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            pid, there = request_fork(path, config, listener)
+            if pid is not None or there:
+                return pid
+        time.sleep(READY_POLL)
+    return None

@@ -89,6 +89,10 @@ def rows(results: dict) -> list[Row]:
             out.append((f"pods (CRI): pod start (RunPodSandbox + CreateContainer + StartContainer) {label}",
                         {s: pods[s]["start"][key] for s in ps}, "ms"))
         out.append(("pods (CRI): shim processes per pod", {s: pods[s]["mean_shims_per_pod"] for s in ps}, "n"))
+    if results.get("scale"):
+        from .scale import rows as scale_rows
+
+        out += scale_rows(results["scale"])
     return out
 
 
@@ -105,6 +109,8 @@ def fmt(v: float | None, kind: str) -> str:
         return f"{v:.2f} s"
     if kind == "mibs":
         return f"{v:.0f} MiB/s"
+    if kind == "rate":
+        return f"{v:.1f}/s"
     return f"{v:g}"
 
 
@@ -186,6 +192,10 @@ def markdown(results: dict) -> str:
                    f"{py['count']} processes = {py['templates']} template(s), {py['forked']} shims forked "
                    f"from a template, {py['count'] - py['templates'] - py['forked']} exec'd. "
                    f"The CRI containerd has no handler for the other columns.")]
+    if results.get("scale"):
+        from .scale import verdict_lines
+
+        lines += ["", *verdict_lines(results["scale"])]
     if results.get("timeline"):
         from .timeline import table
 

@@ -98,3 +98,17 @@ def test_scale_runs_only_when_asked_for() -> None:
     assert "scale" not in SECTIONS and "scale" not in parse_args([]).only
     args = parse_args(["--only", "scale", "--scale-tasks", "50", "--idle-window", "5"])
     assert args.only == ["scale"] and args.scale_tasks == 50 and args.idle_window == 5.0
+
+
+def test_a_scale_only_run_leaves_the_full_runs_latest_files_alone(tmp_path) -> None:
+    results = {"environment": {"date": "d", "cpus": 2, "cpu": "c", "kernel": "k", "containerd": "x", "runc": "r",
+                               "python": "3", "thp_enabled_original": "madvise"},
+               "params": {"quick": False, "only": ["scale"], "scale_tasks": 10, "idle_window": 5.0, "tasks": 1, "runs": 1, "burst": 1, "burst_reps": 1,
+                          "state_calls": 1, "throughput_mib": 1, "throughput_runs": 1, "concurrency": 4,
+                          "settle": 1},
+               "duration_s": 1.0}
+    paths = report.write(results, tmp_path)
+    assert paths["json"].name == "latest-scale.json" and paths["md"].name == "latest-scale.md"
+    assert paths["copy"].name.endswith("-scale.json")
+    assert not (tmp_path / "latest.json").exists()
+    assert "Parameters: 10 tasks, idle window 5.0 s" in paths["md"].read_text()

@@ -105,6 +105,15 @@ def exit_times(arrivals: list[tuple[str, float]], ids: set[str], t0: float) -> d
             "first_s": times[0] - t0 if times else None, "last_s": times[-1] - t0 if times else None}
 
 
+def pss_by_kind(rows: list[dict]) -> dict[str, int]:
+    """Pss summed per process kind (``shim``, ``template``) from ``procs.measure`` rows:
+    how much of a python sum is the warm template."""
+    out: dict[str, int] = {}
+    for row in rows:
+        out[row["kind"]] = out.get(row["kind"], 0) + row["pss"]
+    return out
+
+
 def verdicts(r: dict) -> list[dict]:
     """The issue's targets against one scale result ({"tasks": n, "python-ns": ..., "go": ...})."""
     n = r["tasks"]
@@ -253,6 +262,7 @@ def one_round(c: Containerd, ref: str, variant: str, n: int, concurrency: int, w
         pids = sorted(a["procs"])
         m = procs.measure(a["procs"])
         out.update(pss=m["sum"]["pss"], rss=m["sum"]["rss"], uss=m["sum"]["uss"], processes=m["count"],
+                   pss_by_kind=pss_by_kind(m["processes"]),
                    shims=a["serving"], templates=m["templates"], fds=sum(fd_count(p) for p in pids),
                    launcher_soft_nofile=_launcher_soft_limit(c) if family == "python" else None,
                    nofile=sorted({"/".join(x) for p, k in a["procs"].items() if k == "shim" and (x := nofile(p))}))

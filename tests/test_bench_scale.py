@@ -5,7 +5,7 @@ import pytest
 
 from bench import report
 from bench.__main__ import SECTIONS, parse_args
-from bench.scale import cpu_ticks, exit_times, rows, verdict_lines, verdicts
+from bench.scale import cpu_ticks, exit_times, pss_by_kind, rows, verdict_lines, verdicts
 
 MiB = 1 << 20
 
@@ -112,3 +112,8 @@ def test_a_scale_only_run_leaves_the_full_runs_latest_files_alone(tmp_path) -> N
     assert paths["copy"].name.endswith("-scale.json")
     assert not (tmp_path / "latest.json").exists()
     assert "Parameters: 10 tasks, idle window 5.0 s" in paths["md"].read_text()
+
+
+def test_pss_by_kind_splits_the_template_from_the_shims() -> None:
+    got = pss_by_kind([{"kind": "shim", "pss": 5}, {"kind": "template", "pss": 7}, {"kind": "shim", "pss": 1}])
+    assert got == {"shim": 6, "template": 7}

@@ -227,6 +227,15 @@ def _launcher_soft_limit(c: Containerd) -> str | None:
     return str(c.shim_nofile[0]) if c.shim_nofile else None
 
 
+def shims_left(c: Containerd, timeout: float) -> dict[str, list[int]]:
+    """{family: pids} of shims (not templates) of our containerd still alive after ``timeout``."""
+    def alive() -> dict[str, list[int]]:
+        return {f: p for f, p in procs.family_pids(c.address, templates=False).items() if p}
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: not alive(), timeout=timeout, interval=0.2, message="shims to exit")
+    return alive()
+
+
 def one_round(c: Containerd, ref: str, variant: str, n: int, concurrency: int, window: float,
               state_calls: int) -> dict:
     family = BY_NAME[variant].family
@@ -298,12 +307,12 @@ def one_round(c: Containerd, ref: str, variant: str, n: int, concurrency: int, w
         if events is not None:
             events.close()
         remove(c, ids, workers=concurrency)
-        with contextlib.suppress(TimeoutError):
-            wait_no_shims(c, timeout=60)
-        left = {f: p for f, p in procs.family_pids(c.address, templates=False).items() if p}
+        left = shims_left(c, timeout=60)  # before wait_no_shims, which kills a peer's leftovers
         left_tasks = sorted((set(c.tasks()) | c.containers()) & set(ids))
         out["left"] = ([f"{f} shims {p[:10]}" for f, p in left.items()]
                        + ([f"tasks/containers {left_tasks[:10]}"] if left_tasks else []))
+        with contextlib.suppress(TimeoutError):
+            wait_no_shims(c, timeout=60)
         procs.stop_templates(c.address)
     return out
 

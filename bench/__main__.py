@@ -1,6 +1,7 @@
 """Benchmark this shim (container mode and namespace mode) against the Go shim (containerd-shim-runc-v2), and the Rust shim if installed, in one private containerd.
 
     python -m bench [--quick] [--only memory,latency,throughput,pods] [--tasks 100] [--runs 30] ...
+    python -m bench --only scale --scale-tasks 1000 [--idle-window 60]   # on request only (heavy)
     BENCH_RUST_SHIM=/path/to/containerd-shim-runc-v2-rs python -m bench ...
 
 Writes bench/results/latest.{json,md,png} and a timestamped copy of the json.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
 import sys
 import time
@@ -19,13 +21,16 @@ from pathlib import Path
 
 from integration.harness import Containerd, build_busybox_image
 
-from . import environment, latency, memory, pods, procs, report, shims, tasks, throughput, timeline
+from . import environment, latency, memory, pods, procs, report, scale, shims, tasks, throughput, timeline
 from .tasks import SHIMS, log
 from .thp import ThpGuard
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("memory", "latency", "throughput", "pods", "timeline")
-CTR_SECTIONS = ("memory", "latency", "throughput")  # the ones that use the plain containerd
+#: only when asked for by --only: 1000 tasks per variant takes ~10 min and ~3 GiB
+ON_REQUEST = ("scale",)
+ALL_SECTIONS = SECTIONS + ON_REQUEST
+CTR_SECTIONS = ("memory", "latency", "throughput", "scale")  # the ones that use the plain containerd
 FULL = dict(tasks=100, runs=30, settle=2.0, burst=50, burst_reps=2, state_calls=1000,
             throughput_mib=256, throughput_runs=3, pods=20, timeline_rounds=15)
 QUICK = dict(tasks=10, runs=5, settle=1.0, burst=10, burst_reps=1, state_calls=200,
@@ -37,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     ap.add_argument("--only", default=",".join(SECTIONS),
-                    help="comma-separated subset of: " + ",".join(SECTIONS))
+                    help="comma-separated subset of: " + ",".join(ALL_SECTIONS)
+                    + " (default: all but " + ",".join(ON_REQUEST) + ")")
     ap.add_argument("--tasks", type=int, help=f"detached tasks per shim for memory (default {FULL['tasks']})")
     ap.add_argument("--runs", type=int, help=f"run --rm / exec samples per shim (default {FULL['runs']})")
     ap.add_argument("--concurrency", type=int, default=4, help="parallel ctr run -d when starting tasks (4)")
@@ -50,6 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pods", type=int, help=f"CRI pods per runtime handler (default {FULL['pods']})")
     ap.add_argument("--timeline-rounds", type=int,
                     help=f"task lifecycles per shim in the phase timeline (default {FULL['timeline_rounds']})")
+    ap.add_argument("--scale-tasks", type=int, default=1000,
+                    help="scale: tasks in the one namespace-mode shim, and Go shims (1000)")
+    ap.add_argument("--idle-window", type=float, default=60.0,
+                    help="scale: seconds over which idle CPU is measured (60)")
     ap.add_argument("--thp-modes", default="madvise,always",
                     help="THP policies for the memory rounds; '' = leave the host's policy alone")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
@@ -59,14 +69,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    bad = [s for s in args.only if s not in SECTIONS]
+    bad = [s for s in args.only if s not in ALL_SECTIONS]
     if bad or not args.only:
-        ap.error(f"--only: unknown section(s) {bad}; choose from {','.join(SECTIONS)}")
+        ap.error(f"--only: unknown section(s) {bad}; choose from {','.join(ALL_SECTIONS)}")
     args.thp_modes = [m.strip() for m in args.thp_modes.split(",") if m.strip()]
     if os.environ.get(shims.RUST_ENV, "").strip() and "rust" not in shims.BY_NAME:
         ap.error(f"Rust shim: {shims.RUST_STATUS}")
     if args.tasks < 1 or args.runs < 1 or args.burst < 1 or args.state_calls < 1 or args.throughput_runs < 1 \
-            or args.pods < 1 or args.timeline_rounds < 1:
+            or args.pods < 1 or args.timeline_rounds < 1 or args.scale_tasks < 1 or args.idle_window <= 0:
         ap.error("counts must be >= 1")
     return args
 
@@ -107,12 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         log(f"cannot change {thp.path} (not root?): memory measured at the current policy only")
         modes = []
     results: dict = {
-        "params": {k: getattr(args, k) for k in (*FULL, "quick", "only", "concurrency")} | {"thp_modes": modes},
+        "params": {k: getattr(args, k) for k in (*FULL, "quick", "only", "concurrency", "scale_tasks", "idle_window")} | {"thp_modes": modes},
         "environment": environment.collect(thp.original),
         **shims.describe(),
         "errors": {},
     }
-    c = Containerd(log_level="warn")
+    # scale: our shims start under containerd 2.x's soft open-file limit (the Go shim raises its own)
+    nofile = (scale.SOFT_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1]) if "scale" in args.only else None
+    c = Containerd(log_level="warn", shim_nofile=nofile)
     try:
         try:
             ref = ""
@@ -124,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 c.import_image(tar)
                 for shim in SHIMS:  # unpack the image, warm the page cache
                     latency.run_rm_once(c, ref, shim, f"warm-{shim}")
-            for section in SECTIONS:
+            for section in ALL_SECTIONS:
                 if section not in args.only:
                     continue
                 try:
@@ -144,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                         if c.dir is not None:  # the plain containerd's warm template would share pages
                             procs.stop_templates(c.address)
                         results["pods"] = pods.run(args.pods, args.settle)
+                    elif section == "scale":
+                        results["scale"] = scale.run(c, ref, args.scale_tasks, args.concurrency,
+                                                     args.idle_window, args.state_calls)
                     elif section == "timeline":  # plays containerd itself: no containerd involved
                         results["timeline"] = timeline.run(args.timeline_rounds)
                 except Exception:  # noqa: BLE001 - record, go on with the next section

@@ -89,6 +89,10 @@ def rows(results: dict) -> list[Row]:
             out.append((f"pods (CRI): pod start (RunPodSandbox + CreateContainer + StartContainer) {label}",
                         {s: pods[s]["start"][key] for s in ps}, "ms"))
         out.append(("pods (CRI): shim processes per pod", {s: pods[s]["mean_shims_per_pod"] for s in ps}, "n"))
+    if results.get("scale"):
+        from .scale import rows as scale_rows
+
+        out += scale_rows(results["scale"])
     return out
 
 
@@ -105,6 +109,8 @@ def fmt(v: float | None, kind: str) -> str:
         return f"{v:.2f} s"
     if kind == "mibs":
         return f"{v:.0f} MiB/s"
+    if kind == "rate":
+        return f"{v:.1f}/s"
     return f"{v:g}"
 
 
@@ -136,10 +142,7 @@ def markdown(results: dict) -> str:
          f"{_load(env.get('loadavg_at_start'))} at start, {_load(env.get('loadavg_at_end'))} at end"
          f"{' (other work on the machine: numbers are noisy)' if _busy(env) else ''}."),
         "",
-        f"Parameters: {p['tasks']} tasks/shim, {p['runs']} latency runs/shim, burst {p['burst']} "
-        f"x{p['burst_reps']}, {p['state_calls']} State calls, {p['throughput_mib']} MiB x{p['throughput_runs']}, "
-        f"start concurrency {p['concurrency']}, settle {p['settle']} s"
-        + (f", {p['pods']} CRI pods/runtime." if "pods" in p else "."),
+        _parameters(p),
     ]
     if results.get("variants"):
         lines.append("Columns: " + "; ".join(_describe_variant(v) for v in results["variants"]) + ".  ")
@@ -186,6 +189,10 @@ def markdown(results: dict) -> str:
                    f"{py['count']} processes = {py['templates']} template(s), {py['forked']} shims forked "
                    f"from a template, {py['count'] - py['templates'] - py['forked']} exec'd. "
                    f"The CRI containerd has no handler for the other columns.")]
+    if results.get("scale"):
+        from .scale import verdict_lines
+
+        lines += ["", *verdict_lines(results["scale"])]
     if results.get("timeline"):
         from .timeline import table
 
@@ -206,6 +213,16 @@ def markdown(results: dict) -> str:
     if results.get("cleanup_leftovers"):
         lines += ["", f"Left over at containerd stop (removed): {results['cleanup_leftovers']}"]
     return "\n".join(lines) + "\n"
+
+
+def _parameters(p: dict) -> str:
+    if p.get("only") == ["scale"]:
+        return (f"Parameters: {p['scale_tasks']} tasks, idle window {p['idle_window']} s, "
+                f"{p['state_calls']} State calls, start concurrency {p['concurrency']}.")
+    return (f"Parameters: {p['tasks']} tasks/shim, {p['runs']} latency runs/shim, burst {p['burst']} "
+            f"x{p['burst_reps']}, {p['state_calls']} State calls, {p['throughput_mib']} MiB x{p['throughput_runs']}, "
+            f"start concurrency {p['concurrency']}, settle {p['settle']} s"
+            + (f", {p['pods']} CRI pods/runtime." if "pods" in p else "."))
 
 
 def _describe_variant(v: dict) -> str:
@@ -336,9 +353,13 @@ def write(results: dict, outdir: Path) -> dict[str, Path]:
     outdir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=1, sort_keys=False) + "\n"
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    # a scale-only run (on request, heavy) does not replace the full run's latest.*
+    scale_only = results["params"].get("only") == ["scale"]
     suffix = "-quick" if results["params"]["quick"] else ""
-    paths = {"json": outdir / "latest.json", "copy": outdir / f"{stamp}{suffix}.json",
-             "md": outdir / "latest.md", "png": outdir / "latest.png"}
+    suffix += "-scale" if scale_only else ""
+    latest = "latest-scale" if scale_only else "latest"
+    paths = {"json": outdir / f"{latest}.json", "copy": outdir / f"{stamp}{suffix}.json",
+             "md": outdir / f"{latest}.md", "png": outdir / f"{latest}.png"}
     paths["json"].write_text(text)
     paths["copy"].write_text(text)
     paths["md"].write_text(markdown(results))

@@ -8,7 +8,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from integration.harness import EVENTUALLY, Containerd, wait_for
 
@@ -21,6 +21,7 @@ class Event:
     namespace: str
     topic: str
     body: dict
+    at: float = field(default_factory=time.monotonic)  # when the line was read (time.monotonic)
 
 
 class EventStream:

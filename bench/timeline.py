@@ -204,11 +204,14 @@ async def one_round(lab: TimelineLab, sink, variant: str, i: int, *, debug: bool
 
 
 def _stop_template(lab: Lab) -> None:
-    """Our template for the lab's address, started by the first Python start: ended by its pid."""
+    """Our template for the lab's address, started by the first Python starts: ended by its pid,
+    and the first start's mark removed."""
     path = template_socket_path(lab.containerd_address, SHIM_SOCKET_DIR)
     for pid in listening_pids(path) if os.path.exists(path) else ():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(OSError):
+        os.unlink(path + ".wanted")
 
 
 async def _run(rounds: int) -> dict:

@@ -932,11 +932,12 @@ disabled_plugins = [
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def template_pid(self) -> int | None:
-        """The warm shim template serving this containerd (one per -address), if any."""
+    def template_pid(self, python: str = "") -> int | None:
+        """The warm shim template serving this containerd (one per -address and interpreter:
+        ``python``, when not this checkout's, for a shim installed elsewhere), if any."""
         from shim.launch import template_client as shim_template
 
-        path = shim_template.socket_path(self.address)
+        path = shim_template.socket_path(self.address, python=python)
         try:
             pid = int(Path(path + ".pid").read_text())
         except (OSError, ValueError):
@@ -944,17 +945,25 @@ disabled_plugins = [
         argv = read_cmdline(pid) or []
         return pid if path in argv else None
 
-    def stop_template(self, timeout: float = EVENTUALLY) -> int | None:
-        """End the template this containerd's shims started (it would idle out later)."""
+    def stop_template(self, timeout: float = EVENTUALLY, python: str = "") -> int | None:
+        """End the template this containerd's shims started (it would idle out later), and
+        remove the first start's mark; ``python``: of a shim installed elsewhere."""
         from shim.launch import template_client as shim_template
 
-        pid = self.template_pid()
+        pid = self.template_pid(python)
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             wait_for(lambda: not pid_alive(pid), timeout=timeout, message=f"template {pid} to exit")
-        with contextlib.suppress(OSError):  # the first start's mark that a template is wanted
-            os.unlink(shim_template.socket_path(self.address) + ".wanted")
+        path = shim_template.socket_path(self.address, python=python)
+        # the first start's mark that a template is wanted, and what a template killed by a
+        # test (SIGKILL: no cleanup of its own) left: its files, its socket if nobody listens
+        leftovers = [path + suffix for suffix in (".wanted", ".pid", ".lock", ".log")]
+        if os.path.exists(path) and not unix_socket_holders([path], listening=True)[path]:
+            leftovers.append(path)
+        for leftover in leftovers:
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
         return pid
 
     def stop(self, timeout: float = 15.0, remove_containers: bool = True) -> Leftovers:

@@ -220,8 +220,11 @@ def test_installed_launcher_runs_a_task_from_anywhere(containerd, image, cid, tm
     extra: list[str] = []
     if os.environ.get(RUNC_BINARY_ENV):
         extra = containerd.runc_binary_args(PY_RUNTIME, oci_runtime_binary())
-    out = containerd.ctr("run", "--rm", "--runtime", str(moved), *extra, image, cid,
-                         "sh", "-c", "echo from-anywhere; exit 7", check=False)
+    try:
+        out = containerd.ctr("run", "--rm", "--runtime", str(moved), *extra, image, cid,
+                             "sh", "-c", "echo from-anywhere; exit 7", check=False)
+    finally:  # the installed shim's template mark (its interpreter is the installed venv's)
+        containerd.stop_template(python=str(tmp_path / "lib" / "bin" / "python"))
     assert out.returncode == 7, (out.stdout, out.stderr)
     assert out.stdout.strip() == "from-anywhere"
 

@@ -8,14 +8,12 @@ the ``delete`` fast path of the script, and a container run through it by a real
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from integration.harness import PROJECT_ROOT, RUNC_BINARY_ENV, oci_runtime_binary, pid_alive, read_cmdline, wait_for
+from integration.harness import PROJECT_ROOT, RUNC_BINARY_ENV, oci_runtime_binary
 
 ENTRY = "containerd-shim-runc-v2-py"
 
@@ -37,17 +35,6 @@ def installed(tmp_path: Path) -> Path:
     run(venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check",
         "-c", PROJECT_ROOT / "constraints.txt", wheel)
     return venv
-
-
-def stop_template(venv: Path, address: str) -> None:
-    """End the template the installed shim started for this containerd (it would idle out later)."""
-    path = run(venv / "bin" / "python", "-I", "-c",
-               f"from shim.launch import template_client as t; print(t.socket_path({address!r}))").strip()
-    with contextlib.suppress(OSError, ValueError):
-        pid = int(Path(path + ".pid").read_text())
-        if path in (read_cmdline(pid) or []):
-            os.kill(pid, signal.SIGTERM)
-            wait_for(lambda: not pid_alive(pid), timeout=30, message=f"template {pid} to exit")
 
 
 def test_the_wheel_installed_into_a_fresh_venv_runs_a_container(containerd, image, cid, tmp_path: Path) -> None:
@@ -80,4 +67,4 @@ def test_the_wheel_installed_into_a_fresh_venv_runs_a_container(containerd, imag
         assert done.returncode == 7, (done.stdout, done.stderr)
         assert done.stdout.strip() == "from-the-wheel"
     finally:
-        stop_template(venv, containerd.address)
+        containerd.stop_template(python=str(venv / "bin" / "python"))

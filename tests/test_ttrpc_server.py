@@ -46,6 +46,7 @@ class RawClient:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.proto = ClientConnection()
+        self.received: list[ResponseReceived] = []  # read but not yet returned by response()
 
     @classmethod
     async def connect(cls, path: Path) -> RawClient:
@@ -57,14 +58,13 @@ class RawClient:
         return sid
 
     async def response(self) -> ResponseReceived:
+        """The next response; answers written back to back can arrive in one read."""
         with trio.fail_after(5):
-            while True:
+            while not self.received:
                 data = await self.stream.receive_some()
                 assert data, "server closed the connection"
-                events = self.proto.receive_data(data)
-                if events:
-                    assert len(events) == 1
-                    return events[0]
+                self.received += self.proto.receive_data(data)
+            return self.received.pop(0)
 
 
 async def test_basic_call(sock_path: Path) -> None:
@@ -291,8 +291,9 @@ async def test_a_request_before_a_violation_is_answered_then_the_connection_clos
         _, second = raw.proto.send_request(SVC, "Echo", b"second")
         bad = first if after == "backwards" else b"GET / HTTP/1.1\r\n\r\n"
         await raw.stream.send_all(first + second + bad)
-        assert (await raw.response()).payload == b"valid"
-        assert (await raw.response()).payload == b"second"
+        # Each runs in its own task: their answers may come in either order (as from Go).
+        answers = {(await raw.response()).payload, (await raw.response()).payload}
+        assert answers == {b"valid", b"second"}
         with trio.fail_after(5):
             assert await raw.stream.receive_some() == b""
         await raw.stream.aclose()
@@ -513,20 +514,28 @@ async def test_a_peer_of_another_user_is_disconnected_unanswered() -> None:
     assert calls == [b"owner"]
 
 
-async def test_a_client_that_never_reads_answers_is_no_longer_read(sock_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["task", "inline"])
+async def test_a_client_that_never_reads_answers_is_no_longer_read(sock_path: Path, kind: str) -> None:
     """Pipelined requests whose responses nobody drains: the server stops reading the connection
-    after MAX_INFLIGHT_PER_CONNECTION of them, so memory stays bounded (issue 11 item 1)."""
+    after MAX_INFLIGHT_PER_CONNECTION of them, so memory stays bounded (issue 11 item 1), whether
+    a task or the reader itself (inline) answers them."""
     from shim.ttrpc.server import MAX_INFLIGHT_PER_CONNECTION
 
     handled = 0
 
-    async def big(payload: bytes, ctx: CallContext) -> bytes:
+    def answer() -> bytes:
         nonlocal handled
         handled += 1
         return b"x" * 65536  # answers that fill the socket quickly
 
+    async def big(payload: bytes, ctx: CallContext) -> bytes:
+        return answer()
+
     server = Server()
-    server.register(SVC, "Big", big)
+    if kind == "inline":
+        server.register_inline(SVC, "Big", lambda payload, ctx: answer())
+    else:
+        server.register(SVC, "Big", big)
     requests = 20000
     async with running(server, sock_path):
         raw = await RawClient.connect(sock_path)
@@ -551,4 +560,113 @@ async def test_a_client_that_never_reads_answers_is_no_longer_read(sock_path: Pa
         # and it is all still correct once the client reads: answers flow, reading resumes
         first = await raw.response()
         assert first.code == Code.OK and len(first.payload) == 65536
+        await raw.stream.aclose()
+
+
+# -- inline handlers (run by the connection's reader, answered with a direct write) -------------
+
+
+def inline_echo(payload: bytes, ctx: CallContext) -> bytes:
+    return payload
+
+
+async def test_inline_unary_answers_and_reports_errors(sock_path: Path) -> None:
+    """An inline handler answers like a task one: its reply, a TTRPCError's code, UNKNOWN for a
+    bug (the server lives on), INVALID_ARGUMENT for a payload that does not parse."""
+
+    def inc(req: status_pb2.Status, ctx: CallContext) -> status_pb2.Status:
+        if req.code < 0:
+            raise TTRPCError(Code.NOT_FOUND, "negative")
+        if req.code == 99:
+            raise RuntimeError("boom")
+        return status_pb2.Status(code=req.code + 1, message=ctx.metadata["k"][0])
+
+    server = Server()
+    server.register_unary_inline(SVC, "Inc", status_pb2.Status, inc)
+    with pytest.raises(ValueError):
+        server.register(SVC, "Inc", echo)  # one name, one handler, whichever kind
+    async with running(server, sock_path), open_client(str(sock_path)) as client:
+
+        async def call(code: int) -> status_pb2.Status:
+            out = await client.call(SVC, "Inc", status_pb2.Status(code=code).SerializeToString(),
+                                    metadata=[("k", "v")])
+            return status_pb2.Status.FromString(out)
+
+        assert await call(1) == status_pb2.Status(code=2, message="v")
+        for code, want in ((-1, Code.NOT_FOUND), (99, Code.UNKNOWN)):
+            with pytest.raises(TTRPCError) as info:
+                await call(code)
+            assert info.value.code == want
+        with pytest.raises(TTRPCError) as info:
+            await client.call(SVC, "Inc", b"\xff\xff\xff")
+        assert info.value.code == Code.INVALID_ARGUMENT
+        with pytest.raises(TTRPCError) as info:
+            await client.call(SVC, "Nope", b"")
+        assert (info.value.code, info.value.message) == (Code.UNIMPLEMENTED, "method Nope")
+        assert await call(5) == status_pb2.Status(code=6, message="v")
+
+
+async def test_inline_request_is_answered_while_a_slow_handler_runs(sock_path: Path) -> None:
+    """A slow task handler on the same connection does not hold up an inline answer."""
+    release = trio.Event()
+
+    async def slow(payload: bytes, ctx: CallContext) -> bytes:
+        await release.wait()
+        return payload
+
+    server = Server()
+    server.register(SVC, "Slow", slow)
+    server.register_inline(SVC, "Fast", inline_echo)
+    async with running(server, sock_path):
+        raw = await RawClient.connect(sock_path)
+        slow_id = await raw.request(SVC, "Slow", b"slow")
+        fast_id = await raw.request(SVC, "Fast", b"fast")
+        first = await raw.response()
+        assert (first.stream_id, first.payload) == (fast_id, b"fast")
+        release.set()
+        second = await raw.response()
+        assert (second.stream_id, second.payload) == (slow_id, b"slow")
+        await raw.stream.aclose()
+
+
+async def test_inline_answers_never_interleave_with_a_large_answer(sock_path: Path) -> None:
+    """While a large answer is still being written (the client is not reading), inline answers
+    wait their turn: every frame arrives whole and each request is answered once."""
+    big = b"b" * (MAX_PAYLOAD - 1024)
+    handed = trio.Event()
+
+    async def large(payload: bytes, ctx: CallContext) -> bytes:
+        handed.set()
+        return big
+
+    server = Server()
+    server.register(SVC, "Large", large)
+    server.register_inline(SVC, "Fast", inline_echo)
+    async with running(server, sock_path):
+        raw = await RawClient.connect(sock_path)
+        large_id = await raw.request(SVC, "Large")
+        await handed.wait()
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the large write is stuck now
+        fast_ids = {await raw.request(SVC, "Fast", b"%d" % i): b"%d" % i for i in range(20)}
+        got = {}
+        for _ in range(21):
+            resp = await raw.response()
+            assert resp.code == Code.OK
+            got[resp.stream_id] = resp.payload
+        assert got == {large_id: big, **fast_ids}
+        await raw.stream.aclose()
+
+
+async def test_inline_request_before_a_violation_is_answered_then_the_connection_closes(
+    sock_path: Path,
+) -> None:
+    server = Server()
+    server.register_inline(SVC, "Fast", inline_echo)
+    async with running(server, sock_path):
+        raw = await RawClient.connect(sock_path)
+        _, first = raw.proto.send_request(SVC, "Fast", b"valid")
+        await raw.stream.send_all(first + first)  # the same stream id again: a violation
+        assert (await raw.response()).payload == b"valid"
+        with trio.fail_after(5):
+            assert await raw.stream.receive_some() == b""
         await raw.stream.aclose()

@@ -102,7 +102,6 @@ class TaskService:
         methods: list[tuple[str, type[Message], Callable[..., Awaitable[Message]]]] = [
             ("Create", S.CreateTaskRequest, self.create),
             ("Start", S.StartRequest, self.start),
-            ("State", S.StateRequest, self.state),
             ("Wait", S.WaitRequest, self.wait),
             ("Kill", S.KillRequest, self.kill),
             ("Pids", S.PidsRequest, self.pids),
@@ -120,6 +119,8 @@ class TaskService:
         ]
         for name, request_type, handler in methods:
             server.register_unary(service, name, request_type, _translating(handler))
+        # State waits for nothing and is polled (containerd, kubelet): the reader answers it itself.
+        server.register_unary_inline(service, "State", S.StateRequest, _translating_now(self.state))
 
     def _container(self, id: str) -> Container:
         try:
@@ -166,7 +167,7 @@ class TaskService:
                 return shim_pb2.StartResponse(pid=await container.start(req.exec_id))
         return shim_pb2.StartResponse(pid=await container.start(req.exec_id))
 
-    async def state(self, req: shim_pb2.StateRequest, _: CallContext) -> shim_pb2.StateResponse:
+    def state(self, req: shim_pb2.StateRequest, _: CallContext) -> shim_pb2.StateResponse:
         container, process = self._process(req.id, req.exec_id)
         paths = process.stdio
         reply = shim_pb2.StateResponse(
@@ -300,14 +301,35 @@ def _translating(handler: Callable[..., Awaitable[Message]]) -> Callable[..., Aw
     async def call(request: Message, ctx: CallContext) -> Message:
         try:
             return await handler(request, ctx)
-        except ShimError as e:
-            raise TTRPCError(Code(e.code), e.message) from e
-        except OSError as e:
-            if not nofile.exhausted(e):
+        except (ShimError, OSError) as e:
+            if (status := _translated(e)) is None:
                 raise
-            raise TTRPCError(Code.RESOURCE_EXHAUSTED, f"{e}: the shim is at its open-file limit") from e
+            raise status from e
 
     return call
+
+
+def _translating_now(handler: Callable[..., Message]) -> Callable[..., Message]:
+    """``_translating`` for a handler run inline (a plain function)."""
+
+    def call(request: Message, ctx: CallContext) -> Message:
+        try:
+            return handler(request, ctx)
+        except (ShimError, OSError) as e:
+            if (status := _translated(e)) is None:
+                raise
+            raise status from e
+
+    return call
+
+
+def _translated(e: ShimError | OSError) -> TTRPCError | None:
+    """The status a domain error or fd exhaustion becomes; None: any other OSError, a bug."""
+    if isinstance(e, ShimError):
+        return TTRPCError(Code(e.code), e.message)
+    if not nofile.exhausted(e):
+        return None
+    return TTRPCError(Code.RESOURCE_EXHAUSTED, f"{e}: the shim is at its open-file limit")
 
 
 def _need_fds(what: str, adding: InFlight) -> None:

@@ -2,6 +2,12 @@
 
 All protocol decisions live in ``codec.ServerConnection``; this module only
 moves bytes, runs handlers and turns their outcome into a status.
+
+A handler registered as inline (a plain function: it cannot wait for
+anything) is run by the connection's reader itself, and its answer is written
+straight to the socket when nobody else is writing and the socket takes it
+all: no task, no lock round trip, one scheduler pass per request instead of
+about six (Task/State, which containerd and kubelet poll, is one).
 """
 
 from __future__ import annotations
@@ -47,7 +53,9 @@ class CallContext:
 
 
 Handler = Callable[[bytes, CallContext], Awaitable[bytes]]
+InlineHandler = Callable[[bytes, CallContext], bytes]
 M = TypeVar("M", bound=Message)
+Outcome = tuple[int, str, bytes]  # code, message, payload
 
 
 def _same_user(sock: trio.socket.SocketType) -> bool:
@@ -77,6 +85,7 @@ class Server:
         #: is disconnected unanswered, whatever the socket file's permissions let through.
         self.require_same_user = require_same_user
         self._handlers: dict[tuple[str, str], Handler] = {}
+        self._inline: dict[tuple[str, str], InlineHandler] = {}
         self._services: set[str] = set()
         self._closed = False
         self._scopes: set[trio.CancelScope] = set()  # accept loops + readers
@@ -86,9 +95,20 @@ class Server:
     # -- registration ------------------------------------------------------
 
     def register(self, service: str, method: str, handler: Handler) -> None:
-        if (service, method) in self._handlers:
-            raise ValueError(f"duplicate method /{service}/{method}")
+        self._claim(service, method)
         self._handlers[(service, method)] = handler
+
+    def register_inline(self, service: str, method: str, handler: InlineHandler) -> None:
+        """A handler the connection's reader runs itself, without a task.
+
+        Only for work that never waits (no I/O, no locks, no await): while it
+        runs, nothing else on the connection is read."""
+        self._claim(service, method)
+        self._inline[(service, method)] = handler
+
+    def _claim(self, service: str, method: str) -> None:
+        if (service, method) in self._handlers or (service, method) in self._inline:
+            raise ValueError(f"duplicate method /{service}/{method}")
         self._services.add(service)
 
     def register_unary(
@@ -101,18 +121,23 @@ class Server:
         """Register a handler working on protobuf messages instead of bytes."""
 
         async def raw(payload: bytes, ctx: CallContext) -> bytes:
-            try:
-                request = request_type.FromString(payload)
-            except DecodeError as exc:
-                raise TTRPCError(
-                    Code.INVALID_ARGUMENT, f"ttrpc: error unmarshalling payload: {exc}"
-                ) from exc
-            reply = await handler(request, ctx)
-            if not isinstance(reply, Message):
-                raise TypeError(f"ttrpc: handler returned {type(reply).__name__}, not a message")
-            return reply.SerializeToString()
+            return _serialized(await handler(_parse(request_type, payload), ctx))
 
         self.register(service, method, raw)
+
+    def register_unary_inline(
+        self,
+        service: str,
+        method: str,
+        request_type: type[M],
+        handler: Callable[[M, CallContext], Message],
+    ) -> None:
+        """``register_unary`` for a plain function run inline (see ``register_inline``)."""
+
+        def raw(payload: bytes, ctx: CallContext) -> bytes:
+            return _serialized(handler(_parse(request_type, payload), ctx))
+
+        self.register_inline(service, method, raw)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -202,41 +227,84 @@ class Server:
 
     # -- dispatch ----------------------------------------------------------
 
-    async def _dispatch(self, conn: _Connection, event: RequestReceived) -> None:
-        req = event.request
-        metadata: dict[str, list[str]] = {}
-        for kv in req.metadata:
-            metadata.setdefault(kv.key, []).append(kv.value)
-        # Go: any non-zero timeout (even negative = already expired) applies.
-        deadline = (
-            trio.current_time() + req.timeout_nano / 1e9 if req.timeout_nano != 0 else None
-        )
-        ctx = CallContext(req.service, req.method, metadata, deadline)
-        code, message, payload = await self._run_handler(ctx, req.payload)
+    def inline_outcome(self, event: RequestReceived) -> Outcome | None:
+        """The answer to a request for an inline handler (or none at all), computed now;
+        None when the request needs a task (``dispatch``)."""
+        key = (event.request.service, event.request.method)
+        if key in self._handlers:
+            return None
+        ctx = _context(event)
+        inline = self._inline.get(key)
+        if inline is None:
+            return self._unimplemented(ctx)
+        # A deadline can only pass at an await, and an inline handler has none:
+        # like a task handler that never reaches a checkpoint, it answers.
+        try:
+            return self._outcome(ctx, inline(event.request.payload, ctx))
+        except Exception as exc:  # noqa: BLE001 - as in dispatch
+            return self._failure(ctx, exc)
+
+    async def dispatch(self, conn: _Connection, event: RequestReceived) -> None:
+        ctx = _context(event)
+        code, message, payload = await self._run_handler(ctx, event.request.payload)
         await conn.respond(event.stream_id, code, message, payload)
 
-    async def _run_handler(self, ctx: CallContext, payload: bytes) -> tuple[int, str, bytes]:
+    def _unimplemented(self, ctx: CallContext) -> Outcome:
+        if ctx.service not in self._services:
+            return Code.UNIMPLEMENTED, f"service {ctx.service}", b""
+        return Code.UNIMPLEMENTED, f"method {ctx.method}", b""
+
+    async def _run_handler(self, ctx: CallContext, payload: bytes) -> Outcome:
         handler = self._handlers.get((ctx.service, ctx.method))
         if handler is None:
-            if ctx.service not in self._services:
-                return Code.UNIMPLEMENTED, f"service {ctx.service}", b""
-            return Code.UNIMPLEMENTED, f"method {ctx.method}", b""
+            return self._unimplemented(ctx)
         try:
             with trio.CancelScope(
                 deadline=math.inf if ctx.deadline is None else ctx.deadline
             ) as scope:
                 reply = await handler(payload, ctx)
-        except TTRPCError as exc:
-            return exc.code, exc.message, b""
-        except Exception as exc:  # a handler bug must not take the server down
-            log.exception("ttrpc: handler /%s/%s failed", ctx.service, ctx.method)
-            return Code.UNKNOWN, str(exc), b""
+        except Exception as exc:  # noqa: BLE001 - a handler bug must not take the server down
+            return self._failure(ctx, exc)
         if scope.cancelled_caught:
             return Code.DEADLINE_EXCEEDED, "context deadline exceeded", b""
+        return self._outcome(ctx, reply)
+
+    @staticmethod
+    def _failure(ctx: CallContext, exc: Exception) -> Outcome:
+        if isinstance(exc, TTRPCError):
+            return exc.code, exc.message, b""
+        log.error("ttrpc: handler /%s/%s failed", ctx.service, ctx.method, exc_info=exc)
+        return Code.UNKNOWN, str(exc), b""
+
+    @staticmethod
+    def _outcome(ctx: CallContext, reply: object) -> Outcome:
         if not isinstance(reply, (bytes, bytearray, memoryview)):
             log.error("ttrpc: handler /%s/%s returned %r", ctx.service, ctx.method, type(reply))
             return Code.UNKNOWN, f"ttrpc: handler returned {type(reply).__name__}, not bytes", b""
         return Code.OK, "", bytes(reply)
+
+
+def _context(event: RequestReceived) -> CallContext:
+    req = event.request
+    metadata: dict[str, list[str]] = {}
+    for kv in req.metadata:
+        metadata.setdefault(kv.key, []).append(kv.value)
+    # Go: any non-zero timeout (even negative = already expired) applies.
+    deadline = trio.current_time() + req.timeout_nano / 1e9 if req.timeout_nano != 0 else None
+    return CallContext(req.service, req.method, metadata, deadline)
+
+
+def _parse(request_type: type[M], payload: bytes) -> M:
+    try:
+        return request_type.FromString(payload)
+    except DecodeError as exc:
+        raise TTRPCError(Code.INVALID_ARGUMENT, f"ttrpc: error unmarshalling payload: {exc}") from exc
+
+
+def _serialized(reply: Message) -> bytes:
+    if not isinstance(reply, Message):
+        raise TypeError(f"ttrpc: handler returned {type(reply).__name__}, not a message")
+    return reply.SerializeToString()
 
 
 class _Tracked:
@@ -267,9 +335,13 @@ class _Connection:
         self.server = server
         self.stream = stream
         self.proto = ServerConnection()
-        self.send_lock = trio.Lock()
+        # A semaphore, not a trio.Lock: the reader may take it for a direct write
+        # and hand the rest of that write to a task, which then releases it.
+        self.send_lock = trio.Semaphore(1)
         self.dead = False
         self.slots = trio.Semaphore(MAX_INFLIGHT_PER_CONNECTION)
+        # Direct writes need the socket; any other stream always goes through send_all.
+        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
 
     async def read_loop(self, handlers: trio.Nursery) -> bool:
         """Read until told to stop; True if the peer is gone or misbehaved
@@ -287,13 +359,22 @@ class _Connection:
                 log.warning("ttrpc: closing connection: %s", exc)
                 return True
             for event in events:
-                await self.slots.acquire()  # backpressure: wait for an answer to go out first
+                # Backpressure: past the limit, wait for an answer to go out first.
+                try:
+                    self.slots.acquire_nowait()
+                except trio.WouldBlock:
+                    await self.slots.acquire()
                 if isinstance(event, RequestRejected):
-                    handlers.start_soon(self._slotted, self.respond, event.stream_id, event.code, event.message, b"")
+                    self._answer_now(handlers, event.stream_id, (event.code, event.message, b""))
+                    continue
+                outcome = self.server.inline_outcome(event)
+                if outcome is None:
+                    handlers.start_soon(self._slotted, self.server.dispatch, self, event)
                 else:
-                    handlers.start_soon(self._slotted, self.server._dispatch, self, event)
+                    self._answer_now(handlers, event.stream_id, outcome)
             if self.proto.violation is not None:
-                # The requests before the violation are answered, then the connection closes.
+                # The requests before the violation are answered (those still running
+                # finish in the handlers' nursery), then the connection closes.
                 log.warning("ttrpc: closing connection after answering: %s", self.proto.violation)
                 return False
 
@@ -303,12 +384,46 @@ class _Connection:
         finally:
             self.slots.release()
 
-    async def respond(self, stream_id: int, code: int, message: str, payload: bytes) -> None:
-        data = self.proto.send_response(stream_id, code, message, payload)
+    def _answer_now(self, handlers: trio.Nursery, stream_id: int, outcome: Outcome) -> None:
+        """Answer from the reader, holding one slot: written at once when the socket
+        takes it, else (or for its rest) by a task that holds the slot until it is out."""
+        data = self.proto.send_response(stream_id, *outcome)
         if self.dead:
+            self.slots.release()
             return
-        async with self.send_lock:
-            try:
+        if self.fd < 0:
+            handlers.start_soon(self._slotted, self._send, data, False)
+            return
+        try:
+            self.send_lock.acquire_nowait()
+        except trio.WouldBlock:  # another answer is being written: queue behind it
+            handlers.start_soon(self._slotted, self._send, data, False)
+            return
+        try:
+            sent = os.write(self.fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent, self.dead = len(data), True
+        if sent < len(data):
+            handlers.start_soon(self._slotted, self._send, data[sent:], True)
+            return
+        self.send_lock.release()
+        self.slots.release()
+
+    async def respond(self, stream_id: int, code: int, message: str, payload: bytes) -> None:
+        await self._send(self.proto.send_response(stream_id, code, message, payload), False)
+
+    async def _send(self, data: bytes, locked: bool) -> None:
+        """Write data under the send lock (already held by us if ``locked``)."""
+        if not locked:
+            if self.dead:
+                return
+            await self.send_lock.acquire()
+        try:
+            if not self.dead:
                 await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.dead = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.dead = True
+        finally:
+            self.send_lock.release()

@@ -254,3 +254,34 @@ def test_a_start_through_the_relay_runs_in_the_template_and_forks_the_shim(tmp_p
             os.unlink(shim_socket)
         except FileNotFoundError:
             pass
+
+
+def test_a_relayed_start_whose_bundle_vanished_says_why(tmp_path):
+    """The bundle directory is gone when the launcher child would enter it (removed after the
+    relay sent its cwd): the start fails with a message on stderr, as the Python launcher's."""
+    path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
+    proc = start_template(Path(path))
+    gone = tmp_path / "bundle-gone"
+    args = ["-namespace", "ns1", "-address", ADDRESS, "-id", "c1", "start"]
+    message = b"\0".join([b"launch", str(os.getpid()).encode(), b"0", os.fsencode(gone), str(len(args)).encode(),
+                          *(a.encode() for a in args), b"PATH=/usr/bin", b""])
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        wait_for(lambda: lean.accepts(path, lean.SOCK_SEQPACKET), what="the template to listen")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.settimeout(30)
+            conn.connect(path)
+            null = os.open(os.devnull, os.O_RDONLY)
+            socket.send_fds(conn, [message], [null, out_w, err_w])
+            for fd in (null, out_w, err_w):
+                os.close(fd)  # the launcher child holds them now
+            assert int(conn.recv(64)) > 0
+            conn.send(b"go")
+            assert conn.recv(1) == b"\x01"
+        with os.fdopen(err_r) as err, os.fdopen(out_r) as out:
+            assert out.read() == ""
+            assert err.read() == f"start failed: [Errno 2] No such file or directory: '{gone}'\n"
+        assert proc.poll() is None  # the template goes on serving
+    finally:
+        stop(proc)

@@ -257,7 +257,11 @@ def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchReque
             return
         os.environ.clear()
         os.environ.update(request.env)
-        os.chdir(request.cwd)
+        try:
+            os.chdir(request.cwd)
+        except OSError as e:  # the bundle went away since the relay sent it: say so, as run_start would
+            print(f"start failed: {e}", file=sys.stderr)
+            return
         code = _run_start(request, nofile)
     finally:
         try:

@@ -468,3 +468,35 @@ def test_no_template_coming_means_spawn_after_the_wait(tmp_path: Path) -> None:
         assert template_client.fork_when_ready(str(tmp_path / "none.sock"), config, listener, wait=0.1) is None
     finally:
         listener.close()
+
+
+def test_the_code_watch_sees_every_kind_of_change_and_is_quiet_otherwise(tmp_path: Path) -> None:
+    """The template skips the fingerprint walk only while its inotify watch saw nothing: an edit,
+    a touch, a new file, a removal, a rename, and an edit in a directory created after the watch
+    began each make it walk again (then it is quiet until the next change)."""
+    pkg = tmp_path / "shim"
+    (pkg / "daemon").mkdir(parents=True)
+    (pkg / "daemon" / "service.py").write_text("x = 1\n")
+    watch = template_server.CodeWatch(str(pkg))
+    try:
+        assert watch.fd >= 0 and watch.quiet()
+        (pkg / "__pycache__").mkdir()  # not the code, but a walk says so
+        assert not watch.quiet() and watch.quiet()
+        (pkg / "__pycache__" / "service.cpython-313.pyc").write_bytes(b"")
+        assert watch.quiet()  # bytecode caches are not watched
+        changes = [
+            lambda: (pkg / "daemon" / "service.py").write_text("x = 2\n"),
+            lambda: os.utime(pkg / "daemon" / "service.py", ns=(1, 1)),
+            lambda: (pkg / "daemon" / "new.py").write_text(""),
+            lambda: (pkg / "daemon" / "new.py").rename(pkg / "daemon" / "newer.py"),
+            lambda: (pkg / "daemon" / "newer.py").unlink(),
+            lambda: (pkg / "sub").mkdir(),
+            lambda: (pkg / "sub" / "mod.py").write_text(""),  # watched since the mkdir's walk
+            lambda: os.utime(pkg / "sub" / "mod.py", ns=(1, 1)),
+        ]
+        for i, change in enumerate(changes):
+            change()
+            assert not watch.quiet(), i
+            assert watch.quiet(), i
+    finally:
+        os.close(watch.fd)

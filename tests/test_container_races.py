@@ -244,6 +244,33 @@ async def test_init_exit_kills_the_rest_unless_the_pid_namespace_is_its_own(
     assert (("kill", "c1", "9") in h.runtime.calls) is kills_all
 
 
+@pytest.mark.parametrize("config,kills_all", [
+    ('{"linux": {"namespaces": [{"type": "mount"}]}}', True),
+    ('{"linux": {"namespaces": [{"type": "pid"}]}}', False),
+])
+async def test_with_a_rootfs_the_pid_namespace_is_read_at_create_not_at_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str, kills_all: bool
+) -> None:
+    """The rootfs mount's worker thread reads the spec too, so the init's exit goes out without
+    a thread of its own: what the spec said at Create decides, even with the file gone since."""
+    import os
+
+    from shim.common.mount import MountSpec
+    from shim.daemon import container as container_module
+
+    monkeypatch.setattr(container_module, "mount_all", lambda mounts, target: None)
+    monkeypatch.setattr(container_module, "unmount_all", lambda target: None)
+    async with trio.open_nursery() as nursery:
+        h = make_container(str(tmp_path), nursery, config=config)
+        h.container.request.rootfs = [MountSpec("bind", str(tmp_path), ["rbind"])]
+        await h.container.create()
+        os.unlink(tmp_path / "config.json")  # unreadable now: would count as shared
+        await h.container.start()
+        h.runtime.exit(h.runtime.init_pid, 0)
+        await h.container.init.wait()
+    assert (("kill", "c1", "9") in h.runtime.calls) is kills_all
+
+
 def _stat_fields(state: bytes, flags: int) -> list[bytes]:
     """/proc/<pid>/stat after the command name, as far as the flags field (the 7th)."""
     return [state, b"1", b"1", b"1", b"0", b"-1", str(flags).encode()]

@@ -151,7 +151,10 @@ async def _after_the_execs(container: Container) -> None:
 
 async def _kill_leftovers(container: Container) -> None:
     """A shared pid namespace outlives its init: kill what is left in it, as Go does."""
-    if await trio.to_thread.run_sync(shares_pid_namespace, container.bundle):
+    shared = container.pid_namespace_shared
+    if shared is None:
+        shared = await trio.to_thread.run_sync(shares_pid_namespace, container.bundle)
+    if shared:
         try:
             await container.runc.kill(container.id, signal.SIGKILL, all=True)
         except RuncError as e:

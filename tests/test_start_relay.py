@@ -48,9 +48,17 @@ def shim_args(*extra: str) -> list[str]:
             "-id", "c1", *extra, "start"]
 
 
+LAUNCHER = ["-I", "-S", "-c", "import sys; from shim.launch.cli import main; main()", "/the/root"]
+
+
+def relay_argv(python: Path | str, args: list[str]) -> list[str]:
+    """As the bin script runs it: the word count, then the Python launcher's command line."""
+    return [str(RELAY), str(1 + len(LAUNCHER)), str(python), *LAUNCHER, *args]
+
+
 def run_relay(python: Path | str, tmp_path: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
     environ = {**os.environ, "SHIM_PY_TEMPLATE_DIR": str(tmp_path), "RELAY_TEST": "yes", **env}
-    return subprocess.run([str(RELAY), str(python), "/the/root", *args], capture_output=True, text=True,
+    return subprocess.run(relay_argv(python, args), capture_output=True, text=True,
                           env=environ, cwd=tmp_path, timeout=30, check=False)
 
 
@@ -142,11 +150,18 @@ def test_the_relay_finds_the_address_as_go_flags_give_it(tmp_path, fake_python, 
 
 
 def test_no_template_means_the_python_launcher(tmp_path, fake_python):
+    """The command line it was given, as it was given (the bin script writes it once, for both)."""
     result = run_relay(fake_python, tmp_path, shim_args())
     assert result.returncode == 0
-    assert result.stdout.split(" ", 5)[:5] == ["fallback", "-I", "-S", "-c", "import"]
-    assert "from shim.launch.cli import main; main()" in result.stdout
-    assert result.stdout.rstrip("\n").endswith(" /the/root " + " ".join(shim_args()))
+    assert result.stdout == " ".join(["fallback", *LAUNCHER, *shim_args()]) + "\n"
+
+
+@pytest.mark.parametrize("argv", [[], ["6"], ["x", "python", "start"], ["0", "python", "start"],
+                                  ["3", "python", "start"], ["-1", "python", "start"]])
+def test_a_relay_run_without_a_word_count_it_can_use_says_how_to_run_it(argv):
+    result = subprocess.run([str(RELAY), *argv], capture_output=True, text=True, timeout=30, check=False)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith("usage: start-relay N PYTHON ARGS... SHIM-ARGS...")
 
 
 @pytest.mark.parametrize("answer", [b"stale", b"late", b"0", b"-1", b"12ab", b""])
@@ -233,7 +248,7 @@ def test_a_start_through_the_relay_runs_in_the_template_and_forks_the_shim(tmp_p
     try:
         wait_for(lambda: lean.accepts(path, lean.SOCK_SEQPACKET), what="the template to listen")
         result = subprocess.run(
-            [str(RELAY), sys.executable, "/the/root", "-namespace", "ns1", "-address", ADDRESS, "-id", id, "start"],
+            relay_argv(sys.executable, ["-namespace", "ns1", "-address", ADDRESS, "-id", id, "start"]),
             capture_output=True, text=True, cwd=bundle, timeout=30, check=False,
             env={**os.environ, "SHIM_PY_TEMPLATE_DIR": str(tmp_path), "TTRPC_ADDRESS": ADDRESS + ".ttrpc"})
         assert (result.returncode, result.stderr) == (0, "")

@@ -1,7 +1,11 @@
 /*
  * start-relay: hand a `start` to the warm template instead of starting an interpreter.
  *
- *     start-relay PYTHON ROOT SHIM-ARGS...
+ *     start-relay N PYTHON ARGS... SHIM-ARGS...
+ *
+ * PYTHON ARGS... SHIM-ARGS... is the Python launcher's command line, exactly as the
+ * bin script would exec it (it is written there, only there), its first N words
+ * before containerd's arguments to the shim (SHIM-ARGS).
  *
  * bin/containerd-shim-runc-v2-py runs this for the `start` action. A fresh
  * Python interpreter costs ~20-30 ms before the launcher's first line runs;
@@ -16,8 +20,7 @@
  * child's pid, and the child does nothing until it reads "go", written here
  * only when that answer came in time. Whenever there is no usable answer (no
  * template, a stopped or stale one, anything unexpected), nothing has happened
- * yet and this program execs the ordinary launcher:
- *     PYTHON -I -S -c 'import sys; sys.path.insert(0, sys.argv.pop(1)); ...' ROOT SHIM-ARGS...
+ * yet and this program execs the ordinary launcher: that command line.
  *
  * The template's socket is <dir>/py-template-<key>, key = FNV-1a 64 of
  * "PYTHON\0ADDRESS" (shim/launch/template_client.py computes the same);
@@ -40,27 +43,10 @@
 
 extern char **environ;
 
-static const char LAUNCHER[] =
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); from shim.launch.cli import main; main()";
-
-static void fallback(char **argv)
+static void fallback(char **command)
 {
-    /* argv: PYTHON ROOT SHIM-ARGS... -> PYTHON -I -S -c LAUNCHER ROOT SHIM-ARGS... */
-    int n = 0;
-    while (argv[n])
-        n++;
-    char **args = calloc((size_t)n + 5, sizeof(char *));
-    if (!args)
-        _exit(1);
-    args[0] = argv[0];
-    args[1] = "-I";
-    args[2] = "-S";
-    args[3] = "-c";
-    args[4] = (char *)LAUNCHER;
-    for (int i = 1; i < n; i++)
-        args[4 + i] = argv[i];
-    execv(argv[0], args);
-    fprintf(stderr, "start failed: exec %s: %s\n", argv[0], strerror(errno));
+    execv(command[0], command);
+    fprintf(stderr, "start failed: exec %s: %s\n", command[0], strerror(errno));
     _exit(1);
 }
 
@@ -116,12 +102,15 @@ static int put(struct buf *b, const char *s)
 
 int main(int argc, char **argv)
 {
-    if (argc < 3) {
-        fprintf(stderr, "usage: start-relay PYTHON ROOT SHIM-ARGS...\n");
+    char *end;
+    long words = argc > 2 ? strtol(argv[1], &end, 10) : 0;
+    if (argc < 3 || *end || words < 1 || words > argc - 2) {
+        fprintf(stderr, "usage: start-relay N PYTHON ARGS... SHIM-ARGS...\n");
         return 2;
     }
-    char **relayed = argv + 1; /* PYTHON ROOT SHIM-ARGS... */
-    char **shim_args = argv + 3;
+    char **relayed = argv + 2; /* the launcher's command line */
+    char **shim_args = relayed + words;
+    int nshim = argc - 2 - (int)words;
     const char *disabled = getenv("SHIM_PY_TEMPLATE");
     if (disabled && strcmp(disabled, "0") == 0)
         fallback(relayed);
@@ -132,7 +121,7 @@ int main(int argc, char **argv)
     const char *dir = getenv("SHIM_PY_TEMPLATE_DIR");
     if (!dir || !*dir)
         dir = "/run/containerd/s";
-    uint64_t key = fnv1a(14695981039346656037ULL, argv[1], strlen(argv[1]) + 1);
+    uint64_t key = fnv1a(14695981039346656037ULL, relayed[0], strlen(relayed[0]) + 1);
     key = fnv1a(key, address, strlen(address));
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     if ((size_t)snprintf(sa.sun_path, sizeof sa.sun_path, "%s/py-template-%016llx", dir,
@@ -153,10 +142,10 @@ int main(int argc, char **argv)
     bad |= put(&msg, num);
     bad |= put(&msg, thp ? "1" : "0");
     bad |= put(&msg, cwd);
-    snprintf(num, sizeof num, "%d", argc - 3);
+    snprintf(num, sizeof num, "%d", nshim);
     bad |= put(&msg, num);
-    for (int i = 3; i < argc; i++)
-        bad |= put(&msg, argv[i]);
+    for (int i = 0; i < nshim; i++)
+        bad |= put(&msg, shim_args[i]);
     for (char **e = environ; *e; e++)
         bad |= put(&msg, *e);
     if (bad)

@@ -84,6 +84,37 @@ def _immortal_refcounts_work() -> bool:
     return unchanged
 
 
+def tag_types() -> int:
+    """Give every class a type version tag now, in the template.
+
+    CPython assigns a class its version tag (``tp_version_tag``, what the
+    method cache and the specialised instructions' guards compare) on its
+    first attribute lookup. A class the warm-up never used would get its tag
+    in every forked shim: a write to the type object's page (a type is ~1 KiB,
+    so one page per class), ~35 classes per shim (bench.memattr). Looking up a
+    missing attribute assigns the tag of the class and of its metaclass
+    without running any class's code (``type.__getattribute__`` skips a
+    metaclass's ``__getattr__``). Returns how many classes were visited.
+    """
+    lookup = type.__getattribute__
+    seen: set[int] = set()
+    stack: list[type] = [object]
+    while stack:
+        cls = stack.pop()
+        if id(cls) in seen:
+            continue
+        seen.add(id(cls))
+        try:
+            lookup(cls, "__shim_template_no_such_attribute__")
+        except Exception:  # noqa: BLE001, S110 - AttributeError; any other is as good: the tag is set
+            pass
+        try:
+            stack.extend(type.__subclasses__(cls))
+        except TypeError:
+            pass
+    return len(seen)
+
+
 def _malloc_stats() -> list[tuple[int, int]]:
     """(block size, free blocks in partly used pools) per obmalloc size class.
 

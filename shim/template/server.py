@@ -30,7 +30,7 @@ from shim.common.config import LISTEN_FD, PROCESS_NAME, ShimConfig
 from shim.daemon.title import set_title
 from shim.launch.template_client import GO, STALE, fingerprint
 
-from .heap import fill_partial_pools, immortalize_heap
+from .heap import fill_partial_pools, immortalize_heap, tag_types
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -325,6 +325,7 @@ def _warm_up() -> None:
     from .warmup import warm_up
 
     warm_up()
+    tag_types()
     gc.collect()
     immortalize_heap()
     fill_partial_pools()  # last: anything allocated and freed after it would leave holes again

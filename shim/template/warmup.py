@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import tempfile
+import threading
 import time
 import tomllib  # noqa: F401  (CRI runtime options are parsed after fork; import it before)
 from collections.abc import Callable
-from typing import TypeVar
 
 import trio
 from google.protobuf import any_pb2
@@ -30,28 +31,46 @@ from shim.daemon.shimlog import LogrusFormatter
 from shim.daemon.stdio import ProcessIO, StdioPaths
 from shim.daemon.task_events import TaskEvents
 from shim.proto import shim_pb2
+from shim.runc_client.client import Runc
 from shim.runc_client.config import RuncConfig, Stdio
 from shim.ttrpc import Client, Server, TTRPCError
 
 #: A pid above any pid_max: the warm-up's processes never name a real one.
-T = TypeVar("T")
 _FAKE_PID = 1 << 30
 ROUNDS = 3
 _EXEC_SPEC = b'{"args": ["true"], "cwd": "/", "env": ["PATH=/bin"]}'
 
 
+def _through_true(name: str) -> Callable[..., object]:
+    """A runtime method that runs the real Runc's, with ``true`` as the runc binary."""
+
+    async def call(self: _WarmRuntime, *args: object, **kwargs: object) -> None:
+        if self.real is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await getattr(self.real, name)(*args, **kwargs)
+
+    return call
+
+
 class _WarmRuntime:
-    """An OCI runtime that runs nothing: each call succeeds at once, pids are fake.
+    """An OCI runtime whose containers do not exist: pids are fake.
 
     What a forked shim runs around runc (the service, the container and
     process rules, stdio, events, exits) runs here once with it, so the
     interpreter specialises that code in the template (its inline caches and
-    counters are written here, not in every shim's copy of the page).
+    counters are written here, not in every shim's copy of the page). Each
+    runtime call also goes through the real runc client with ``true`` as the
+    binary (thp-exec, subprocess, the reaper, the pipes): that code is what
+    every shim runs first, and unwarmed it was the largest share of the code
+    a shim wrote (bench.memattr: Popen._execute_child, Runc.run, ...).
     """
 
     def __init__(self, config: RuncConfig, reaper: ExitRouter, /) -> None:
         self.reaper = reaper
         self.pids: list[int] = []
+        true = shutil.which("true")
+        self.real = Runc(RuncConfig(binary=true), reaper) if true and isinstance(reaper, Reaper) else None
 
     def exit_all(self, status: int) -> None:
         for pid in self.pids:
@@ -64,9 +83,13 @@ class _WarmRuntime:
             f.write(str(pid))
 
     async def create(self, id: str, bundle: str, pid_file: str, stdio: Stdio, **_: object) -> None:
+        if self.real is not None:
+            await self.real.create(id, bundle, pid_file, stdio)
         self._spawned(pid_file)
 
     async def exec(self, id: str, process_spec: str, pid_file: str, stdio: Stdio, **_: object) -> None:
+        if self.real is not None:
+            await self.real.exec(id, process_spec, pid_file, stdio)
         self._spawned(pid_file)
 
     async def restore(self, id: str, bundle: str, image_path: str, work_path: str, pid_file: str,
@@ -79,7 +102,9 @@ class _WarmRuntime:
     async def _nothing(self, *args: object, **kwargs: object) -> None:
         await trio.lowlevel.checkpoint()
 
-    start = kill = delete = pause = resume = update = checkpoint = _nothing
+    checkpoint = _nothing
+    start, kill, delete = _through_true("start"), _through_true("kill"), _through_true("delete")
+    pause, resume, update = _through_true("pause"), _through_true("resume"), _through_true("update")
 
 
 def _lifecycle(bundle: str) -> list[tuple[str, Message]]:
@@ -137,6 +162,7 @@ async def _exercise(bundle: str, rounds: int, answers: list[tuple[str, str]]) ->
 
     a, b = socket.socketpair()
     async with trio.open_nursery() as nursery:
+        await nursery.start(reaper.run)  # as serve() starts it: the real runc client's exits come through it
         ctx = Context("warm", reaper, TaskEvents(publisher), nursery, runtime=runtime)
         TaskService(ctx).register(server)
         nursery.start_soon(server.serve_stream, trio.SocketStream(trio.socket.from_stdlib_socket(a)))
@@ -152,26 +178,42 @@ async def _exercise(bundle: str, rounds: int, answers: list[tuple[str, str]]) ->
         nursery.cancel_scope.cancel()
 
 
-async def _inline(fn: Callable[..., T], *args: object, **_: object) -> T:
-    """trio.to_thread.run_sync during the warm-up: the template must fork with no thread but
-    its own, and trio keeps an idle worker thread alive for 10 s after its job."""
-    await trio.lowlevel.checkpoint()
-    return fn(*args)
+#: trio's worker idle timeout during the warm-up: each worker ends right after its job.
+WORKER_IDLE = 0.001
+#: How long the warm-up waits for each of trio's worker threads to end.
+THREAD_JOIN_TIMEOUT = 5.0
+
+
+def _join_worker_threads() -> None:
+    """Wait until the warm-up's worker threads have ended: the template must fork with no
+    thread but its own."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread():
+            thread.join(THREAD_JOIN_TIMEOUT)
 
 
 def warm_up(rounds: int = ROUNDS) -> list[tuple[str, str]]:
-    """Run the lifecycle rounds times; returns each request's (method, error code name or "")."""
+    """Run the lifecycle rounds times; returns each request's (method, error code name or "").
+
+    trio.to_thread runs for real (a shim's first Create mounts in a worker thread): the thread
+    code is warmed here too, and with trio's idle timeout near 0 each worker ends after its job.
+    """
+    from trio._core import _thread_cache
+
     answers: list[tuple[str, str]] = []
     LogrusFormatter().format(logging.LogRecord("shim", logging.INFO, __file__, 0, "warm", None, None))
     with tempfile.TemporaryDirectory(prefix="shim-warm-") as bundle:
         with open(os.path.join(bundle, "config.json"), "w") as f:
             f.write('{"ociVersion": "1.0.2", "process": {"args": ["true"]}, "linux": {"namespaces": [{"type": "pid"}]}}')
         logging.disable(logging.WARNING)  # its fake pids have no cgroup: no warning in the template's log
-        threaded = trio.to_thread.run_sync
-        trio.to_thread.run_sync = _inline  # type: ignore[assignment]
+        idle = _thread_cache.IDLE_TIMEOUT
+        _thread_cache.IDLE_TIMEOUT = WORKER_IDLE
         try:
             trio.run(_exercise, bundle, rounds, answers)
+            for _ in range(rounds - 1):  # trio.run's own set-up and loop, as each shim runs it once
+                trio.run(trio.lowlevel.checkpoint)
         finally:
-            trio.to_thread.run_sync = threaded
+            _join_worker_threads()  # first: a worker reads the timeout again before it ends
+            _thread_cache.IDLE_TIMEOUT = idle
             logging.disable(logging.NOTSET)
     return answers

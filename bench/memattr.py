@@ -309,6 +309,8 @@ def report(shim: int, template: int, blocks: list[Block]) -> str:
     text = render(table, uss(shim), code_in_pages(copied, blocks))
     writes, pages_by_words, code, sparse = diff_pages(shim, template, copied, blocks)
     retagged = retagged_types(shim, template, blocks)
+    written = {b.label for b in blocks if b.kind == "code"} & set(code)
+    changes = instruction_changes(shim, template, (b for b in blocks if b.kind == "code" and b.label in written))
     files: Counter[str] = Counter()
     for label in code:
         files[_short(label.split(":", 1)[0])] += 1
@@ -321,6 +323,8 @@ def report(shim: int, template: int, blocks: list[Block]) -> str:
             + f"\nmost written code (changed words): {functions}"
             + "\nwrites on sparse copied pages (<= 8 changed words): "
             + ", ".join(f"{k} {w} ×{n}" for (k, w), n in sparse.most_common(20))
+            + "\nbytecode instructions changed (template -> shim): "
+            + ", ".join(f"{k} ×{n}" for k, n in changes.most_common(30))
             + f"\ntypes whose version tag differs from the template's: {len(retagged)}: "
             + ", ".join(retagged[:40]))
 
@@ -372,6 +376,47 @@ def diff_pages(shim: int, template: int, pages: list[int], blocks: list[Block]
     sparse = [w for w in words if per_page[w // PAGE] <= 8]
     return writes_by_field(words, index, maps), density(words), written_code(words, index), \
         writes_by_field(sparse, index, maps, pool_headers=True)
+
+
+def instruction_changes(shim: int, template: int, code: Iterable[Block]) -> Counter[str]:
+    """{"template opcode -> shim opcode": instructions} over the bytecode of the given code
+    objects: which instructions the shim re-wrote (its first run quickening an instruction,
+    an adaptive counter counting down, a specialisation replaced after a guard failed).
+    Decoded with this interpreter's opcode tables, so run it with the shim's Python."""
+    import dis
+
+    out: Counter[str] = Counter()
+    fs, ft = os.open(f"/proc/{shim}/mem", os.O_RDONLY), os.open(f"/proc/{template}/mem", os.O_RDONLY)
+    try:
+        for b in code:
+            length = b.size - CODE_START
+            if length <= 0:
+                continue
+            try:
+                before = os.pread(ft, length, b.address + CODE_START)
+                after = os.pread(fs, length, b.address + CODE_START)
+            except OSError:
+                continue
+            i = 0
+            while i + 1 < len(before):
+                op = before[i]
+                name = dis._all_opname[op] if op < len(dis._all_opname) else f"<{op}>"  # type: ignore[attr-defined]
+                deop = dis._deoptop(op)  # type: ignore[attr-defined]
+                size = 2 * (1 + dis._inline_cache_entries.get(dis.opname[deop], 0))  # type: ignore[attr-defined]
+                if before[i:i + size] != after[i:i + size]:
+                    op2 = after[i]
+                    name2 = dis._all_opname[op2] if op2 < len(dis._all_opname) else f"<{op2}>"  # type: ignore[attr-defined]
+                    what = "counter/cache" if before[i:i + 2] == after[i:i + 2] else name2
+                    out[f"{name} -> {what}"] += 1
+                i += size
+    finally:
+        os.close(fs)
+        os.close(ft)
+    return out
+
+
+#: where a code object's co_code_adaptive starts (CPython 3.13: the code type's basic size)
+CODE_START = types.CodeType.__basicsize__
 
 
 def density(words: Iterable[int]) -> Counter[str]:

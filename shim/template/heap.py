@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from collections.abc import Callable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -125,60 +124,45 @@ def tag_types() -> int:
 _REPLACED: list[object] = []
 
 
-def pack_executed_code() -> int:
-    """Copy the code the warm-up ran into fresh, contiguous memory; point its functions there.
+def pack_code(order: list[CodeType]) -> int:
+    """Copy these code objects, in this order, into fresh memory; point their functions there.
 
     CPython 3.13 writes into a code object as it runs it: adaptive counters,
     inline caches, and on every conditional jump its branch history. So each
     page holding code a shim runs is copied into that shim, however warm the
     template made it. Imported code objects lie scattered among the strings
     and tuples unmarshalled with them: measured, a shim copied ~1.4 MiB of
-    pages for a few hundred KiB of code it ran. Copied one after another
-    (grouped by module), the code the warm-up ran (~0.6 MiB) fills few pages.
+    pages for a few hundred KiB of code it ran. Copied one after another in
+    the order a lifecycle first runs them, they fill few pages.
 
-    Run the warm-up again afterwards: the copies start unspecialised. Code the
-    warm-up did not run stays where it is. Returns how many code objects moved.
+    Functions (found through the GC) whose code is in ``order`` get the copy;
+    a code object nested in a copied one's constants (a closure, a lambda) is
+    copied with it when it is in ``order`` too. Run the warm-up again
+    afterwards: the copies start unspecialised. Returns how many moved.
     """
     if not verified():
         return 0
     import types
 
-    ran = _ran_test()
-    functions = [f for f in gc.get_objects() if type(f) is types.FunctionType and ran(f.__code__)]
-    functions.sort(key=lambda f: (f.__code__.co_filename, f.__code__.co_firstlineno))
+    wanted = {id(code) for code in order}
     moved: dict[int, types.CodeType] = {}
 
     def copy(code: types.CodeType) -> types.CodeType:
         new = moved.get(id(code))
         if new is None:
-            consts = tuple(copy(c) if isinstance(c, types.CodeType) and ran(c) else c for c in code.co_consts)
+            consts = tuple(copy(c) if isinstance(c, types.CodeType) and id(c) in wanted else c
+                           for c in code.co_consts)
             new = moved[id(code)] = code.replace(co_consts=consts)
             _REPLACED.append(code)
         return new
 
-    for f in functions:
-        f.__code__ = copy(f.__code__)
-    _carry_ki_protection({id(c): moved[id(c)] for c in _REPLACED if id(c) in moved})
+    for code in order:
+        copy(code)
+    for f in gc.get_objects():
+        if type(f) is types.FunctionType and id(f.__code__) in moved:
+            f.__code__ = moved[id(f.__code__)]
+    _carry_ki_protection(moved)
     return len(moved)
-
-
-def _ran_test() -> Callable[[CodeType], bool]:
-    """A test for "has this code object run?": its RESUME instruction was quickened (3.13)."""
-    import ctypes
-    import dis
-    import types
-
-    resume, resume_check = dis.opmap["RESUME"], dis._all_opmap.get("RESUME_CHECK")  # type: ignore[attr-defined]
-    start = types.CodeType.__basicsize__  # where co_code_adaptive begins
-
-    def ran(code: CodeType) -> bool:
-        raw = code.co_code
-        for i in range(0, len(raw), 2):
-            if raw[i] == resume:
-                return bool(ctypes.c_uint8.from_address(id(code) + start + i).value == resume_check)
-        return False
-
-    return ran
 
 
 def _carry_ki_protection(moved: dict[int, CodeType]) -> None:

@@ -30,7 +30,7 @@ from shim.common.config import LISTEN_FD, PROCESS_NAME, ShimConfig
 from shim.daemon.title import set_title
 from shim.launch.template_client import GO, STALE, fingerprint
 
-from .heap import fill_partial_pools, immortalize_heap, pack_executed_code, tag_types
+from .heap import fill_partial_pools, immortalize_heap, tag_types
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -322,11 +322,10 @@ def _warm_up() -> None:
     import shim.launch.cli
     import shim.launch.launcher  # noqa: F401
 
-    from .warmup import warm_up
+    from .warmup import pack_shim_code, warm_up
 
     warm_up()
-    if pack_executed_code():
-        warm_up()  # the packed copies start cold
+    pack_shim_code()
     tag_types()
     gc.collect()
     immortalize_heap()

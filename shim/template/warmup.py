@@ -10,9 +10,11 @@ touches the outside world: a socketpair, no containers, no containerd.
 from __future__ import annotations
 
 import logging
+import gc
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -35,6 +37,12 @@ from shim.proto import shim_pb2
 from shim.runc_client.client import Runc
 from shim.runc_client.config import RuncConfig, Stdio
 from shim.ttrpc import Client, Server, TTRPCError
+
+from .heap import pack_code
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from types import CodeType
 
 #: A pid above any pid_max: the warm-up's processes never name a real one.
 _FAKE_PID = 1 << 30
@@ -230,3 +238,54 @@ def warm_up(rounds: int = ROUNDS) -> list[tuple[str, str]]:
             _thread_cache.IDLE_TIMEOUT = idle
             logging.disable(logging.NOTSET)
     return answers
+
+
+def code_run_by(run: Callable[[], object]) -> list[CodeType]:
+    """The code objects ``run()`` ran, in the order each first started (sys.monitoring);
+    empty (having run it) when no monitoring tool id is free."""
+    monitoring = sys.monitoring
+    tool = next((t for t in range(6) if monitoring.get_tool(t) is None), None)
+    if tool is None:
+        run()
+        return []
+    started: list[CodeType] = []
+
+    def on_start(code: CodeType, offset: int) -> object:
+        started.append(code)
+        return monitoring.DISABLE  # once per code object
+
+    monitoring.use_tool_id(tool, "shim template")
+    try:
+        monitoring.register_callback(tool, monitoring.events.PY_START, on_start)
+        monitoring.set_events(tool, monitoring.events.PY_START)
+        run()
+    finally:
+        monitoring.set_events(tool, 0)
+        monitoring.register_callback(tool, monitoring.events.PY_START, None)
+        monitoring.free_tool_id(tool)
+    return started
+
+
+def package_code(package: str) -> list[CodeType]:
+    """The code of every function of the package's modules, by module and line."""
+    import types
+
+    prefix = package + "."
+    functions = [f for f in gc.get_objects()
+                 if type(f) is types.FunctionType and (f.__module__ or "").startswith(prefix)]
+    codes = {id(f.__code__): f.__code__ for f in functions}
+    return sorted(codes.values(), key=lambda c: (c.co_filename, c.co_firstlineno))
+
+
+def pack_shim_code() -> int:
+    """Pack the code a shim runs (heap.pack_code) and warm the copies; returns how many moved.
+
+    First the code one warm-up lifecycle runs, in the order it first ran; then the rest of
+    this package's own functions (a shim's start-up, the launcher, paths the warm-up does not
+    take). The stdlib and libraries' code the warm-up never ran stays where it was."""
+    lifecycle = code_run_by(warm_up)
+    seen = {id(c) for c in lifecycle}
+    moved = pack_code(lifecycle + [c for c in package_code("shim") if id(c) not in seen])
+    if moved:
+        warm_up()  # the copies start cold
+    return moved

@@ -239,3 +239,63 @@ def fill_partial_pools() -> int:
         i += 1
     _FILLER.append(keep)
     return filled
+
+
+#: What fill_malloc_bins allocated (raw malloc pointers): kept for the template's life.
+_MALLOC_FILLER: list[int] = []
+
+
+def _malloc_free_chunks() -> list[tuple[int, int]]:
+    """(chunk size, count) of the free chunks in glibc's main arena bins (malloc_info(3));
+    empty when the C library is not glibc or its output cannot be read."""
+    import ctypes
+    import re
+    import tempfile
+
+    try:
+        libc = ctypes.CDLL(None)
+        malloc_info, fopen, fclose = libc.malloc_info, libc.fopen, libc.fclose
+    except (OSError, AttributeError):
+        return []
+    fopen.restype = ctypes.c_void_p
+    fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    fclose.argtypes = [ctypes.c_void_p]
+    malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    with tempfile.NamedTemporaryFile() as t:
+        stream = fopen(os.fsencode(t.name), b"w")
+        if not stream:
+            return []
+        malloc_info(0, stream)
+        fclose(stream)
+        text = t.read().decode(errors="replace")
+    main = text.split("</heap>", 1)[0]  # heap nr="0": the main arena
+    return [(int(lo), int(n)) for lo, n in re.findall(r'<size from="(\d+)" to="\d+" total="\d+" count="(\d+)"/>', main)]
+
+
+def fill_malloc_bins(rounds: int = 4) -> int:
+    """Occupy the free chunks of malloc's main arena, as fill_partial_pools does obmalloc's.
+
+    A forked shim's larger allocations (over 512 bytes: dict tables, big code and type
+    objects, protobuf's arenas) would otherwise be carved out of free chunks scattered among
+    the template's pages, copying each. Occupied, they come from the top of the heap: fresh
+    pages, packed. Returns how many chunks were taken."""
+    if not verified():
+        return 0
+    import ctypes
+
+    malloc = ctypes.CDLL(None).malloc
+    malloc.restype = ctypes.c_void_p
+    malloc.argtypes = [ctypes.c_size_t]
+    taken = 0
+    for _ in range(rounds):
+        chunks = _malloc_free_chunks()
+        if not chunks:
+            break
+        for size, count in chunks:
+            request = max(size - 1 - 8, 16)  # malloc_info's "from" is a chunk size + 1; 8 bytes of header
+            for _ in range(count):
+                pointer = malloc(request)
+                if pointer:
+                    _MALLOC_FILLER.append(pointer)
+                    taken += 1
+    return taken

@@ -27,6 +27,7 @@ from google.protobuf.message import Message
 
 from shim.daemon.cgroups import container_cgroup
 from shim.daemon.container import Context
+from shim.daemon.events import SERVICE as EVENTS_SERVICE
 from shim.daemon.events import EventPublisher
 from shim.daemon.reaper import Exit, ExitRouter, Reaper
 from shim.daemon.service import SERVICE_V2, TaskService
@@ -36,7 +37,7 @@ from shim.daemon.task_events import TaskEvents
 from shim.proto import shim_pb2
 from shim.runc_client.client import Runc
 from shim.runc_client.config import RuncConfig, Stdio
-from shim.ttrpc import Client, Server, TTRPCError
+from shim.ttrpc import Client, Server, TTRPCError, open_client
 
 from .heap import pack_code
 
@@ -159,32 +160,55 @@ async def _calls(client: Client, requests: list[tuple[str, Message]], answers: l
             answers.append((method, e.code.name))
 
 
+def _listening(path: str) -> trio.socket.SocketType:
+    """A listening unix socket at path, handed to trio as a shim's listener is (main.serve)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(16)
+    return trio.socket.from_stdlib_socket(sock)
+
+
+async def _forwarded(payload: bytes, ctx: object) -> bytes:
+    """containerd's side of Events/Forward: take the event, answer an empty message."""
+    return b""
+
+
 async def _exercise(bundle: str, rounds: int, answers: list[tuple[str, str]]) -> None:
+    """The lifecycle rounds over real unix sockets: the task server accepts the warm-up's
+    client as a shim accepts containerd, and the events reach a stand-in for containerd's
+    events service as a shim's reach containerd (connect, Forward)."""
     reaper = Reaper()
-    publisher = EventPublisher("", "warm")
-    server = Server()
+    events, tasks = os.path.join(bundle, "events.sock"), os.path.join(bundle, "task.sock")
+    publisher = EventPublisher(events, "warm")
+    server, containerd = Server(), Server()
+    containerd.register(EVENTS_SERVICE, "Forward", _forwarded)
     made: list[_WarmRuntime] = []
 
     def runtime(config: RuncConfig, router: ExitRouter, /) -> _WarmRuntime:
         made.append(_WarmRuntime(config, router))
         return made[-1]
 
-    a, b = socket.socketpair()
     async with trio.open_nursery() as nursery:
         await nursery.start(reaper.run)  # as serve() starts it: the real runc client's exits come through it
+        await nursery.start(containerd.serve, _listening(events))
+        nursery.start_soon(publisher.run)
         ctx = Context("warm", reaper, TaskEvents(publisher), nursery, runtime=runtime)
         TaskService(ctx).register(server)
-        nursery.start_soon(server.serve_stream, trio.SocketStream(trio.socket.from_stdlib_socket(a)))
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(b))
-        async with Client(stream) as client:
+        await nursery.start(server.serve, _listening(tasks))
+        async with open_client(tasks) as client:
             for _ in range(rounds):  # the interpreter specialises an instruction after a few runs
                 await _calls(client, _lifecycle(bundle), answers)
                 for rt in made:
                     rt.exit_all(137)  # the exits go through task_events, as a real exit goes
                 await _calls(client, _ENDING, answers)
                 made.clear()
+        await publisher.drain(EVENT_DRAIN_TIMEOUT)
         ProcessIO(StdioPaths()).close()
         nursery.cancel_scope.cancel()
+
+
+#: How long the warm-up waits for its events to reach the stand-in containerd.
+EVENT_DRAIN_TIMEOUT = 2.0
 
 
 #: trio's worker idle timeout during the warm-up: each worker ends right after its job.

@@ -110,7 +110,7 @@ def tag_types() -> int:
         seen.add(id(cls))
         try:
             lookup(cls, "__shim_template_no_such_attribute__")
-        except Exception:  # noqa: BLE001, S110 - AttributeError; any other is as good: the tag is set
+        except Exception:  # noqa: BLE001 - AttributeError; any other is as good: the tag is set
             pass
         try:
             stack.extend(type.__subclasses__(cls))

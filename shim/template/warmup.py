@@ -9,8 +9,8 @@ touches the outside world: a socketpair, no containers, no containerd.
 
 from __future__ import annotations
 
-import logging
 import gc
+import logging
 import os
 import shutil
 import socket
@@ -19,7 +19,8 @@ import tempfile
 import threading
 import time
 import tomllib  # noqa: F401  (CRI runtime options are parsed after fork; import it before)
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 from google.protobuf import any_pb2
@@ -49,18 +50,6 @@ if TYPE_CHECKING:  # pragma: no cover
 _FAKE_PID = 1 << 30
 ROUNDS = 3
 _EXEC_SPEC = b'{"args": ["true"], "cwd": "/", "env": ["PATH=/bin"]}'
-
-
-def _through_true(name: str) -> Callable[..., object]:
-    """A runtime method that runs the real Runc's, with ``true`` as the runc binary."""
-
-    async def call(self: _WarmRuntime, *args: object, **kwargs: object) -> None:
-        if self.real is None:
-            await trio.lowlevel.checkpoint()
-        else:
-            await getattr(self.real, name)(*args, **kwargs)
-
-    return call
 
 
 class _WarmRuntime:
@@ -113,8 +102,30 @@ class _WarmRuntime:
         await trio.lowlevel.checkpoint()
 
     checkpoint = _nothing
-    start, kill, delete = _through_true("start"), _through_true("kill"), _through_true("delete")
-    pause, resume, update = _through_true("pause"), _through_true("resume"), _through_true("update")
+
+    async def _via_true(self, call: Callable[[Runc], Awaitable[None]]) -> None:
+        if self.real is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await call(self.real)
+
+    async def start(self, id: str) -> None:
+        await self._via_true(lambda runc: runc.start(id))
+
+    async def kill(self, id: str, signal: int, *, all: bool = False) -> None:
+        await self._via_true(lambda runc: runc.kill(id, signal, all=all))
+
+    async def delete(self, id: str, *, force: bool = False) -> None:
+        await self._via_true(lambda runc: runc.delete(id, force=force))
+
+    async def pause(self, id: str) -> None:
+        await self._via_true(lambda runc: runc.pause(id))
+
+    async def resume(self, id: str) -> None:
+        await self._via_true(lambda runc: runc.resume(id))
+
+    async def update(self, id: str, resources_json: bytes) -> None:
+        await self._via_true(lambda runc: runc.update(id, resources_json))
 
 
 def _lifecycle(bundle: str) -> list[tuple[str, Message]]:
@@ -252,7 +263,7 @@ def warm_up(rounds: int = ROUNDS) -> list[tuple[str, str]]:
             f.write('{"ociVersion": "1.0.2", "process": {"args": ["true"]}, "linux": {"namespaces": [{"type": "pid"}]}}')
         logging.disable(logging.WARNING)  # its fake pids have no cgroup: no warning in the template's log
         idle = _thread_cache.IDLE_TIMEOUT
-        _thread_cache.IDLE_TIMEOUT = WORKER_IDLE
+        _thread_cache.IDLE_TIMEOUT = WORKER_IDLE  # type: ignore[assignment]  # trio's int, read as a timeout
         try:
             trio.run(_exercise, bundle, rounds, answers)
             for _ in range(rounds - 1):  # trio.run's own set-up and loop, as each shim runs it once
@@ -266,9 +277,9 @@ def warm_up(rounds: int = ROUNDS) -> list[tuple[str, str]]:
 
 def code_run_by(run: Callable[[], object]) -> list[CodeType]:
     """The code objects ``run()`` ran, in the order each first started (sys.monitoring);
-    empty (having run it) when no monitoring tool id is free."""
-    monitoring = sys.monitoring
-    tool = next((t for t in range(6) if monitoring.get_tool(t) is None), None)
+    empty (having run it) before 3.12 or when no monitoring tool id is free."""
+    monitoring: Any = getattr(sys, "monitoring", None)  # 3.12+
+    tool = None if monitoring is None else next((t for t in range(6) if monitoring.get_tool(t) is None), None)
     if tool is None:
         run()
         return []

@@ -156,6 +156,8 @@ def pack_code(order: list[CodeType]) -> int:
             _REPLACED.append(code)
         return new
 
+    for code in order:  # replace() reads co_code, which allocates a cached copy: not between the copies
+        code.co_code  # noqa: B018
     for code in order:
         copy(code)
     for f in gc.get_objects():
@@ -241,6 +243,8 @@ def fill_partial_pools() -> int:
     return filled
 
 
+#: glibc's per-thread cache of freed chunks (tcache): up to 7 chunks per request size up to 1032.
+TCACHE_MIN, TCACHE_MAX, TCACHE_COUNT = 24, 1032, 7
 #: What fill_malloc_bins allocated (raw malloc pointers): kept for the template's life.
 _MALLOC_FILLER: list[int] = []
 
@@ -287,6 +291,12 @@ def fill_malloc_bins(rounds: int = 4) -> int:
     malloc.restype = ctypes.c_void_p
     malloc.argtypes = [ctypes.c_size_t]
     taken = 0
+    for size in range(TCACHE_MIN, TCACHE_MAX + 1, 16):  # the per-thread cache first: not in malloc_info
+        for _ in range(TCACHE_COUNT):
+            pointer = malloc(size)
+            if pointer:
+                _MALLOC_FILLER.append(pointer)
+                taken += 1
     for _ in range(rounds):
         chunks = _malloc_free_chunks()
         if not chunks:

@@ -40,7 +40,7 @@ from shim.runc_client.client import Runc
 from shim.runc_client.config import RuncConfig, Stdio
 from shim.ttrpc import Client, Server, TTRPCError, open_client
 
-from .heap import pack_code
+from .heap import fill_malloc_bins, fill_partial_pools, pack_code
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -320,6 +320,8 @@ def pack_shim_code() -> int:
     take). The stdlib and libraries' code the warm-up never ran stays where it was."""
     lifecycle = code_run_by(warm_up)
     seen = {id(c) for c in lifecycle}
+    fill_malloc_bins()  # the copies go to fresh memory, one after another, not into holes
+    fill_partial_pools()
     moved = pack_code(lifecycle + [c for c in package_code("shim") if id(c) not in seen])
     if moved:
         warm_up()  # the copies start cold

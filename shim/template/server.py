@@ -322,10 +322,9 @@ def _warm_up() -> None:
     import shim.launch.cli
     import shim.launch.launcher  # noqa: F401
 
-    from .warmup import pack_shim_code, warm_up
+    from .warmup import pack_shim_code
 
-    warm_up()
-    pack_shim_code()
+    pack_shim_code()  # runs the warm-up (warmup.py), packs the code it ran, warms the copies
     tag_types()
     gc.collect()
     immortalize_heap()

@@ -313,7 +313,8 @@ def package_code(package: str) -> list[CodeType]:
 
 
 def pack_shim_code() -> int:
-    """Pack the code a shim runs (heap.pack_code) and warm the copies; returns how many moved.
+    """Run the warm-up, pack the code a shim runs (heap.pack_code) and warm the copies; returns
+    how many code objects moved (0 where pack_code does nothing: the warm-up has still run).
 
     First the code one warm-up lifecycle runs, in the order it first ran; then the rest of
     this package's own functions (a shim's start-up, the launcher, paths the warm-up does not

@@ -319,7 +319,7 @@ def pack_shim_code() -> int:
     First the code one warm-up lifecycle runs, in the order it first ran; then the rest of
     this package's own functions (a shim's start-up, the launcher, paths the warm-up does not
     take). The stdlib and libraries' code the warm-up never ran stays where it was."""
-    lifecycle = code_run_by(warm_up)
+    lifecycle = code_run_by(lambda: warm_up(rounds=1))  # what runs, once is enough: the copies get ROUNDS
     seen = {id(c) for c in lifecycle}
     fill_malloc_bins()  # the copies go to fresh memory, one after another, not into holes
     fill_partial_pools()

@@ -152,7 +152,12 @@ def changed_words(before: bytes, after: bytes, base: int) -> list[int]:
     return [base + 8 * k for k in range(len(a)) if a[k] != b[k]]
 
 
-def writes_by_field(words: Iterable[int], index: Index, maps: list[Mapping]) -> Counter[tuple[str, str]]:
+POOL = 16 << 10  # obmalloc's pool size on 64-bit 3.13 (a pool header opens each)
+POOL_HEADER = 48
+
+
+def writes_by_field(words: Iterable[int], index: Index, maps: list[Mapping],
+                    pool_headers: bool = False) -> Counter[tuple[str, str]]:
     """{(kind, where in the object): changed words}. Where: "+offset" into the block
     (code objects: "header" or "bytecode", by the code type's basic size); for a
     word in no template block, (NO_OBJECT, its region)."""
@@ -162,7 +167,10 @@ def writes_by_field(words: Iterable[int], index: Index, maps: list[Mapping]) -> 
         b = index.at(w)
         if b is None:
             i = bisect.bisect_right(starts_maps, w) - 1
-            out[(NO_OBJECT, region(maps, i) if i >= 0 and maps[i].end > w else "other")] += 1
+            where = region(maps, i) if i >= 0 and maps[i].end > w else "other"
+            if pool_headers and where.startswith("anonymous") and w % POOL < POOL_HEADER:
+                where = "obmalloc pool header"
+            out[(NO_OBJECT, where)] += 1
             continue
         offset = w - b.address
         if b.kind != "code":
@@ -299,7 +307,10 @@ def report(shim: int, template: int, blocks: list[Block]) -> str:
     table = attribute(pages, maps, blocks)
     copied = sorted(p for p, h in pages.items() if h == "copied")
     text = render(table, uss(shim), code_in_pages(copied, blocks))
-    writes, pages_by_words, code = diff_pages(shim, template, copied, blocks)
+    writes, pages_by_words, code, sparse = diff_pages(shim, template, copied, blocks)
+    retagged = retagged_types(shim, template, blocks)
+    written = {b.label for b in blocks if b.kind == "code"} & set(code)
+    changes = instruction_changes(shim, template, (b for b in blocks if b.kind == "code" and b.label in written))
     files: Counter[str] = Counter()
     for label in code:
         files[_short(label.split(":", 1)[0])] += 1
@@ -309,12 +320,45 @@ def report(shim: int, template: int, blocks: list[Block]) -> str:
             + f" (unchanged now: {len(copied) - sum(pages_by_words.values())})"
             + f"\ncode objects written: {len(code)}; by file: "
             + ", ".join(f"{f} {n}" for f, n in files.most_common(25))
-            + f"\nmost written code (changed words): {functions}")
+            + f"\nmost written code (changed words): {functions}"
+            + "\nwrites on sparse copied pages (<= 8 changed words): "
+            + ", ".join(f"{k} {w} ×{n}" for (k, w), n in sparse.most_common(20))
+            + "\nbytecode instructions changed (template -> shim): "
+            + ", ".join(f"{k} ×{n}" for k, n in changes.most_common(30))
+            + f"\ntypes whose version tag differs from the template's: {len(retagged)}: "
+            + ", ".join(retagged[:40]))
 
 
-def diff_pages(shim: int, template: int, pages: list[int],
-               blocks: list[Block]) -> tuple[Counter[tuple[str, str]], Counter[str], Counter[str]]:
-    """Which words of the copied pages differ now between template and shim, by object field."""
+#: where tp_version_tag sits in a type's block (CPython 3.13, 64-bit: after the 16-byte GC header)
+TYPE_VERSION_TAG = 16 + 384
+
+
+def retagged_types(shim: int, template: int, blocks: list[Block]) -> list[str]:
+    """The template types whose version tag the shim changed (re-assigned or invalidated): each
+    change writes the type's page and misses every inline cache specialised on the old tag."""
+    out = []
+    fs, ft = os.open(f"/proc/{shim}/mem", os.O_RDONLY), os.open(f"/proc/{template}/mem", os.O_RDONLY)
+    try:
+        for b in blocks:
+            if b.kind != "type":
+                continue
+            try:
+                before = int.from_bytes(os.pread(ft, 4, b.address + TYPE_VERSION_TAG), "little")
+                after = int.from_bytes(os.pread(fs, 4, b.address + TYPE_VERSION_TAG), "little")
+            except OSError:
+                continue
+            if before != after:
+                out.append(f"{b.label}({before}->{after})")
+    finally:
+        os.close(fs)
+        os.close(ft)
+    return out
+
+
+def diff_pages(shim: int, template: int, pages: list[int], blocks: list[Block]
+               ) -> tuple[Counter[tuple[str, str]], Counter[str], Counter[str], Counter[tuple[str, str]]]:
+    """Which words of the copied pages differ now between template and shim, by object field;
+    and the same for the words of sparsely written pages only."""
     words: list[int] = []
     fs, ft = os.open(f"/proc/{shim}/mem", os.O_RDONLY), os.open(f"/proc/{template}/mem", os.O_RDONLY)
     try:
@@ -328,7 +372,51 @@ def diff_pages(shim: int, template: int, pages: list[int],
         os.close(ft)
     index = Index(blocks)
     maps = parse_maps(Path(f"/proc/{shim}/maps").read_text())
-    return writes_by_field(words, index, maps), density(words), written_code(words, index)
+    per_page: Counter[int] = Counter(w // PAGE for w in words)
+    sparse = [w for w in words if per_page[w // PAGE] <= 8]
+    return writes_by_field(words, index, maps), density(words), written_code(words, index), \
+        writes_by_field(sparse, index, maps, pool_headers=True)
+
+
+def instruction_changes(shim: int, template: int, code: Iterable[Block]) -> Counter[str]:
+    """{"template opcode -> shim opcode": instructions} over the bytecode of the given code
+    objects: which instructions the shim re-wrote (its first run quickening an instruction,
+    an adaptive counter counting down, a specialisation replaced after a guard failed).
+    Decoded with this interpreter's opcode tables, so run it with the shim's Python."""
+    import dis
+
+    out: Counter[str] = Counter()
+    fs, ft = os.open(f"/proc/{shim}/mem", os.O_RDONLY), os.open(f"/proc/{template}/mem", os.O_RDONLY)
+    try:
+        for b in code:
+            length = b.size - CODE_START
+            if length <= 0:
+                continue
+            try:
+                before = os.pread(ft, length, b.address + CODE_START)
+                after = os.pread(fs, length, b.address + CODE_START)
+            except OSError:
+                continue
+            i = 0
+            while i + 1 < len(before):
+                op = before[i]
+                name = dis._all_opname[op] if op < len(dis._all_opname) else f"<{op}>"  # type: ignore[attr-defined]
+                deop = dis._deoptop(op)  # type: ignore[attr-defined]
+                size = 2 * (1 + dis._inline_cache_entries.get(dis.opname[deop], 0))  # type: ignore[attr-defined]
+                if before[i:i + size] != after[i:i + size]:
+                    op2 = after[i]
+                    name2 = dis._all_opname[op2] if op2 < len(dis._all_opname) else f"<{op2}>"  # type: ignore[attr-defined]
+                    what = "counter/cache" if before[i:i + 2] == after[i:i + 2] else name2
+                    out[f"{name} -> {what}"] += 1
+                i += size
+    finally:
+        os.close(fs)
+        os.close(ft)
+    return out
+
+
+#: where a code object's co_code_adaptive starts (CPython 3.13: the code type's basic size)
+CODE_START = types.CodeType.__basicsize__
 
 
 def density(words: Iterable[int]) -> Counter[str]:

@@ -167,3 +167,53 @@ def test_heapdump_write_and_load_round_trip(tmp_path):
     pid, blocks = memattr.load_dump(path.read_text())
     assert pid == 1234 and len(blocks) == n > 1000
     assert {"code", "type", "dict", "str"} <= {b.kind for b in blocks}
+
+
+def _branchy(x: int) -> int:
+    if x:
+        return x + 1
+    return 0
+
+
+def test_instruction_changes_and_retagged_types_in_a_forked_child():
+    """What a forked child rewrote, read from both processes' memory (/proc/PID/mem): the
+    bytecode of a function it ran (quickening, counters, branch history) and the version tag of
+    a class it first looked up."""
+    import os
+
+    fresh = type("Fresh", (), {})
+    code = _branchy.__code__
+    blocks = [Block(id(code), sys.getsizeof(code), "code", "_branchy"),
+              Block(id(fresh) - 16, type(fresh).__basicsize__ + 16, "type", "Fresh")]
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for i in range(10):
+                _branchy(i)
+            getattr(fresh, "missing", None)
+            os.write(ready_w, b"x")
+            os.read(done_r, 1)  # stay until the parent has read our memory
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        changes = memattr.instruction_changes(pid, os.getpid(), [blocks[0]])
+        retagged = memattr.retagged_types(pid, os.getpid(), blocks)
+    finally:
+        os.write(done_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
+    assert changes["RESUME -> RESUME_CHECK"] == 1, changes
+    assert any(k.startswith("POP_JUMP_IF_FALSE") for k in changes), changes
+    assert [r.split("(")[0] for r in retagged] == ["Fresh"]
+
+
+def test_writes_by_field_tells_pool_headers_apart():
+    maps = [Mapping(0x100000, 0x200000, "rw-p", 0, "")]
+    index = memattr.Index([])
+    writes = memattr.writes_by_field([0x104000, 0x104000 + 64], index, maps, pool_headers=True)
+    assert writes == {(memattr.NO_OBJECT, "obmalloc pool header"): 1,
+                      (memattr.NO_OBJECT, "anonymous (obmalloc arenas, large blocks)"): 1}

@@ -79,3 +79,71 @@ def test_a_dead_templates_successor_is_wanted_at_once(tmp_path: Path) -> None:
     Path(path + ".pid").write_text("12345")
     assert template.wanted(path, now=1000.0)
     assert not Path(path + ".wanted").exists()
+
+
+def test_tag_types_gives_a_class_its_version_tag_before_fork() -> None:
+    """A class first looked up in a forked shim gets its version tag there: a write to the type
+    object's page in every shim (bench.memattr found ~35 such classes per shim)."""
+    import pytest
+
+    testcapi = pytest.importorskip("_testcapi")
+    from shim.template import heap
+
+    fresh = type("Fresh", (), {})
+    assert testcapi.type_get_version(fresh) == 0
+    assert heap.tag_types() > 100
+    assert testcapi.type_get_version(fresh) != 0
+
+
+def _outer(n: int) -> int:
+    def inner() -> int:
+        return n + 1
+
+    return inner()
+
+
+def test_pack_code_points_functions_and_their_closures_at_copies() -> None:
+    """The copies replace the originals everywhere a shim would run them: the function's code and
+    the code of the closures it creates (from its constants); the originals are kept (freed, they
+    would leave holes among the template's pages)."""
+    import types
+
+    from shim.template import heap
+
+    _outer(1)
+    code = _outer.__code__
+    inner = next(c for c in code.co_consts if isinstance(c, types.CodeType))
+    assert heap.pack_code([code, inner]) == 2
+    assert _outer.__code__ is not code and _outer.__code__.co_code == code.co_code
+    assert next(c for c in _outer.__code__.co_consts if isinstance(c, types.CodeType)) is not inner
+    assert _outer(2) == 3
+    assert code in heap._REPLACED and inner in heap._REPLACED
+
+
+def test_pack_code_keeps_trios_keyboard_interrupt_protection() -> None:
+    """trio marks KeyboardInterrupt protection per code object: a copy must carry the mark."""
+    import trio
+    from trio._core import _ki
+
+    from shim.template import heap
+
+    @trio.lowlevel.enable_ki_protection
+    def protected() -> int:
+        return 1
+
+    protected()
+    heap.pack_code([protected.__code__])
+    assert _ki._CODE_KI_PROTECTION_STATUS_WMAP[protected.__code__] is True
+
+
+def test_fill_malloc_bins_leaves_few_free_chunks_for_a_shim_to_land_in() -> None:
+    """A shim's larger allocations must come from fresh heap pages, not from the free chunks
+    scattered among the template's (each would copy a page for a few bytes)."""
+    from shim.template import heap
+
+    kept = [bytes(600 + 16 * (i % 40)) for i in range(4000)]  # malloc'd (over 512 bytes)
+    del kept[::2]  # holes between live blocks
+    before = sum(n for _, n in heap._malloc_free_chunks())
+    assert heap.fill_malloc_bins() > 0
+    after = sum(n for _, n in heap._malloc_free_chunks())
+    assert before > 500 and after < before / 10, (before, after)

@@ -106,3 +106,35 @@ def test_template_imports_the_launcher_a_relayed_start_runs() -> None:
     out = subprocess.run([sys.executable, "-I", "-c", code, str(ROOT)], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["shim.launch.cli", "shim.launch.launcher"]
+
+
+def test_warm_up_runs_what_a_shim_runs_around_the_service() -> None:
+    """Beyond the service: the real runc client spawning a process (``true`` as the binary,
+    through subprocess and the reaper), a trio worker thread (a shim's first Create mounts in
+    one), reading a process's cgroups, accepting a connection on a listening socket, and the
+    events' connection to containerd. Code first run after fork is written in every shim."""
+    import shim.daemon.main  # noqa: F401
+    from shim.template.warmup import code_run_by, warm_up
+
+    ran = {code.co_qualname for code in code_run_by(lambda: warm_up(rounds=1))}
+    expected = {"Runc.run", "Runc._popen", "Popen._execute_child", "Reaper.reap", "to_thread_run_sync",
+                "WorkerThread._handle_job", "container_cgroup", "ContainerCgroup.metrics_any", "Server.serve",
+                "open_client", "EventPublisher._send_queued"}
+    assert expected <= ran, expected - ran
+
+
+def test_code_run_by_lists_code_in_the_order_it_first_ran() -> None:
+    from shim.template.warmup import code_run_by
+
+    def first() -> None:
+        second()
+        second()
+
+    def second() -> None:
+        pass
+
+    ran = code_run_by(first)
+    assert [c for c in ran if c in (first.__code__, second.__code__)] == [first.__code__, second.__code__]
+    import sys
+
+    assert all(sys.monitoring.get_tool(t) is None or sys.monitoring.get_tool(t) != "shim template" for t in range(6))

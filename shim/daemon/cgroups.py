@@ -43,9 +43,15 @@ _ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ENODEV, errno.ESRCH)
 # --- mode detection -------------------------------------------------------------
 
 
+#: Compiled at import, so in the warm template: a pattern compiled on first use is compiled
+#: (and cached) again in every forked shim, in pages of its own.
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+_BLKIO_SEPARATOR = re.compile(r"[ :]")
+
+
 def _unescape_mount_path(s: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), s)
 
 
 def _mounts(mountinfo: str) -> list[tuple[str, str]]:
@@ -304,7 +310,7 @@ def _block_devices(partitions: str) -> dict[tuple[int, int], str]:
 def _blkio_entries(text: str, devices: dict[tuple[int, int], str]) -> list[v1pb.BlkIOEntry]:
     out = []
     for line in text.splitlines():
-        fields = [f for f in re.split(r"[ :]", line) if f]
+        fields = [f for f in _BLKIO_SEPARATOR.split(line) if f]
         if len(fields) < 3:
             continue  # "Total N" and blank lines
         try:

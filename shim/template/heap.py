@@ -17,6 +17,10 @@ import gc
 import os
 import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from types import CodeType
+
 #: The CPython versions whose internals both tricks were written and checked against (the
 #: immortal refcount value, the format of sys._debugmallocstats). Another version runs without
 #: them (more private memory per shim, nothing else) until someone checks it and adds it here.
@@ -84,6 +88,101 @@ def _immortal_refcounts_work() -> bool:
     return unchanged
 
 
+def tag_types() -> int:
+    """Give every class a type version tag now, in the template.
+
+    CPython assigns a class its version tag (``tp_version_tag``, what the
+    method cache and the specialised instructions' guards compare) on its
+    first attribute lookup. A class the warm-up never used would get its tag
+    in every forked shim: a write to the type object's page (a type is ~1 KiB,
+    so one page per class), ~35 classes per shim (bench.memattr). Looking up a
+    missing attribute assigns the tag of the class and of its metaclass
+    without running any class's code (``type.__getattribute__`` skips a
+    metaclass's ``__getattr__``). Returns how many classes were visited.
+    """
+    lookup = type.__getattribute__
+    seen: set[int] = set()
+    stack: list[type] = [object]
+    while stack:
+        cls = stack.pop()
+        if id(cls) in seen:
+            continue
+        seen.add(id(cls))
+        try:
+            lookup(cls, "__shim_template_no_such_attribute__")
+        except Exception:  # noqa: BLE001 - AttributeError; any other is as good: the tag is set
+            pass
+        try:
+            stack.extend(type.__subclasses__(cls))
+        except TypeError:
+            pass
+    return len(seen)
+
+
+#: The code objects pack_executed_code replaced: kept, so that freeing them leaves no holes
+#: among the template's pages for a shim's allocations to land in.
+_REPLACED: list[object] = []
+
+
+def pack_code(order: list[CodeType]) -> int:
+    """Copy these code objects, in this order, into fresh memory; point their functions there.
+
+    CPython 3.13 writes into a code object as it runs it: adaptive counters,
+    inline caches, and on every conditional jump its branch history. So each
+    page holding code a shim runs is copied into that shim, however warm the
+    template made it. Imported code objects lie scattered among the strings
+    and tuples unmarshalled with them: measured, a shim copied ~1.4 MiB of
+    pages for a few hundred KiB of code it ran. Copied one after another in
+    the order a lifecycle first runs them, they fill few pages.
+
+    Functions (found through the GC) whose code is in ``order`` get the copy;
+    a code object nested in a copied one's constants (a closure, a lambda) is
+    copied with it when it is in ``order`` too. Run the warm-up again
+    afterwards: the copies start unspecialised. Returns how many moved.
+    """
+    if not verified():
+        return 0
+    import types
+
+    wanted = {id(code) for code in order}
+    moved: dict[int, types.CodeType] = {}
+
+    def copy(code: types.CodeType) -> types.CodeType:
+        new = moved.get(id(code))
+        if new is None:
+            consts = tuple(copy(c) if isinstance(c, types.CodeType) and id(c) in wanted else c
+                           for c in code.co_consts)
+            new = moved[id(code)] = code.replace(co_consts=consts)
+            _REPLACED.append(code)
+        return new
+
+    for code in order:  # replace() reads co_code, which allocates a cached copy: not between the copies
+        code.co_code  # noqa: B018
+    for code in order:
+        copy(code)
+    for f in gc.get_objects():
+        if type(f) is types.FunctionType and id(f.__code__) in moved:
+            f.__code__ = moved[id(f.__code__)]
+    _carry_ki_protection(moved)
+    return len(moved)
+
+
+def _carry_ki_protection(moved: dict[int, CodeType]) -> None:
+    """trio marks KeyboardInterrupt protection per code object: give each copy its original's mark."""
+    from trio._core import _ki
+
+    marks = _ki._CODE_KI_PROTECTION_STATUS_WMAP
+    for old in _REPLACED:
+        new = moved.get(id(old))
+        if new is None:
+            continue
+        try:
+            mark = marks[old]  # type: ignore[index]
+        except KeyError:
+            continue
+        marks[new] = mark
+
+
 def _malloc_stats() -> list[tuple[int, int]]:
     """(block size, free blocks in partly used pools) per obmalloc size class.
 
@@ -142,3 +241,71 @@ def fill_partial_pools() -> int:
         i += 1
     _FILLER.append(keep)
     return filled
+
+
+#: glibc's per-thread cache of freed chunks (tcache): up to 7 chunks per request size up to 1032.
+TCACHE_MIN, TCACHE_MAX, TCACHE_COUNT = 24, 1032, 7
+#: What fill_malloc_bins allocated (raw malloc pointers): kept for the template's life.
+_MALLOC_FILLER: list[int] = []
+
+
+def _malloc_free_chunks() -> list[tuple[int, int]]:
+    """(chunk size, count) of the free chunks in glibc's main arena bins (malloc_info(3));
+    empty when the C library is not glibc or its output cannot be read."""
+    import ctypes
+    import re
+    import tempfile
+
+    try:
+        libc = ctypes.CDLL(None)
+        malloc_info, fopen, fclose = libc.malloc_info, libc.fopen, libc.fclose
+    except (OSError, AttributeError):
+        return []
+    fopen.restype = ctypes.c_void_p
+    fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    fclose.argtypes = [ctypes.c_void_p]
+    malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    with tempfile.NamedTemporaryFile() as t:
+        stream = fopen(os.fsencode(t.name), b"w")
+        if not stream:
+            return []
+        malloc_info(0, stream)
+        fclose(stream)
+        text = t.read().decode(errors="replace")
+    main = text.split("</heap>", 1)[0]  # heap nr="0": the main arena
+    return [(int(lo), int(n)) for lo, n in re.findall(r'<size from="(\d+)" to="\d+" total="\d+" count="(\d+)"/>', main)]
+
+
+def fill_malloc_bins(rounds: int = 4) -> int:
+    """Occupy the free chunks of malloc's main arena, as fill_partial_pools does obmalloc's.
+
+    A forked shim's larger allocations (over 512 bytes: dict tables, big code and type
+    objects, protobuf's arenas) would otherwise be carved out of free chunks scattered among
+    the template's pages, copying each. Occupied, they come from the top of the heap: fresh
+    pages, packed. Returns how many chunks were taken."""
+    if not verified():
+        return 0
+    import ctypes
+
+    malloc = ctypes.CDLL(None).malloc
+    malloc.restype = ctypes.c_void_p
+    malloc.argtypes = [ctypes.c_size_t]
+    taken = 0
+    for size in range(TCACHE_MIN, TCACHE_MAX + 1, 16):  # the per-thread cache first: not in malloc_info
+        for _ in range(TCACHE_COUNT):
+            pointer = malloc(size)
+            if pointer:
+                _MALLOC_FILLER.append(pointer)
+                taken += 1
+    for _ in range(rounds):
+        chunks = _malloc_free_chunks()
+        if not chunks:
+            break
+        for size, count in chunks:
+            request = max(size - 1 - 8, 16)  # malloc_info's "from" is a chunk size + 1; 8 bytes of header
+            for _ in range(count):
+                pointer = malloc(request)
+                if pointer:
+                    _MALLOC_FILLER.append(pointer)
+                    taken += 1
+    return taken

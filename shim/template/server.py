@@ -30,7 +30,7 @@ from shim.common.config import LISTEN_FD, PROCESS_NAME, ShimConfig
 from shim.daemon.title import set_title
 from shim.launch.template_client import GO, STALE, fingerprint, package_dir
 
-from .heap import fill_partial_pools, immortalize_heap
+from .heap import fill_malloc_bins, fill_partial_pools, immortalize_heap, tag_types
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -388,11 +388,13 @@ def _warm_up() -> None:
     import shim.launch.cli
     import shim.launch.launcher  # noqa: F401
 
-    from .warmup import warm_up
+    from .warmup import pack_shim_code
 
-    warm_up()
+    pack_shim_code()  # runs the warm-up (warmup.py), packs the code it ran, warms the copies
+    tag_types()
     gc.collect()
     immortalize_heap()
+    fill_malloc_bins()
     fill_partial_pools()  # last: anything allocated and freed after it would leave holes again
     gc.freeze()
     if os.environ.get("SHIM_PY_HEAPDUMP"):  # only for bench/memattr.py; imported only then

@@ -9,20 +9,26 @@ touches the outside world: a socketpair, no containers, no containerd.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import shutil
 import socket
+import sys
 import tempfile
+import threading
 import time
 import tomllib  # noqa: F401  (CRI runtime options are parsed after fork; import it before)
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from shim.daemon.cgroups import container_cgroup
 from shim.daemon.container import Context
+from shim.daemon.events import SERVICE as EVENTS_SERVICE
 from shim.daemon.events import EventPublisher
 from shim.daemon.reaper import Exit, ExitRouter, Reaper
 from shim.daemon.service import SERVICE_V2, TaskService
@@ -30,28 +36,40 @@ from shim.daemon.shimlog import LogrusFormatter
 from shim.daemon.stdio import ProcessIO, StdioPaths
 from shim.daemon.task_events import TaskEvents
 from shim.proto import shim_pb2
+from shim.runc_client.client import Runc
 from shim.runc_client.config import RuncConfig, Stdio
-from shim.ttrpc import Client, Server, TTRPCError
+from shim.ttrpc import Client, Server, TTRPCError, open_client
+
+from .heap import fill_malloc_bins, fill_partial_pools, pack_code
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from types import CodeType
 
 #: A pid above any pid_max: the warm-up's processes never name a real one.
-T = TypeVar("T")
 _FAKE_PID = 1 << 30
 ROUNDS = 3
 _EXEC_SPEC = b'{"args": ["true"], "cwd": "/", "env": ["PATH=/bin"]}'
 
 
 class _WarmRuntime:
-    """An OCI runtime that runs nothing: each call succeeds at once, pids are fake.
+    """An OCI runtime whose containers do not exist: pids are fake.
 
     What a forked shim runs around runc (the service, the container and
     process rules, stdio, events, exits) runs here once with it, so the
     interpreter specialises that code in the template (its inline caches and
-    counters are written here, not in every shim's copy of the page).
+    counters are written here, not in every shim's copy of the page). Each
+    runtime call also goes through the real runc client with ``true`` as the
+    binary (thp-exec, subprocess, the reaper, the pipes): that code is what
+    every shim runs first, and unwarmed it was the largest share of the code
+    a shim wrote (bench.memattr: Popen._execute_child, Runc.run, ...).
     """
 
     def __init__(self, config: RuncConfig, reaper: ExitRouter, /) -> None:
         self.reaper = reaper
         self.pids: list[int] = []
+        true = shutil.which("true")
+        self.real = Runc(RuncConfig(binary=true), reaper) if true and isinstance(reaper, Reaper) else None
 
     def exit_all(self, status: int) -> None:
         for pid in self.pids:
@@ -64,9 +82,13 @@ class _WarmRuntime:
             f.write(str(pid))
 
     async def create(self, id: str, bundle: str, pid_file: str, stdio: Stdio, **_: object) -> None:
+        if self.real is not None:
+            await self.real.create(id, bundle, pid_file, stdio)
         self._spawned(pid_file)
 
     async def exec(self, id: str, process_spec: str, pid_file: str, stdio: Stdio, **_: object) -> None:
+        if self.real is not None:
+            await self.real.exec(id, process_spec, pid_file, stdio)
         self._spawned(pid_file)
 
     async def restore(self, id: str, bundle: str, image_path: str, work_path: str, pid_file: str,
@@ -79,7 +101,31 @@ class _WarmRuntime:
     async def _nothing(self, *args: object, **kwargs: object) -> None:
         await trio.lowlevel.checkpoint()
 
-    start = kill = delete = pause = resume = update = checkpoint = _nothing
+    checkpoint = _nothing
+
+    async def _via_true(self, call: Callable[[Runc], Awaitable[None]]) -> None:
+        if self.real is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await call(self.real)
+
+    async def start(self, id: str) -> None:
+        await self._via_true(lambda runc: runc.start(id))
+
+    async def kill(self, id: str, signal: int, *, all: bool = False) -> None:
+        await self._via_true(lambda runc: runc.kill(id, signal, all=all))
+
+    async def delete(self, id: str, *, force: bool = False) -> None:
+        await self._via_true(lambda runc: runc.delete(id, force=force))
+
+    async def pause(self, id: str) -> None:
+        await self._via_true(lambda runc: runc.pause(id))
+
+    async def resume(self, id: str) -> None:
+        await self._via_true(lambda runc: runc.resume(id))
+
+    async def update(self, id: str, resources_json: bytes) -> None:
+        await self._via_true(lambda runc: runc.update(id, resources_json))
 
 
 def _lifecycle(bundle: str) -> list[tuple[str, Message]]:
@@ -125,53 +171,159 @@ async def _calls(client: Client, requests: list[tuple[str, Message]], answers: l
             answers.append((method, e.code.name))
 
 
+def _listening(path: str) -> trio.socket.SocketType:
+    """A listening unix socket at path, handed to trio as a shim's listener is (main.serve)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(16)
+    return trio.socket.from_stdlib_socket(sock)
+
+
+async def _forwarded(payload: bytes, ctx: object) -> bytes:
+    """containerd's side of Events/Forward: take the event, answer an empty message."""
+    return b""
+
+
 async def _exercise(bundle: str, rounds: int, answers: list[tuple[str, str]]) -> None:
+    """The lifecycle rounds over real unix sockets: the task server accepts the warm-up's
+    client as a shim accepts containerd, and the events reach a stand-in for containerd's
+    events service as a shim's reach containerd (connect, Forward)."""
     reaper = Reaper()
-    publisher = EventPublisher("", "warm")
-    server = Server()
+    events, tasks = os.path.join(bundle, "events.sock"), os.path.join(bundle, "task.sock")
+    publisher = EventPublisher(events, "warm")
+    server, containerd = Server(), Server()
+    containerd.register(EVENTS_SERVICE, "Forward", _forwarded)
     made: list[_WarmRuntime] = []
 
     def runtime(config: RuncConfig, router: ExitRouter, /) -> _WarmRuntime:
         made.append(_WarmRuntime(config, router))
         return made[-1]
 
-    a, b = socket.socketpair()
     async with trio.open_nursery() as nursery:
+        await nursery.start(reaper.run)  # as serve() starts it: the real runc client's exits come through it
+        await nursery.start(containerd.serve, _listening(events))
+        nursery.start_soon(publisher.run)
         ctx = Context("warm", reaper, TaskEvents(publisher), nursery, runtime=runtime)
         TaskService(ctx).register(server)
-        nursery.start_soon(server.serve_stream, trio.SocketStream(trio.socket.from_stdlib_socket(a)))
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(b))
-        async with Client(stream) as client:
+        await nursery.start(server.serve, _listening(tasks))
+        async with open_client(tasks) as client:
             for _ in range(rounds):  # the interpreter specialises an instruction after a few runs
                 await _calls(client, _lifecycle(bundle), answers)
                 for rt in made:
                     rt.exit_all(137)  # the exits go through task_events, as a real exit goes
                 await _calls(client, _ENDING, answers)
                 made.clear()
+        await publisher.drain(EVENT_DRAIN_TIMEOUT)
         ProcessIO(StdioPaths()).close()
         nursery.cancel_scope.cancel()
 
 
-async def _inline(fn: Callable[..., T], *args: object, **_: object) -> T:
-    """trio.to_thread.run_sync during the warm-up: the template must fork with no thread but
-    its own, and trio keeps an idle worker thread alive for 10 s after its job."""
-    await trio.lowlevel.checkpoint()
-    return fn(*args)
+#: How long the warm-up waits for its events to reach the stand-in containerd.
+EVENT_DRAIN_TIMEOUT = 2.0
+
+
+#: trio's worker idle timeout during the warm-up: each worker ends right after its job.
+WORKER_IDLE = 0.001
+#: How long the warm-up waits for each of trio's worker threads to end.
+THREAD_JOIN_TIMEOUT = 5.0
+
+
+def _join_worker_threads() -> None:
+    """Wait until the warm-up's worker threads have ended: the template must fork with no
+    thread but its own."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread():
+            thread.join(THREAD_JOIN_TIMEOUT)
+
+
+def _warm_cgroups(rounds: int) -> None:
+    """Resolve and read this process's own cgroups (read only), as a shim does for its
+    container at create and for each Stats (CRI asks every few seconds): the warm-up's
+    containers have fake pids, so its requests never reach this code."""
+    for _ in range(rounds):
+        try:
+            container_cgroup(os.getpid()).metrics_any()
+        except OSError:
+            return
 
 
 def warm_up(rounds: int = ROUNDS) -> list[tuple[str, str]]:
-    """Run the lifecycle rounds times; returns each request's (method, error code name or "")."""
+    """Run the lifecycle rounds times; returns each request's (method, error code name or "").
+
+    trio.to_thread runs for real (a shim's first Create mounts in a worker thread): the thread
+    code is warmed here too, and with trio's idle timeout near 0 each worker ends after its job.
+    """
+    from trio._core import _thread_cache
+
     answers: list[tuple[str, str]] = []
+    _warm_cgroups(rounds)
     LogrusFormatter().format(logging.LogRecord("shim", logging.INFO, __file__, 0, "warm", None, None))
     with tempfile.TemporaryDirectory(prefix="shim-warm-") as bundle:
         with open(os.path.join(bundle, "config.json"), "w") as f:
             f.write('{"ociVersion": "1.0.2", "process": {"args": ["true"]}, "linux": {"namespaces": [{"type": "pid"}]}}')
         logging.disable(logging.WARNING)  # its fake pids have no cgroup: no warning in the template's log
-        threaded = trio.to_thread.run_sync
-        trio.to_thread.run_sync = _inline  # type: ignore[assignment]
+        idle = _thread_cache.IDLE_TIMEOUT
+        _thread_cache.IDLE_TIMEOUT = WORKER_IDLE  # type: ignore[assignment]  # trio's int, read as a timeout
         try:
             trio.run(_exercise, bundle, rounds, answers)
+            for _ in range(rounds - 1):  # trio.run's own set-up and loop, as each shim runs it once
+                trio.run(trio.lowlevel.checkpoint)
         finally:
-            trio.to_thread.run_sync = threaded
+            _join_worker_threads()  # first: a worker reads the timeout again before it ends
+            _thread_cache.IDLE_TIMEOUT = idle
             logging.disable(logging.NOTSET)
     return answers
+
+
+def code_run_by(run: Callable[[], object]) -> list[CodeType]:
+    """The code objects ``run()`` ran, in the order each first started (sys.monitoring);
+    empty (having run it) before 3.12 or when no monitoring tool id is free."""
+    monitoring: Any = getattr(sys, "monitoring", None)  # 3.12+
+    tool = None if monitoring is None else next((t for t in range(6) if monitoring.get_tool(t) is None), None)
+    if tool is None:
+        run()
+        return []
+    started: list[CodeType] = []
+
+    def on_start(code: CodeType, offset: int) -> object:
+        started.append(code)
+        return monitoring.DISABLE  # once per code object
+
+    monitoring.use_tool_id(tool, "shim template")
+    try:
+        monitoring.register_callback(tool, monitoring.events.PY_START, on_start)
+        monitoring.set_events(tool, monitoring.events.PY_START)
+        run()
+    finally:
+        monitoring.set_events(tool, 0)
+        monitoring.register_callback(tool, monitoring.events.PY_START, None)
+        monitoring.free_tool_id(tool)
+    return started
+
+
+def package_code(package: str) -> list[CodeType]:
+    """The code of every function of the package's modules, by module and line."""
+    import types
+
+    prefix = package + "."
+    functions = [f for f in gc.get_objects()
+                 if type(f) is types.FunctionType and (f.__module__ or "").startswith(prefix)]
+    codes = {id(f.__code__): f.__code__ for f in functions}
+    return sorted(codes.values(), key=lambda c: (c.co_filename, c.co_firstlineno))
+
+
+def pack_shim_code() -> int:
+    """Run the warm-up, pack the code a shim runs (heap.pack_code) and warm the copies; returns
+    how many code objects moved (0 where pack_code does nothing: the warm-up has still run).
+
+    First the code one warm-up lifecycle runs, in the order it first ran; then the rest of
+    this package's own functions (a shim's start-up, the launcher, paths the warm-up does not
+    take). The stdlib and libraries' code the warm-up never ran stays where it was."""
+    lifecycle = code_run_by(lambda: warm_up(rounds=1))  # what runs, once is enough: the copies get ROUNDS
+    seen = {id(c) for c in lifecycle}
+    fill_malloc_bins()  # the copies go to fresh memory, one after another, not into holes
+    fill_partial_pools()
+    moved = pack_code(lifecycle + [c for c in package_code("shim") if id(c) not in seen])
+    if moved:
+        warm_up()  # the copies start cold
+    return moved

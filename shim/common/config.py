@@ -14,6 +14,8 @@ PROCESS_NAME = "containerd-shim-runc-v2-py"
 
 #: Environment variable carrying the config from launcher to shim.
 CONFIG_ENV = "SHIM_CONFIG"
+#: The allocator a spawned namespace shim runs on (shim.launch.launcher.spawn); not for its children.
+MALLOC_ENV = "PYTHONMALLOC"
 
 #: Where shims' sockets live (the Go shim's default; containerd 2.3+ may name another
 #: in BootstrapParams.socket_dir). The template's socket goes beside them.

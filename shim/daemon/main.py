@@ -22,12 +22,13 @@ import trio
 
 from shim import __version__
 from shim.common import nofile
-from shim.common.config import CONFIG_ENV, ShimConfig
+from shim.common.config import CONFIG_ENV, MALLOC_ENV, ShimConfig
 from shim.thp import set_child_subreaper
 from shim.ttrpc import Server
 
 from .container import Context
 from .events import EventPublisher
+from .giveback import GiveBack
 from .oom import OOMWatcher
 from .reaper import Reaper
 from .service import TaskService
@@ -46,9 +47,12 @@ async def serve(listener: socket.socket, config: ShimConfig, name: SocketName | 
     publisher = EventPublisher(config.ttrpc_address, config.namespace)
     oom = OOMWatcher()
     server = Server()
+    giveback = GiveBack()
+    server.on_disconnect = giveback.poke
     async with trio.open_nursery() as nursery:
         await nursery.start(reaper.run)
         await nursery.start(oom.run)
+        await nursery.start(giveback.run)
         nursery.start_soon(publisher.run)
         async with trio.open_nursery() as processes:
             ctx = Context(config.namespace, reaper, TaskEvents(publisher), processes, config.thp_original, oom)
@@ -130,4 +134,5 @@ def run_from_env() -> None:
     config = ShimConfig.decode(os.environ[CONFIG_ENV])
     set_title(config.title())  # before the environment changes
     del os.environ[CONFIG_ENV]
+    os.environ.pop(MALLOC_ENV, None)  # chosen for this interpreter only (shim.launch.launcher.spawn)
     sys.exit(main(config))

@@ -22,7 +22,7 @@ import sys
 
 from shim.common import lean
 from shim.common.bundle import ADDRESS_FILE, write_atomic
-from shim.common.config import CGROUP_ROOT, CONFIG_ENV, LISTEN_FD, ShimConfig
+from shim.common.config import CGROUP_ROOT, CONFIG_ENV, LISTEN_FD, MALLOC_ENV, ShimConfig
 from shim.common.nofile import raise_soft_limit
 from shim.common.record import record
 from shim.thp import disable_for_self
@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable
 
 SPAWN = "from shim.daemon.main import run_from_env; run_from_env()"
+SHARED_ALLOCATOR = "malloc"  # a namespace shim's (see spawn)
 
 
 @record  # not dataclasses: importing it costs every start ~15 ms (shim.common.record)
@@ -147,19 +148,36 @@ def join_cgroup(pid: int, path: str, root: str = CGROUP_ROOT) -> None:
         raise FileNotFoundError(f"shim cgroup {path} does not exist under {root}")
 
 
-def spawn(config: ShimConfig, sock: _socket.socket) -> int:
-    """Exec a fresh interpreter running the shim, with the listener as fd 3."""
+def spawn(config: ShimConfig, sock: _socket.socket, shared: bool = False) -> int:
+    """Exec a fresh interpreter running the shim, with the listener as fd 3.
+
+    A ``shared`` shim (one per namespace) runs on the C library's malloc instead of
+    pymalloc: it serves whoever connects for as long as the namespace has tasks, and after
+    a burst of connections pymalloc keeps every 1 MiB arena that one surviving object
+    pins, ~10 MiB for 1000 connections, while freed malloc memory goes back with
+    ``malloc_trim`` (shim.daemon.giveback). It costs ~1 MiB at start and ~1.5 KiB per task
+    (bench: 1/100/300 tasks), which a per-task shim, forked from the template's pymalloc
+    heap or spawned for a single task, would pay for nothing.
+    """
     import subprocess
 
     if sock.fileno() != LISTEN_FD:
         os.dup2(sock.fileno(), LISTEN_FD)  # the launcher is about to exit: clobbering fd 3 is fine
     # The flags after -c only label the process for ps, like the Go shim's
     # re-exec; the shim reads its configuration from the environment.
-    argv = [sys.executable, "-I", "-c", SPAWN, "-namespace", config.namespace, "-id", config.id]
+    env = {**os.environ, CONFIG_ENV: config.encode()}
+    isolation = ["-I"]
+    if shared:
+        # -I would ignore PYTHONMALLOC with every PYTHON* variable: drop them ourselves
+        # instead (-I is -E -s -P); the shim takes PYTHONMALLOC out again for its children.
+        env = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
+        env[MALLOC_ENV] = SHARED_ALLOCATOR
+        isolation = ["-s", "-P"]
+    argv = [sys.executable, *isolation, "-c", SPAWN, "-namespace", config.namespace, "-id", config.id]
     argv += ["-address", config.address]
     proc = subprocess.Popen(
         argv,
-        env={**os.environ, CONFIG_ENV: config.encode()},
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -179,7 +197,9 @@ def _start_shim(config: ShimConfig, sock: _socket.socket, shared: bool = False, 
     it would cost more than it saves (its whole heap, ~30 MiB Pss, against the
     ~13 MiB a fork saves once).
     """
-    if shared or not template_client.enabled():
+    if shared:
+        return spawn(config, sock, shared=True)
+    if not template_client.enabled():
         return spawn(config, sock)
     if origin is not None:  # we are the template's child: fork from here
         return origin.fork(config, sock)

@@ -91,6 +91,8 @@ class Server:
         self._scopes: set[trio.CancelScope] = set()  # accept loops + readers
         self._listeners: set[trio.socket.SocketType] = set()
         self._connection_slots = trio.Semaphore(MAX_CONNECTIONS)
+        #: Called (in the loop) after each accepted connection is closed.
+        self.on_disconnect: Callable[[], None] | None = None
 
     # -- registration ------------------------------------------------------
 
@@ -202,6 +204,8 @@ class Server:
             await self.serve_stream(stream)
         finally:
             self._connection_slots.release()
+            if self.on_disconnect is not None:
+                self.on_disconnect()
 
     async def serve_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one connection until EOF, a protocol error, or ``close()``.

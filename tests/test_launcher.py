@@ -115,14 +115,14 @@ def test_a_namespace_shim_is_spawned_without_any_template(monkeypatch: pytest.Mo
     def no_template(*_: object) -> None:
         raise AssertionError("the template was used")
 
-    spawned: list[ShimConfig] = []
+    spawned: list[tuple[ShimConfig, bool]] = []
     monkeypatch.setattr(template, "request_fork", no_template)
     monkeypatch.setattr(template, "spawn_template", no_template)
-    monkeypatch.setattr(launcher, "spawn", lambda config, sock: spawned.append(config) or 4242)
+    monkeypatch.setattr(launcher, "spawn", lambda config, sock, shared=False: spawned.append((config, shared)) or 4242)
     monkeypatch.delenv(template.ENV_DISABLE, raising=False)
     config = ShimConfig(namespace="ns", id="first", bundle="/b")
     assert launcher._start_shim(config, None, shared=True) == 4242  # type: ignore[arg-type]
-    assert spawned == [config]
+    assert spawned == [(config, True)]
     with pytest.raises(AssertionError, match="template was used"):  # per-task shims still use it
         launcher._start_shim(config, None)  # type: ignore[arg-type]
 
@@ -183,3 +183,51 @@ def test_the_shim_is_made_a_slightly_better_oom_victim_or_the_start_fails() -> N
         child.wait()
     with pytest.raises(OSError):  # as Go's start: it cannot be set, no start
         _oom_score_above_parent(child.pid, parent=os.getpid())
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_only_a_namespace_shim_runs_on_malloc(monkeypatch: pytest.MonkeyPatch, shared: bool) -> None:
+    """A namespace shim's interpreter gets PYTHONMALLOC=malloc (so malloc_trim can give a burst's
+    memory back) and no other PYTHON* variable; a per-task shim keeps -I and pymalloc."""
+    import socket
+    import subprocess
+
+    from shim.common.config import CONFIG_ENV, LISTEN_FD, ShimConfig
+    from shim.launch import launcher
+
+    calls: list[tuple[list[str], dict[str, str]]] = []
+
+    class Popen:
+        def __init__(self, argv: list[str], env: dict[str, str], **_: object) -> None:
+            calls.append((argv, env))
+            self.pid = 4242
+
+    monkeypatch.setattr(subprocess, "Popen", Popen)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setenv("OTHER", "kept")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    saved = os.dup(LISTEN_FD) if _fd_open(LISTEN_FD) else None
+    try:
+        assert launcher.spawn(ShimConfig(namespace="ns", id="t", bundle="/b"), sock, shared=shared) == 4242
+    finally:
+        sock.close()
+        if saved is not None:
+            os.dup2(saved, LISTEN_FD)
+            os.close(saved)
+        else:
+            os.close(LISTEN_FD)
+    [(argv, env)] = calls
+    assert env["OTHER"] == "kept" and CONFIG_ENV in env
+    if shared:
+        assert env["PYTHONMALLOC"] == "malloc" and "PYTHONPATH" not in env
+        assert "-I" not in argv and {"-s", "-P"} <= set(argv[1:3])
+    else:
+        assert "PYTHONMALLOC" not in env and argv[1] == "-I"
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True

@@ -227,3 +227,16 @@ async def test_a_cancelled_runc_call_is_killed_not_left_running(tmp_path) -> Non
                 await trio.sleep(0.01)
             assert reaper.watched == 0
             nursery.cancel_scope.cancel()
+
+
+def test_then_calls_back_at_delivery_or_at_once() -> None:
+    """exits.monitor_soon starts a process's monitor only when its exit is in (no task waits)."""
+    router = ExitRouter()
+    calls: list[str] = []
+    w = router.watch(10)
+    w.then(lambda: calls.append("ten"))
+    assert calls == []
+    assert router.route(Exit(10, 0, 0.0))
+    assert calls == ["ten"] and w.exit is not None
+    w.then(lambda: calls.append("again"))  # already delivered: at once
+    assert calls == ["ten", "again"]

@@ -692,3 +692,44 @@ async def test_exit_waits_for_output_only_while_someone_takes_it(
     finally:
         io.close()
         os.close(client_out)
+
+
+async def test_idle_copiers_wait_without_a_task_each(tmp_path) -> None:
+    """A namespace shim has three copiers per task, nearly all idle: they wait in the shim's
+    one Parking (shim.daemon.fds), not in a trio task each (~3 KiB apiece); output still
+    flows, and close() finishes parked copiers (their fds closed, output done)."""
+    from shim.daemon.fds import parking
+
+    n = 10
+    ios, ends = [], []
+    for i in range(n):
+        fin, fout, ferr = (mkfifo(tmp_path / f"{k}{i}") for k in ("in", "out", "err"))
+        readers = [os.open(f, os.O_RDONLY | os.O_NONBLOCK) for f in (fout, ferr)]
+        io = ProcessIO(StdioPaths(stdin=fin, stdout=fout, stderr=ferr))
+        child = io.runc_stdio()
+        ends.append((os.dup(child.stdout), [os.dup(child.stderr), *readers]))
+        io.close_child_ends()
+        ios.append(io)
+    try:
+        async with trio.open_nursery() as nursery:
+            for io in ios:
+                await io.start(nursery)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not nursery.child_tasks
+            assert len(parking()) == 3 * n
+            c_out, (_, client_out, _) = ends[3]
+            os.write(c_out, b"hello\n")
+            assert await read_until(client_out, b"hello\n") == b"hello\n"
+            await trio.testing.wait_all_tasks_blocked()
+            assert not nursery.child_tasks and len(parking()) == 3 * n
+            for io in ios:
+                io.close()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not nursery.child_tasks and len(parking()) == 0
+            for io in ios:
+                assert await io.wait_output(EVENTUALLY)
+    finally:
+        for io, (c_out, readers) in zip(ios, ends, strict=True):
+            io.close()
+            for fd in (c_out, *readers):
+                os.close(fd)

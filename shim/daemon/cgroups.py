@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -110,12 +111,16 @@ def parse_cgroup_file(text: str) -> dict[str, str]:
     name (``name=systemd``). Malformed lines are skipped.
     """
     out: dict[str, str] = {}
+    paths: dict[str, str] = {}
     for line in text.splitlines():
         parts = line.split(":", 2)
         if len(parts) < 3:
             continue
+        # A container's dict is kept for its life: one string per distinct path (v1 gives the
+        # same path for every controller) and interned controller names, ~1 KiB less each.
+        path = paths.setdefault(parts[2], parts[2])
         for ctrl in parts[1].split(","):
-            out[ctrl] = parts[2]
+            out[sys.intern(ctrl)] = path
     return out
 
 

@@ -213,7 +213,7 @@ class Container:
         log.debug("%s: created, init pid %d", self.id, init.pid)
         self._publish_create(init.pid)
         self._track_cgroup(init.pid)
-        self.tasks.start_soon(exits.monitor, self, init, watch)
+        exits.monitor_soon(self, init, watch)
         return init.pid
 
     def _track_cgroup(self, pid: int) -> None:
@@ -359,7 +359,7 @@ class Container:
         await init.io.start(self.tasks)
         init.pid, init.watch = watch.pid, watch
         self._track_cgroup(init.pid)
-        self.tasks.start_soon(exits.monitor, self, init, watch)
+        exits.monitor_soon(self, init, watch)
 
     async def checkpoint(self, request: CheckpointRequest) -> None:
         if not request.path:
@@ -433,7 +433,7 @@ class Container:
                 if started.exit is None:
                     os.kill(started.pid, signal.SIGKILL)
                 process.pid, process.watch = started.pid, started
-                self.tasks.start_soon(exits.monitor, self, process, started)
+                exits.monitor_soon(self, process, started)
             else:
                 # It will never run: release anyone waiting on it (containerd's Wait is pending).
                 process.record_exit(EXEC_START_FAILED, time.time())
@@ -449,7 +449,7 @@ class Container:
         log.debug("%s: exec %s started, pid %d", self.id, process.exec_id, process.pid)
         # The state changes to RUNNING as the caller's operation block ends, with no await in between.
         self.events.exec_started(self.id, process.exec_id, process.pid)
-        self.tasks.start_soon(exits.monitor, self, process, watch)
+        exits.monitor_soon(self, process, watch)
         return process.pid
 
     async def kill(self, exec_id: str, signal: int, all: bool = False) -> None:

@@ -110,6 +110,19 @@ def execs_pending(container: Container) -> bool:
     return bool(container.execs_starting.count) or any(p.pid and not p.exit_out for p in container.execs.values())
 
 
+def monitor_soon(container: Container, process: Process, watch: Watch) -> None:
+    """Run ``monitor`` in the container's tasks once the exit is reaped, not before: a task
+    waiting for every running process costs ~2 KiB each (a namespace shim runs thousands)."""
+
+    def start() -> None:
+        try:
+            container.tasks.start_soon(monitor, container, process, watch)
+        except RuntimeError:  # the shim is shutting down: its tasks' nursery is closed
+            log.debug("%s: exit of pid %d reaped during shutdown", container.id, watch.pid)
+
+    watch.then(start)
+
+
 async def monitor(container: Container, process: Process, watch: Watch) -> None:
     """Steps 1-4 above for one started process of ``container``."""
     exit = await watch.wait()

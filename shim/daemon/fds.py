@@ -13,6 +13,7 @@ import array
 import fcntl
 import logging
 import os
+import select
 import termios
 
 import trio
@@ -145,6 +146,64 @@ def _write_all_blocking(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+class Parking:
+    """Where idle copiers wait: one epoll set for the whole shim, read by one system task.
+
+    A trio task blocked on an empty pipe costs ~3 KiB (task, coroutine frames, cancel
+    status); a shim serving a namespace has three copiers per task, nearly all idle. A
+    copier with nothing to read parks its fd here and ends its task; when the fd turns
+    readable (or hung up), ``resume`` is called (from the system task: it must not raise
+    or block) and starts the copier again. One shot: a resumed fd is parked no more.
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._parked: dict[int, Callable[[], None]] = {}
+
+    def park(self, fd: int, resume: Callable[[], None]) -> None:
+        """Raises OSError if ``fd`` cannot be watched (the caller then waits in a task)."""
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+        self._parked[fd] = resume
+
+    def unpark(self, fd: int) -> Callable[[], None] | None:
+        """Take ``fd`` out (before it is closed: its number may be reused); its ``resume``."""
+        resume = self._parked.pop(fd, None)
+        if resume is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
+        return resume
+
+    def __len__(self) -> int:
+        return len(self._parked)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self._epoll.fileno())
+                for fd, _ in self._epoll.poll(0):
+                    resume = self.unpark(fd)
+                    if resume is not None:
+                        resume()
+        finally:
+            self._epoll.close()
+
+
+_PARKING: trio.lowlevel.RunVar[Parking] = trio.lowlevel.RunVar("shim_parking")
+
+
+def parking() -> Parking:
+    """This trio run's Parking, started (as a system task) on first use."""
+    try:
+        return _PARKING.get()
+    except LookupError:
+        p = Parking()
+        trio.lowlevel.spawn_system_task(p.run, name="stdio parking")
+        _PARKING.set(p)
+        return p
 
 
 def notify_closing(fd: int | socket.socket) -> None:

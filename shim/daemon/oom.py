@@ -7,6 +7,8 @@ calls ``on_oom(key)`` (synchronously, from the watcher's task) for every OOM eve
   ``cgroup.event_control`` against ``memory.oom_control``. The kernel also signals
   it when the cgroup is removed; like containerd we then check whether the cgroup
   still exists, and stop watching (without calling ``on_oom``) if it does not.
+  Every cgroup's eventfd sits in one epoll instance read by one task (a task per
+  cgroup cost ~3 KiB each in a namespace shim serving thousands).
 * cgroup v2: ``memory.events`` is watched with inotify (IN_MODIFY, via ctypes):
   one inotify instance per watcher, one watch per cgroup, one reader task waking
   the cgroup's task. (An instance per cgroup would run into
@@ -21,7 +23,7 @@ calls ``on_oom(key)`` (synchronously, from the watcher's task) for every OOM eve
 
 Registration (eventfd / inotify watch) happens synchronously in ``add``, so errors
 (no memory cgroup, cgroup already gone) are raised to the caller and no event
-between ``add`` and the watching task starting is lost. Each watched cgroup is then
+between ``add`` and the watching task starting is lost. Each watched v2 cgroup is then
 a task in the nursery that ``run()`` owns; ``add`` before ``run`` starts is queued.
 """
 
@@ -31,6 +33,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,6 +107,37 @@ class _Inotify:
         os.close(self.fd)
 
 
+class _Eventfds:
+    """One epoll instance holding every v1 cgroup's eventfd; ``run`` hands ready ones on."""
+
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.watches: dict[int, _Watch] = {}
+
+    def add(self, w: _Watch) -> None:
+        assert w.fd is not None
+        self.epoll.register(w.fd, select.EPOLLIN)
+        self.watches[w.fd] = w
+        w.eventfds = self
+
+    def remove(self, w: _Watch) -> None:
+        """Before ``w.fd`` is closed."""
+        if w.fd is not None and self.watches.get(w.fd) is w:
+            del self.watches[w.fd]
+            self.epoll.unregister(w.fd)
+
+    async def run(self, ready: Callable[[_Watch], None]) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(self.epoll.fileno())
+            for fd, _ in self.epoll.poll(0):
+                w = self.watches.get(fd)
+                if w is not None:
+                    ready(w)
+
+    def close(self) -> None:
+        self.epoll.close()
+
+
 def _read_inotify(fd: int) -> dict[int, int]:
     """Read all pending inotify events; the OR of their masks per watch."""
     masks: dict[int, int] = {}
@@ -159,7 +193,7 @@ def _cgroup_v2_empty(cgroup_dir: str) -> bool:
     return kv.get("populated") == 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Watch:
     key: str
     version: Literal[1, 2]
@@ -173,9 +207,12 @@ class _Watch:
     wd: int = -1
     mask: int = 0  # v2: inotify events seen since the task last looked
     changed: trio.Event = field(default_factory=trio.Event)
+    eventfds: _Eventfds | None = None  # v1: the watcher's epoll set
 
     def close(self) -> None:
         if not self.closed:
+            if self.eventfds is not None:
+                self.eventfds.remove(self)
             if self.fd is not None:
                 os.close(self.fd)
             if self.inotify is not None:
@@ -207,6 +244,7 @@ class OOMWatcher:
         self._nursery: trio.Nursery | None = None
         self._finished = False
         self._inotify: _Inotify | None = None
+        self._eventfds: _Eventfds | None = None
         self._polling_logged = False
 
     # --- public API -------------------------------------------------------------
@@ -220,6 +258,8 @@ class OOMWatcher:
                 self._nursery = nursery
                 if self._inotify is not None:
                     nursery.start_soon(self._inotify.run)
+                if self._eventfds is not None:
+                    nursery.start_soon(self._eventfds.run, self._v1_ready)
                 pending, self._pending = self._pending, []
                 for w in pending:
                     if self._watches.get(w.key) is w:
@@ -236,6 +276,9 @@ class OOMWatcher:
             if self._inotify is not None:
                 self._inotify.close()
                 self._inotify = None
+            if self._eventfds is not None:
+                self._eventfds.close()
+                self._eventfds = None
 
     def add(self, key: str, pid: int, on_oom: OnOOM) -> None:
         """Watch ``pid``'s memory cgroup; ``on_oom(key)`` on each OOM. Replaces ``key``.
@@ -263,13 +306,29 @@ class OOMWatcher:
             fd = None
         w = _Watch(key=key, version=version, memory_dir=memory_dir, on_oom=on_oom, fd=fd)
         self.remove(key)
-        if version == 2 and self.use_inotify:
+        if version == 1:
+            self._eventfd_watch(w)
+            self._watches[key] = w
+            return
+        if self.use_inotify:
             self._inotify_watch(w, os.path.join(memory_dir, "memory.events"))
         self._watches[key] = w
         if self._nursery is not None:
             self._nursery.start_soon(self._watch, w)
         else:
             self._pending.append(w)
+
+    def _eventfd_watch(self, w: _Watch) -> None:
+        """Put ``w``'s eventfd in the watcher's epoll set, made (and read) on first use."""
+        if self._eventfds is None:
+            self._eventfds = _Eventfds()
+            if self._nursery is not None:
+                self._nursery.start_soon(self._eventfds.run, self._v1_ready)
+        try:
+            self._eventfds.add(w)
+        except BaseException:
+            w.close()
+            raise
 
     def _inotify_watch(self, w: _Watch, events: str) -> None:
         """Watch ``events`` through the watcher's one inotify instance, made on first use;
@@ -293,7 +352,9 @@ class OOMWatcher:
         if w is None:
             return
         w.scope.cancel()
-        if w in self._pending:  # never started: nobody else will close it
+        if w.version == 1:  # no task of its own
+            w.close()
+        elif w in self._pending:  # never started: nobody else will close it
             self._pending.remove(w)
             w.close()
 
@@ -335,10 +396,7 @@ class OOMWatcher:
     async def _watch(self, w: _Watch) -> None:
         try:
             with w.scope:
-                if w.version == 1:
-                    await self._watch_v1(w)
-                else:
-                    await self._watch_v2(w)
+                await self._watch_v2(w)
         except Exception:
             log.exception("OOM watch for %s failed", w.key)
         finally:
@@ -354,19 +412,23 @@ class OOMWatcher:
         except Exception:
             log.exception("on_oom callback for %s failed", w.key)
 
-    async def _watch_v1(self, w: _Watch) -> None:
+    def _v1_ready(self, w: _Watch) -> None:
+        """``w``'s eventfd was signalled: an OOM, or its cgroup was removed."""
         assert w.fd is not None
-        oom_control = os.path.join(w.memory_dir, "memory.oom_control")
-        while True:
-            await trio.lowlevel.wait_readable(w.fd)
-            try:
-                os.read(w.fd, 8)
-            except BlockingIOError:
-                continue
-            if not os.path.exists(oom_control):  # noqa: ASYNC240 - one stat on cgroupfs
-                log.debug("memory cgroup of %s removed; stop watching", w.key)
+        try:
+            os.read(w.fd, 8)
+        except BlockingIOError:
+            return
+        except Exception:
+            log.exception("OOM watch for %s failed", w.key)
+        else:
+            if os.path.exists(os.path.join(w.memory_dir, "memory.oom_control")):
+                self._fire(w)
                 return
-            self._fire(w)
+            log.debug("memory cgroup of %s removed; stop watching", w.key)
+        w.close()
+        if self._watches.get(w.key) is w:
+            del self._watches[w.key]
 
     async def _watch_v2(self, w: _Watch) -> None:
         while True:

@@ -23,7 +23,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -49,16 +49,28 @@ def exit_status(wait_status: int) -> int:
 
 
 class Watch:
-    """Interest in one pid's exit; ``wait`` returns it once delivered."""
+    """Interest in one pid's exit; ``wait`` returns it once delivered, ``then`` calls back."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.exit: Exit | None = None
         self._event = trio.Event()
+        self._then: Callable[[], None] | None = None
 
     def deliver(self, exit: Exit) -> None:
         self.exit = exit
         self._event.set()
+        then, self._then = self._then, None
+        if then is not None:
+            then()
+
+    def then(self, callback: Callable[[], None]) -> None:
+        """``callback()`` once the exit is delivered (now if it is already): no task has to
+        wait for it meanwhile. Called from the reaper's task: it must not raise or block."""
+        if self.exit is not None:
+            callback()
+        else:
+            self._then = callback
 
     async def wait(self) -> Exit:
         await self._event.wait()

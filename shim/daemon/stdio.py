@@ -30,6 +30,7 @@ Fifo opening never blocks the event loop:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -37,6 +38,7 @@ import re
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import trio
@@ -46,7 +48,7 @@ from shim.common.nofile import exhausted
 from shim.runc_client.config import Stdio
 
 from .console import Console
-from .fds import DRAIN_POLL, OwnedFds, Sink, hung_up, unread
+from .fds import DRAIN_POLL, OwnedFds, Sink, hung_up, parking, unread
 from .isolation import Spawner
 from .logger import Logger, start_logger
 
@@ -131,6 +133,25 @@ def _open_fifo(path: str, flags: int) -> int:
 OUTPUT_STALL = 0.15
 
 
+def _splice(src: int, dst: int) -> int | None:
+    """Bytes spliced, None if either side would block. Not inline in the copier: an
+    exception caught around an ``await`` stays alive (with its traceback) for as long as the
+    task waits there, ~0.5 KiB per idle copier."""
+    try:
+        return os.splice(src, dst, SPLICE_CHUNK, flags=SPLICE_FLAGS)
+    except BlockingIOError:
+        return None
+
+
+async def _scoped(scopes: set[trio.CancelScope], scope: trio.CancelScope, fn: Callable[..., Awaitable[None]],
+                  *args: Any) -> None:
+    try:
+        with scope:
+            await fn(*args)
+    finally:
+        scopes.discard(scope)
+
+
 async def _cancel_after(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
     await wait()
     scope.cancel()
@@ -172,7 +193,11 @@ class ProcessIO:
         self._nursery: Spawner | None = None
         self._output_done = trio.Event()
         self._pending_outputs = 0
-        self._cancel = trio.CancelScope()
+        #: One per copier, all cancelled by close(): copiers are the container's own tasks
+        #: (no task and nursery of ProcessIO's above them: ~4 KiB a container in a namespace shim).
+        self._copiers: set[trio.CancelScope] = set()
+        self._parked: set[int] = set()  # fds whose copy waits in Parking
+        self._closed = False
         try:
             self._setup()
         except BaseException:
@@ -304,21 +329,47 @@ class ProcessIO:
                 sink.users += 1
         if not self._pending_outputs:
             self._output_done.set()
-        nursery.start_soon(self._run)
+        console = self._console
+        if self._stdin_fifo is not None:
+            dst = console.master if console is not None else self._stdin_pipe
+            self._copier(self._copy_stdin, self._stdin_fifo, dst)
+        if console is not None:
+            if console.master is not None:
+                self._copier(self._copy_console, console, console.master)
+        else:
+            for src, sink in self._outputs:
+                self._copier(self._copy_output, src, sink)
 
-    async def _run(self) -> None:
-        with self._cancel:
-            async with trio.open_nursery() as nursery:
-                console = self._console
-                if self._stdin_fifo is not None:
-                    dst = console.master if console is not None else self._stdin_pipe
-                    nursery.start_soon(self._copy_stdin, self._stdin_fifo, dst)
-                if console is not None:
-                    if console.master is not None:
-                        nursery.start_soon(self._copy_console, console, console.master)
-                else:
-                    for src, sink in self._outputs:
-                        nursery.start_soon(self._copy_output, src, sink)
+    def _copier(self, copy: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Start (or resume) one copy in the spawner given to start(), cancelled by close()."""
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        if self._closed:
+            scope.cancel()
+        self._copiers.add(scope)
+        self._nursery.start_soon(_scoped, self._copiers, scope, copy, *args)
+
+    def _park(self, fd: int, copy: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """``fd`` has nothing to read: run ``copy(*args)`` again once it has (or hangs up),
+        with no task waiting meanwhile (shim.daemon.fds.Parking)."""
+        try:
+            parking().park(fd, lambda: self._resume(fd, copy, args))
+        except OSError:  # not pollable by epoll: wait in a task after all
+            self._copier(self._when_readable, fd, copy, args)
+            return
+        self._parked.add(fd)
+
+    def _resume(self, fd: int, copy: Callable[..., Awaitable[None]], args: tuple[Any, ...]) -> None:
+        self._parked.discard(fd)
+        try:
+            self._copier(copy, *args)
+        except RuntimeError:  # the spawner's nursery is closed: the shim is going away
+            log.debug("%s: output copy not resumed: shutting down", self.id)
+
+    async def _when_readable(self, fd: int, copy: Callable[..., Awaitable[None]], args: tuple[Any, ...]) -> None:
+        with contextlib.suppress(trio.ClosedResourceError):  # the copy then finds it closed
+            await self._fds.wait_readable(fd)
+        await copy(*args)
 
     def _output_finished(self) -> None:
         self._pending_outputs -= 1
@@ -332,79 +383,103 @@ class ProcessIO:
             self._output_finished()
 
     async def _copy_output(self, src: int, sink: Sink) -> None:
+        """Copy until ``src`` is empty (then park) or at its end (then finish)."""
+        done = True
         try:
-            if sink.kind in ("fifo", "pipe"):
-                await self._splice_output(src, sink)  # returns early only if the sink broke
-            while True:
-                try:
-                    data = self._fds.read(src)
-                except BlockingIOError:
-                    await self._fds.wait_readable(src)
-                    continue
-                if not data:
-                    break
-                await sink.write(data)
-            await sink.drain()
+            done = await self._output_until_idle(src, sink)
         except trio.ClosedResourceError:
             pass  # close() while copying
         except OSError as e:
             log.warning("copying output stopped: %s", e)
         finally:
-            self._fds.close(src)
-            sink.release()
-            self._output_finished()
+            if done:
+                self._fds.close(src)
+                sink.release()
+                self._output_finished()
+            else:
+                self._park(src, self._copy_output, src, sink)
 
-    async def _splice_output(self, src: int, sink: Sink) -> None:
+    async def _output_until_idle(self, src: int, sink: Sink) -> bool:
+        """True at EOF, False once ``src`` has nothing more for now."""
+        if sink.kind in ("fifo", "pipe") and not await self._splice_output(src, sink):
+            return False
+        while True:  # a file sink, a broken sink (drained to nowhere), or EOF seen by splice
+            data = self._read(src)
+            if data is None:
+                return False
+            if not data:
+                break
+            await sink.write(data)
+        await sink.drain()
+        return True
+
+    async def _splice_output(self, src: int, sink: Sink) -> bool:
         """Pipe to fifo/pipe inside the kernel (splice): no copy through Python.
 
-        Returns at EOF, or when the sink breaks (the caller then keeps
-        draining the source so the container never blocks).
+        True at EOF, or when the sink breaks (the caller then keeps draining the
+        source so the container never blocks); False once ``src`` is empty for now.
         """
         while not sink.broken:
             if src not in self._fds or sink.fd not in self._fds:
                 raise trio.ClosedResourceError("closed")
             try:
-                n = os.splice(src, sink.fd, SPLICE_CHUNK, flags=SPLICE_FLAGS)
-            except BlockingIOError:
+                n = _splice(src, sink.fd)
+            except OSError as e:
+                sink.mark_broken(e)
+                return True
+            if n is None:
                 # Either side may be the one that would block: empty source or full sink.
                 if unread(src):
                     await trio.lowlevel.wait_writable(sink.fd)
-                elif hung_up(src):
-                    return  # empty and no writer left: EOF (splice says EAGAIN while the sink is full)
-                else:
-                    await self._fds.wait_readable(src)
-                continue
-            except OSError as e:
-                sink.mark_broken(e)
-                return
+                    continue
+                # empty: at its end if no writer is left (splice says EAGAIN while the sink is full)
+                return hung_up(src)
             if n == 0:
-                return
+                return True
             sink.written += n
+        return True
+
+    def _read(self, fd: int) -> bytes | None:
+        """What ``fd`` has, None if nothing yet (see _splice)."""
+        try:
+            return self._fds.read(fd)
+        except BlockingIOError:
+            return None
 
     async def _copy_stdin(self, fifo: int, dst: int | None) -> None:
+        """Copy until the fifo is empty (then park) or at its end (then finish)."""
+        done = True
         try:
-            while dst is not None:
-                await self._fds.wait_readable(fifo)
-                try:
-                    data = self._fds.read(fifo)
-                except BlockingIOError:
-                    continue
-                if not data:
-                    break
-                await self._fds.write_all(dst, data)
+            done = await self._stdin_until_idle(fifo, dst)
         except trio.ClosedResourceError:
             pass
         except OSError as e:
             if e.errno not in (errno.EPIPE, errno.EIO):
                 log.warning("copying stdin stopped: %s", e)
         finally:
-            self._fds.close(fifo)
-            self._stdin_fifo = None
-            if self._console is not None:
-                self._console.hang_up()
-            elif self._stdin_pipe is not None:
-                self._fds.close(self._stdin_pipe)
-                self._stdin_pipe = None
+            if not done:
+                self._park(fifo, self._copy_stdin, fifo, dst)
+            else:
+                self._stdin_finished(fifo)
+
+    async def _stdin_until_idle(self, fifo: int, dst: int | None) -> bool:
+        while dst is not None:
+            data = self._read(fifo)
+            if data is None:
+                return False
+            if not data:
+                break
+            await self._fds.write_all(dst, data)
+        return True
+
+    def _stdin_finished(self, fifo: int) -> None:
+        self._fds.close(fifo)
+        self._stdin_fifo = None
+        if self._console is not None:
+            self._console.hang_up()
+        elif self._stdin_pipe is not None:
+            self._fds.close(self._stdin_pipe)
+            self._stdin_pipe = None
 
     # -- RPCs -----------------------------------------------------------------
 
@@ -472,7 +547,13 @@ class ProcessIO:
 
     def close(self) -> None:
         """Stop copying, release every fd, stop the logger binary."""
-        self._cancel.cancel()
+        self._closed = True
+        for scope in self._copiers:
+            scope.cancel()
+        for fd in list(self._parked):  # resumed copies find their fds closed and finish
+            resume = parking().unpark(fd)
+            if resume is not None:
+                resume()
         if self._console is not None:
             self._console.close()
         self._fds.close_all()

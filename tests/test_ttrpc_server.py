@@ -670,3 +670,25 @@ async def test_inline_request_before_a_violation_is_answered_then_the_connection
         with trio.fail_after(5):
             assert await raw.stream.receive_some() == b""
         await raw.stream.aclose()
+
+
+async def test_on_disconnect_after_each_closed_connection(sock_path: Path) -> None:
+    """The shim gives memory back after disconnects (shim.daemon.giveback): the hook runs
+    once per accepted connection, after it is closed, not while it is open."""
+    server = Server()
+    server.register(SVC, "Echo", echo)
+    closed: list[int] = []
+    server.on_disconnect = lambda: closed.append(1)
+    async with running(server, sock_path):
+        clients = [await RawClient.connect(sock_path) for _ in range(3)]
+        await clients[0].request(SVC, "Echo", b"x")
+        assert (await clients[0].response()).payload == b"x"
+        await trio.testing.wait_all_tasks_blocked()
+        assert closed == []
+        for c in clients:
+            await c.stream.aclose()
+        with trio.fail_after(5):
+            while len(closed) < 3:
+                await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(closed) == 3

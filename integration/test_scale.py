@@ -35,6 +35,11 @@ EVENTUALLY = 120.0
 POOL = 4  # ctr processes at once: enough to keep 2 cores busy
 SCALE = shim_group() == "namespace" or os.environ.get("SHIMTEST_SCALE") == "1"
 TASKS = 300
+FIRST = 20  # tasks started before the shim's memory is first read (its baseline, warmed up)
+#: What one more task may cost the namespace shim (private memory): ~22 KiB measured, ~42 KiB
+#: while every idle copier, exit monitor and OOM watch was a trio task (issue 16: 1000 tasks
+#: in one shim ≤ 0.02× the Pss of 1000 Go shims, ~2.4 MiB each, leaves ~24 KiB a task).
+PER_TASK_MAX = 32 * 1024
 
 
 def _start(soft: int, hard: int) -> Containerd:
@@ -83,6 +88,12 @@ def _nofile(pid: int) -> tuple[int, int]:
     raise AssertionError(f"no open-file limit for {pid}")
 
 
+def _uss(pid: int) -> int:
+    """Private_Clean + Private_Dirty of ``pid`` (smaps_rollup), in bytes."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    return sum(int(fields[k].split()[0]) * 1024 for k in ("Private_Clean", "Private_Dirty"))
+
+
 def _statuses(c: Containerd) -> dict[str, str]:
     return {cid: t["status"] for cid, t in c.tasks().items()}
 
@@ -109,13 +120,18 @@ def test_300_tasks_in_one_shim_started_under_a_1024_soft_limit(limited, tmp_path
     c = limited(1024, hard)
     config = _ns_config(tmp_path)
     ids = [f"scale-{i}" for i in range(TASKS)]
+    uss: list[int] = []
     with ThreadPoolExecutor(POOL) as pool:
-        runs = list(pool.map(lambda cid: _run(c, config, cid), ids))
+        runs = list(pool.map(lambda cid: _run(c, config, cid), ids[:FIRST]))
+        uss.append(_uss(shim_pid_of(c, ids[0])))
+        runs += list(pool.map(lambda cid: _run(c, config, cid), ids[FIRST:]))
     failed = {cid: r.stderr.strip() for cid, r in zip(ids, runs, strict=True) if r.returncode}
     assert not failed, f"{len(failed)} of {TASKS} failed to start: {dict(list(failed.items())[:3])}"
     statuses = _statuses(c)
     assert sorted(statuses) == sorted(ids) and set(statuses.values()) == {"RUNNING"}
     shim = shim_pid_of(c, ids[-1])
+    per_task = (_uss(shim) - uss[0]) / (TASKS - FIRST)
+    print(f"shim memory per task: {per_task / 1024:.1f} KiB")
     assert {shim_pid_of(c, cid) for cid in (ids[0], ids[TASKS // 2])} == {shim}  # one shim for all
     assert _nofile(shim) == (hard, hard)  # raised, as Go programs do
     init = int(c.tasks()[ids[-1]]["pid"])
@@ -124,6 +140,7 @@ def test_300_tasks_in_one_shim_started_under_a_1024_soft_limit(limited, tmp_path
     assert out.stdout.strip() == "exec-in-the-last"
     _kill_and_remove_all(c, ids)
     wait_for(lambda: not pid_alive(shim), timeout=EVENTUALLY, message="the shim to exit after the last task")
+    assert per_task <= PER_TASK_MAX, f"{per_task / 1024:.1f} KiB a task (bound {PER_TASK_MAX // 1024} KiB)"
 
 
 def test_out_of_fds_every_task_stays_killable_and_deletable(limited, tmp_path: Path) -> None:

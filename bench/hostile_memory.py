@@ -1,18 +1,21 @@
 """Memory a shim gives back after hostile clients (issue 16): a measurement, not a test.
 
-    python -m bench.hostile_memory [--connections 1000] [--pipelined 10000] [--rounds 1]
+    python -m bench.hostile_memory [--connections 1000] [--pipelined 10000] [--rounds 1] [--namespace]
 
 One task on this shim in a private containerd; the shim's Rss before, during and after
 soak's hostile clients (idle connections held open, then requests pipelined by a client
-that never reads a reply), with both peers gone. Run under /tmp/heavy.lock (root).
+that never reads a reply), with both peers gone. ``--namespace``: the task's shim is a
+namespace shim (ShimGroup = "namespace": malloc, and memory given back after disconnects);
+else a per-task shim (pymalloc). Run under /tmp/heavy.lock (root).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
-from integration.harness import Containerd, build_busybox_image
+from integration.harness import Containerd, build_busybox_image, oci_runtime_binary
 from soak.common import address_of, memory, remove_tasks, serving_pid, wait_status
 from soak.hostile import idle_connections, pipelined
 
@@ -28,6 +31,7 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=1000)
     p.add_argument("--pipelined", type=int, default=10000)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--namespace", action="store_true", help="a namespace shim (ShimGroup = \"namespace\")")
     args = p.parse_args()
     c = Containerd(log_level="info").start()
     try:
@@ -35,7 +39,12 @@ def main() -> None:
         c.image_ref = build_busybox_image(tar)
         c.import_image(tar)
         name = "hostile-mem"
-        c.ctr("run", "-d", "--runtime", "io.containerd.runc.v2-py", c.image_ref, name, "sleep", "100000")
+        runtime = ["--runtime", "io.containerd.runc.v2-py"]
+        if args.namespace:
+            config = c.dir / "namespace.toml"  # type: ignore[operator]
+            config.write_text(f'ShimGroup = "namespace"\nBinaryName = {json.dumps(oci_runtime_binary())}\n')
+            runtime += ["--runtime-config-path", str(config)]
+        c.ctr("run", "-d", *runtime, c.image_ref, name, "sleep", "100000")
         wait_status(c, [name], "RUNNING")
         path, pid = address_of(c, name), serving_pid(c, name)
         start = memory(pid)["rss"]  # type: ignore[index]

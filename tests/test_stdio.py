@@ -733,3 +733,20 @@ async def test_idle_copiers_wait_without_a_task_each(tmp_path) -> None:
             io.close()
             for fd in (c_out, *readers):
                 os.close(fd)
+
+
+def test_close_after_the_run_ended_with_copiers_parked(tmp_path) -> None:
+    """The trio run (and its Parking) may end before close(): close still releases every fd."""
+    fin = mkfifo(tmp_path / "in")
+    io = ProcessIO(StdioPaths(stdin=fin))
+    io.close_child_ends()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    io.close()
+    assert not io._fds._fds

@@ -366,6 +366,20 @@ class ProcessIO:
         except RuntimeError:  # the spawner's nursery is closed: the shim is going away
             log.debug("%s: output copy not resumed: shutting down", self.id)
 
+    def _resume_parked(self) -> None:
+        """close(): resumed copies find their fds closed and finish (output done)."""
+        if not self._parked:
+            return
+        try:
+            spot = parking()
+        except RuntimeError:  # outside the trio run (it ended): nothing is left to resume
+            self._parked.clear()
+            return
+        for fd in list(self._parked):
+            resume = spot.unpark(fd)
+            if resume is not None:
+                resume()
+
     async def _when_readable(self, fd: int, copy: Callable[..., Awaitable[None]], args: tuple[Any, ...]) -> None:
         with contextlib.suppress(trio.ClosedResourceError):  # the copy then finds it closed
             await self._fds.wait_readable(fd)
@@ -550,10 +564,7 @@ class ProcessIO:
         self._closed = True
         for scope in self._copiers:
             scope.cancel()
-        for fd in list(self._parked):  # resumed copies find their fds closed and finish
-            resume = parking().unpark(fd)
-            if resume is not None:
-                resume()
+        self._resume_parked()
         if self._console is not None:
             self._console.close()
         self._fds.close_all()

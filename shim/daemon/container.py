@@ -212,6 +212,10 @@ class Container:
         init.pid, init.watch = watch.pid, watch
         log.debug("%s: created, init pid %d", self.id, init.pid)
         self._publish_create(init.pid)
+        # Mounted and published: nothing reads the mounts again (unmounting goes by the rootfs
+        # directory); a namespace shim keeps thousands of containers (~1 KiB each, overlay's
+        # lowerdir lists included).
+        self.request.rootfs = []
         self._track_cgroup(init.pid)
         exits.monitor_soon(self, init, watch)
         return init.pid

@@ -205,8 +205,8 @@ def test_only_a_namespace_shim_runs_on_malloc(monkeypatch: pytest.MonkeyPatch, s
     monkeypatch.setattr(subprocess, "Popen", Popen)
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     monkeypatch.setenv("OTHER", "kept")
+    saved = os.dup(LISTEN_FD) if _fd_open(LISTEN_FD) else None  # before the socket, which may take fd 3
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    saved = os.dup(LISTEN_FD) if _fd_open(LISTEN_FD) else None
     try:
         assert launcher.spawn(ShimConfig(namespace="ns", id="t", bundle="/b"), sock, shared=shared) == 4242
     finally:

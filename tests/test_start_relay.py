@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -294,9 +295,12 @@ def test_a_relayed_start_whose_bundle_vanished_says_why(tmp_path):
             assert int(conn.recv(64)) > 0
             conn.send(b"go")
             assert conn.recv(1) == b"\x01"
+        # The status came after the child let go of its stdio: both are at EOF (a child still
+        # holding them would fail the select, not hang the read).
+        assert select.select([out_r, err_r], [], [], 30)[0] == [out_r, err_r]
         with os.fdopen(err_r) as err, os.fdopen(out_r) as out:
             assert out.read() == ""
             assert err.read() == f"start failed: [Errno 2] No such file or directory: '{gone}'\n"
-        assert proc.poll() is None  # the template goes on serving
+        assert lean.accepts(path, lean.SOCK_SEQPACKET)  # the template goes on serving
     finally:
         stop(proc)

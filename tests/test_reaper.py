@@ -240,3 +240,19 @@ def test_then_calls_back_at_delivery_or_at_once() -> None:
     assert calls == ["ten"] and w.exit is not None
     w.then(lambda: calls.append("again"))  # already delivered: at once
     assert calls == ["ten", "again"]
+
+
+def test_a_failing_callback_does_not_stop_the_exits_behind_it(caplog) -> None:
+    """A callback runs in the reaper's task: its bug is logged, the next exits still route."""
+    router = ExitRouter()
+
+    def broken() -> None:
+        raise AssertionError("a bug in a callback")
+
+    first, second = router.watch(11), router.watch(12)
+    first.then(broken)
+    assert router.route(Exit(11, 0, 0.0))
+    assert router.route(Exit(12, 3, 0.0))
+    assert first.exit is not None and second.exit is not None and second.exit.status == 3
+    assert "a bug in a callback" in caplog.text
+    first.then(broken)  # already delivered: called at once, logged as well

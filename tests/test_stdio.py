@@ -750,3 +750,27 @@ def test_close_after_the_run_ended_with_copiers_parked(tmp_path) -> None:
     trio.run(main)
     io.close()
     assert not io._fds._fds
+
+
+async def test_a_failing_resume_does_not_end_the_parking() -> None:
+    """Parking's task is a system task: a resume's bug is logged, the other fds still resume."""
+    from shim.daemon.fds import parking
+
+    resumed = trio.Event()
+
+    def broken() -> None:
+        raise AssertionError("a bug in a resume")
+
+    bad_r, bad_w = os.pipe()
+    good_r, good_w = os.pipe()
+    try:
+        parking().park(bad_r, broken)
+        os.write(bad_w, b"x")
+        await trio.testing.wait_all_tasks_blocked()
+        parking().park(good_r, resumed.set)
+        os.write(good_w, b"x")
+        with trio.fail_after(10):
+            await resumed.wait()
+    finally:
+        for fd in (bad_r, bad_w, good_r, good_w):
+            os.close(fd)

@@ -154,8 +154,8 @@ class Parking:
     A trio task blocked on an empty pipe costs ~3 KiB (task, coroutine frames, cancel
     status); a shim serving a namespace has three copiers per task, nearly all idle. A
     copier with nothing to read parks its fd here and ends its task; when the fd turns
-    readable (or hung up), ``resume`` is called (from the system task: it must not raise
-    or block) and starts the copier again. One shot: a resumed fd is parked no more.
+    readable (or hung up), ``resume`` is called (from the system task: it must not block;
+    an exception is logged) and starts the copier again. One shot: a resumed fd is parked no more.
     """
 
     def __init__(self) -> None:
@@ -187,9 +187,18 @@ class Parking:
                 for fd, _ in self._epoll.poll(0):
                     resume = self.unpark(fd)
                     if resume is not None:
-                        resume()
+                        call_guarded(resume)
         finally:
             self._epoll.close()
+
+
+def call_guarded(callback: Callable[[], None]) -> None:
+    """A callback's bug is logged: this runs in a system task (or the reaper), whose
+    exception would end the whole shim and every container it serves."""
+    try:
+        callback()
+    except Exception:  # noqa: BLE001
+        log.exception("shim: callback %r failed", callback)
 
 
 _PARKING: trio.lowlevel.RunVar[Parking] = trio.lowlevel.RunVar("shim_parking")
@@ -223,8 +232,6 @@ def unread(fd: int) -> int:
 
 def hung_up(fd: int) -> bool:
     """A pipe's read end whose writers are all gone (POLLHUP), without reading from it."""
-    import select
-
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return any(events & select.POLLHUP for _, events in poller.poll(0))

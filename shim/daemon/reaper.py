@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import trio
 
+from .fds import call_guarded
+
 log = logging.getLogger("shim.reaper")
 
 
@@ -62,13 +64,13 @@ class Watch:
         self._event.set()
         then, self._then = self._then, None
         if then is not None:
-            then()
+            call_guarded(then)
 
     def then(self, callback: Callable[[], None]) -> None:
         """``callback()`` once the exit is delivered (now if it is already): no task has to
         wait for it meanwhile. Called from the reaper's task: it must not raise or block."""
         if self.exit is not None:
-            callback()
+            call_guarded(callback)
         else:
             self._then = callback
 

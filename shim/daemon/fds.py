@@ -197,7 +197,7 @@ def call_guarded(callback: Callable[[], None]) -> None:
     exception would end the whole shim and every container it serves."""
     try:
         callback()
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("shim: callback %r failed", callback)
 
 

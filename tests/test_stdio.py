@@ -694,11 +694,13 @@ async def test_exit_waits_for_output_only_while_someone_takes_it(
         os.close(client_out)
 
 
-async def test_idle_copiers_wait_without_a_task_each(tmp_path) -> None:
-    """A namespace shim has three copiers per task, nearly all idle: they wait in the shim's
-    one Parking (shim.daemon.fds), not in a trio task each (~3 KiB apiece); output still
-    flows, and close() finishes parked copiers (their fds closed, output done)."""
+async def test_idle_copiers_wait_without_a_task_each(tmp_path, autojump_clock) -> None:
+    """A namespace shim has three copiers per task, nearly all idle: once idle for PARK_AFTER
+    (virtual time here) they wait in the shim's one Parking (shim.daemon.fds), not in a trio
+    task each (~3 KiB apiece); a busy one keeps its task meanwhile; output still flows, and
+    close() finishes parked copiers (their fds closed, output done)."""
     from shim.daemon.fds import parking
+    from shim.daemon.stdio import PARK_AFTER
 
     n = 10
     ios, ends = [], []
@@ -715,11 +717,19 @@ async def test_idle_copiers_wait_without_a_task_each(tmp_path) -> None:
             for io in ios:
                 await io.start(nursery)
             await trio.testing.wait_all_tasks_blocked()
+            assert len(nursery.child_tasks) == 3 * n and len(parking()) == 0  # not idle long yet
+            await trio.sleep(PARK_AFTER)
+            await trio.testing.wait_all_tasks_blocked()
             assert not nursery.child_tasks
             assert len(parking()) == 3 * n
             c_out, (_, client_out, _) = ends[3]
             os.write(c_out, b"hello\n")
             assert await read_until(client_out, b"hello\n") == b"hello\n"
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(nursery.child_tasks) == 1 and len(parking()) == 3 * n - 1  # busy: its task stays
+            os.write(c_out, b"again\n")
+            assert await read_until(client_out, b"again\n") == b"again\n"
+            await trio.sleep(PARK_AFTER)
             await trio.testing.wait_all_tasks_blocked()
             assert not nursery.child_tasks and len(parking()) == 3 * n
             for io in ios:

@@ -131,6 +131,8 @@ def _open_fifo(path: str, flags: int) -> int:
 
 #: How long output may stand still after an exit before nobody is taken to be reading it.
 OUTPUT_STALL = 0.15
+#: How long a copy with nothing to read keeps its task before it parks (see _readable_soon).
+PARK_AFTER = 1.0
 
 
 def _splice(src: int, dst: int) -> int | None:
@@ -380,6 +382,15 @@ class ProcessIO:
             if resume is not None:
                 resume()
 
+    async def _readable_soon(self, fd: int) -> bool:
+        """Whether ``fd`` turns readable within PARK_AFTER. A copy keeps its task while its
+        stream is busy (a log line every few ms would otherwise pay a park, a wake-up and a
+        new task per line) and parks only once it has been idle that long."""
+        with trio.move_on_after(PARK_AFTER):
+            await self._fds.wait_readable(fd)
+            return True
+        return False
+
     async def _when_readable(self, fd: int, copy: Callable[..., Awaitable[None]], args: tuple[Any, ...]) -> None:
         with contextlib.suppress(trio.ClosedResourceError):  # the copy then finds it closed
             await self._fds.wait_readable(fd)
@@ -401,9 +412,12 @@ class ProcessIO:
         done = True
         try:
             done = await self._output_until_idle(src, sink)
+            while not done and await self._readable_soon(src):
+                done = await self._output_until_idle(src, sink)
         except trio.ClosedResourceError:
-            pass  # close() while copying
+            done = True  # close() while copying
         except OSError as e:
+            done = True
             log.warning("copying output stopped: %s", e)
         finally:
             if done:
@@ -465,9 +479,12 @@ class ProcessIO:
         done = True
         try:
             done = await self._stdin_until_idle(fifo, dst)
+            while not done and await self._readable_soon(fifo):
+                done = await self._stdin_until_idle(fifo, dst)
         except trio.ClosedResourceError:
-            pass
+            done = True
         except OSError as e:
+            done = True
             if e.errno not in (errno.EPIPE, errno.EIO):
                 log.warning("copying stdin stopped: %s", e)
         finally:

@@ -264,6 +264,7 @@ async def test_with_a_rootfs_the_pid_namespace_is_read_at_create_not_at_exit(
         h = make_container(str(tmp_path), nursery, config=config)
         h.container.request.rootfs = [MountSpec("bind", str(tmp_path), ["rbind"])]
         await h.container.create()
+        assert h.container.request.rootfs == []  # published with TaskCreate, not kept
         os.unlink(tmp_path / "config.json")  # unreadable now: would count as shared
         await h.container.start()
         h.runtime.exit(h.runtime.init_pid, 0)

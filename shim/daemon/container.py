@@ -212,10 +212,6 @@ class Container:
         init.pid, init.watch = watch.pid, watch
         log.debug("%s: created, init pid %d", self.id, init.pid)
         self._publish_create(init.pid)
-        # Mounted and published: nothing reads the mounts again (unmounting goes by the rootfs
-        # directory); a namespace shim keeps thousands of containers (~1 KiB each, overlay's
-        # lowerdir lists included).
-        self.request.rootfs = []
         self._track_cgroup(init.pid)
         exits.monitor_soon(self, init, watch)
         return init.pid
@@ -237,8 +233,12 @@ class Container:
         self.events.oom(self.id)
 
     def _publish_create(self, pid: int) -> None:
+        """TaskCreate, the last reader of the request's mounts (a checkpoint's Create too):
+        they are dropped then (unmounting goes by the rootfs directory); a namespace shim
+        keeps thousands of containers (~1 KiB each, overlay's lowerdir lists included)."""
         req = self.request
         self.events.created(self.id, self.bundle, req.rootfs, req.stdio, req.checkpoint, pid)
+        req.rootfs = []
 
     def _watch_pid_file(self, pid_file: str, hold: Hold) -> Watch:
         """Call inside the reaper hold of the runtime call: the process may already have exited."""

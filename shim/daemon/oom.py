@@ -36,7 +36,7 @@ import os
 import select
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import trio
@@ -101,7 +101,8 @@ class _Inotify:
             for wd, mask in _read_inotify(self.fd).items():
                 for w in self.watchers.get(wd, ()):
                     w.mask |= mask
-                    w.changed.set()
+                    if w.changed is not None:
+                        w.changed.set()
 
     def close(self) -> None:
         os.close(self.fd)
@@ -200,13 +201,13 @@ class _Watch:
     memory_dir: str
     on_oom: OnOOM
     fd: int | None  # eventfd (v1), or None (v2)
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    scope: trio.CancelScope | None = None  # v2: its task's (v1 has no task of its own)
     closed: bool = False
     last_count: int = 0  # v2: oom_kill count already reported
     inotify: _Inotify | None = None  # v2: the watcher's instance, None when polling
     wd: int = -1
     mask: int = 0  # v2: inotify events seen since the task last looked
-    changed: trio.Event = field(default_factory=trio.Event)
+    changed: trio.Event | None = None  # v2 with inotify: set when memory.events changed
     eventfds: _Eventfds | None = None  # v1: the watcher's epoll set
 
     def close(self) -> None:
@@ -310,6 +311,7 @@ class OOMWatcher:
             self._eventfd_watch(w)
             self._watches[key] = w
             return
+        w.scope, w.changed = trio.CancelScope(), trio.Event()
         if self.use_inotify:
             self._inotify_watch(w, os.path.join(memory_dir, "memory.events"))
         self._watches[key] = w
@@ -351,7 +353,8 @@ class OOMWatcher:
         w = self._watches.pop(key, None)
         if w is None:
             return
-        w.scope.cancel()
+        if w.scope is not None:
+            w.scope.cancel()
         if w.version == 1:  # no task of its own
             w.close()
         elif w in self._pending:  # never started: nobody else will close it
@@ -371,13 +374,7 @@ class OOMWatcher:
         if w is None or w.closed:
             return
         if w.version == 1:
-            assert w.fd is not None
-            try:
-                os.read(w.fd, 8)
-            except BlockingIOError:
-                return
-            if os.path.exists(os.path.join(w.memory_dir, "memory.oom_control")):
-                self._fire(w)
+            self._v1_ready(w)
         else:
             self._check_v2(w)
 
@@ -394,6 +391,7 @@ class OOMWatcher:
     # --- per-cgroup tasks ---------------------------------------------------------
 
     async def _watch(self, w: _Watch) -> None:
+        assert w.scope is not None  # v2 (add_cgroup)
         try:
             with w.scope:
                 await self._watch_v2(w)
@@ -434,6 +432,7 @@ class OOMWatcher:
         while True:
             gone = False
             if w.inotify is not None:
+                assert w.changed is not None
                 with trio.move_on_after(self.recheck_interval):
                     await w.changed.wait()
                 w.changed = trio.Event()

@@ -119,7 +119,7 @@ def tag_types() -> int:
     return len(seen)
 
 
-#: The code objects pack_executed_code replaced: kept, so that freeing them leaves no holes
+#: The code objects pack_code replaced: kept, so that freeing them leaves no holes
 #: among the template's pages for a shim's allocations to land in.
 _REPLACED: list[object] = []
 

@@ -29,19 +29,19 @@ a task in the nursery that ``run()`` owns; ``add`` before ``run`` starts is queu
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 import select
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import trio
 
+from shim.common import inotify
 from shim.common.config import CGROUP_ROOT
+from shim.common.inotify import IN_DELETE_SELF, IN_IGNORED, IN_MODIFY
 
 from . import cgroups
 
@@ -49,36 +49,16 @@ log = logging.getLogger("shim.oom")
 
 OnOOM = Callable[[str], None]
 
-# <sys/inotify.h>
-IN_MODIFY = 0x00000002
-IN_DELETE_SELF = 0x00000400
-IN_IGNORED = 0x00008000
-_IN_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len
-
-_libc: ctypes.CDLL | None = None
-
-
-def _libc_call(name: str, *args: object) -> int:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    result: int = getattr(_libc, name)(*args)
-    if result < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{name}: {os.strerror(e)}")
-    return result
-
-
 class _Inotify:
     """One inotify instance: a watch (wd) per cgroup's memory.events, shared by every cgroup."""
 
     def __init__(self) -> None:
-        self.fd = _libc_call("inotify_init1", os.O_NONBLOCK | os.O_CLOEXEC)
+        self.fd = inotify.init()
         #: Who is interested in each watch (two keys may share a cgroup: the kernel gives one wd).
         self.watchers: dict[int, list[_Watch]] = {}
 
     def add(self, path: str, w: _Watch) -> int:
-        wd = _libc_call("inotify_add_watch", self.fd, os.fsencode(path), IN_MODIFY | IN_DELETE_SELF)
+        wd = inotify.add_watch(self.fd, path, IN_MODIFY | IN_DELETE_SELF)
         self.watchers.setdefault(wd, []).append(w)
         return wd
 
@@ -90,7 +70,7 @@ class _Inotify:
             return
         self.watchers.pop(wd, None)
         try:
-            _libc_call("inotify_rm_watch", self.fd, wd)
+            inotify.rm_watch(self.fd, wd)
         except OSError:
             pass  # already gone with its cgroup (IN_IGNORED)
 
@@ -98,7 +78,7 @@ class _Inotify:
         """Wake the cgroup tasks whose memory.events changed."""
         while True:
             await trio.lowlevel.wait_readable(self.fd)
-            for wd, mask in _read_inotify(self.fd).items():
+            for wd, mask in inotify.read_masks(self.fd).items():
                 for w in self.watchers.get(wd, ()):
                     w.mask |= mask
                     if w.changed is not None:
@@ -137,23 +117,6 @@ class _Eventfds:
 
     def close(self) -> None:
         self.epoll.close()
-
-
-def _read_inotify(fd: int) -> dict[int, int]:
-    """Read all pending inotify events; the OR of their masks per watch."""
-    masks: dict[int, int] = {}
-    while True:
-        try:
-            buf = os.read(fd, 4096)
-        except BlockingIOError:
-            return masks
-        if not buf:
-            return masks
-        off = 0
-        while off + _IN_EVENT.size <= len(buf):
-            wd, m, _, length = _IN_EVENT.unpack_from(buf, off)
-            masks[wd] = masks.get(wd, 0) | m
-            off += _IN_EVENT.size + length
 
 
 def register_v1_oom_eventfd(memory_dir: str) -> int:

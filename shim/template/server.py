@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from shim.common import inotify
 from shim.common.config import LISTEN_FD, PROCESS_NAME, ShimConfig
 from shim.daemon.title import set_title
 from shim.launch.template_client import GO, STALE, fingerprint, package_dir
@@ -48,9 +49,10 @@ LAUNCH = b"launch"  # start-relay's request: run a whole start here (start_relay
 #: finding other code on disk is answered STALE and the template exits.
 _started_with = ""
 
-# <sys/inotify.h>: anything that can change a file's name, content, size or mtime, or a directory's.
-_IN_CHANGES = 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800  # MODIFY ATTRIB CLOSE_WRITE
-# MOVED_FROM MOVED_TO CREATE DELETE DELETE_SELF MOVE_SELF
+#: Anything that can change a file's name, content, size or mtime, or a directory's.
+_IN_CHANGES = (inotify.IN_MODIFY | inotify.IN_ATTRIB | inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_FROM
+               | inotify.IN_MOVED_TO | inotify.IN_CREATE | inotify.IN_DELETE | inotify.IN_DELETE_SELF
+               | inotify.IN_MOVE_SELF)
 
 
 class CodeWatch:
@@ -62,11 +64,11 @@ class CodeWatch:
     missed, only confirmed. Watches are (re)added after every event: new directories too."""
 
     def __init__(self, package: str) -> None:
-        import ctypes
-
         self._package = package
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.fd = inotify.init()
+        except OSError:
+            self.fd = -1
         if self.fd >= 0 and not self._watch():
             os.close(self.fd)
             self.fd = -1
@@ -74,8 +76,10 @@ class CodeWatch:
     def _watch(self) -> bool:
         for dirpath, dirnames, _ in os.walk(self._package):
             dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-            if self._libc.inotify_add_watch(self.fd, os.fsencode(dirpath), _IN_CHANGES) < 0:
-                return False  # e.g. fs.inotify.max_user_watches reached
+            try:
+                inotify.add_watch(self.fd, dirpath, _IN_CHANGES)
+            except OSError:  # e.g. fs.inotify.max_user_watches reached
+                return False
         return True
 
     def quiet(self) -> bool:

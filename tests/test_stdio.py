@@ -774,10 +774,10 @@ async def test_a_failing_resume_does_not_end_the_parking() -> None:
     bad_r, bad_w = os.pipe()
     good_r, good_w = os.pipe()
     try:
-        parking().park(bad_r, broken)
+        parking().add(bad_r, broken, once=True)
         os.write(bad_w, b"x")
         await trio.testing.wait_all_tasks_blocked()
-        parking().park(good_r, resumed.set)
+        parking().add(good_r, resumed.set, once=True)
         os.write(good_w, b"x")
         with trio.fail_after(10):
             await resumed.wait()

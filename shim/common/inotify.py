@@ -7,6 +7,7 @@ template (its own source files, shim.template.server). Calls raise OSError with 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 
@@ -30,7 +31,11 @@ def _call(name: str, *args: object) -> int:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
-    result: int = getattr(_libc, name)(*args)
+    try:
+        function = getattr(_libc, name)
+    except AttributeError:  # a C library without inotify
+        raise OSError(errno.ENOSYS, f"{name}: not in the C library") from None
+    result: int = function(*args)
     if result < 0:
         e = ctypes.get_errno()
         raise OSError(e, f"{name}: {os.strerror(e)}")

@@ -148,48 +148,54 @@ def _write_all_blocking(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-class Parking:
-    """Where idle copiers wait: one epoll set for the whole shim, read by one system task.
+class Readiness:
+    """One epoll set, read by one task: a callback per fd when it turns readable (or hangs up).
 
-    A trio task blocked on an empty pipe costs ~3 KiB (task, coroutine frames, cancel
-    status); a shim serving a namespace has three copiers per task, nearly all idle. A
-    copier with nothing to read parks its fd here and ends its task; when the fd turns
-    readable (or hung up), ``resume`` is called (from the system task: it must not block;
-    an exception is logged) and starts the copier again. One shot: a resumed fd is parked no more.
+    A trio task blocked on an fd costs ~3 KiB (task, coroutine frames, cancel status); a
+    shim serving a namespace has three stdio copiers and an OOM eventfd per task, nearly all
+    idle. Callbacks run in the reading task: they must not block; an exception is logged.
+    ``once``: the fd is taken out when it fires (a parked copier, resumed as a task).
     """
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._parked: dict[int, Callable[[], None]] = {}
+        self._callbacks: dict[int, tuple[Callable[[], None], bool]] = {}
 
-    def park(self, fd: int, resume: Callable[[], None]) -> None:
-        """Raises OSError if ``fd`` cannot be watched (the caller then waits in a task)."""
-        self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
-        self._parked[fd] = resume
+    def add(self, fd: int, callback: Callable[[], None], *, once: bool) -> None:
+        """Raises OSError if ``fd`` cannot be watched (e.g. a regular file)."""
+        self._epoll.register(fd, select.EPOLLIN | (select.EPOLLONESHOT if once else 0))
+        self._callbacks[fd] = (callback, once)
 
-    def unpark(self, fd: int) -> Callable[[], None] | None:
-        """Take ``fd`` out (before it is closed: its number may be reused); its ``resume``."""
-        resume = self._parked.pop(fd, None)
-        if resume is not None:
-            try:
-                self._epoll.unregister(fd)
-            except OSError:
-                pass
-        return resume
+    def remove(self, fd: int) -> Callable[[], None] | None:
+        """Take ``fd`` out (before it is closed: its number may be reused); its callback."""
+        entry = self._callbacks.pop(fd, None)
+        if entry is None:
+            return None
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):  # ValueError: closed with its run (the trio run ended)
+            pass
+        return entry[0]
 
     def __len__(self) -> int:
-        return len(self._parked)
+        return len(self._callbacks)
 
     async def run(self) -> None:
         try:
             while True:
                 await trio.lowlevel.wait_readable(self._epoll.fileno())
                 for fd, _ in self._epoll.poll(0):
-                    resume = self.unpark(fd)
-                    if resume is not None:
-                        call_guarded(resume)
+                    entry = self._callbacks.get(fd)
+                    if entry is None:
+                        continue
+                    if entry[1]:
+                        self.remove(fd)
+                    call_guarded(entry[0])
         finally:
-            self._epoll.close()
+            self.close()
+
+    def close(self) -> None:
+        self._epoll.close()
 
 
 def call_guarded(callback: Callable[[], None]) -> None:
@@ -201,15 +207,16 @@ def call_guarded(callback: Callable[[], None]) -> None:
         log.exception("shim: callback %r failed", callback)
 
 
-_PARKING: trio.lowlevel.RunVar[Parking] = trio.lowlevel.RunVar("shim_parking")
+_PARKING: trio.lowlevel.RunVar[Readiness] = trio.lowlevel.RunVar("shim_parking")
 
 
-def parking() -> Parking:
-    """This trio run's Parking, started (as a system task) on first use."""
+def parking() -> Readiness:
+    """Where this trio run's idle stdio copiers wait (``once``), read by a system task
+    started on first use."""
     try:
         return _PARKING.get()
     except LookupError:
-        p = Parking()
+        p = Readiness()
         trio.lowlevel.spawn_system_task(p.run, name="stdio parking")
         _PARKING.set(p)
         return p

@@ -30,9 +30,9 @@ a task in the nursery that ``run()`` owns; ``add`` before ``run`` starts is queu
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
-import select
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -44,6 +44,7 @@ from shim.common.config import CGROUP_ROOT
 from shim.common.inotify import IN_DELETE_SELF, IN_IGNORED, IN_MODIFY
 
 from . import cgroups
+from .fds import Readiness
 
 log = logging.getLogger("shim.oom")
 
@@ -86,37 +87,6 @@ class _Inotify:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-class _Eventfds:
-    """One epoll instance holding every v1 cgroup's eventfd; ``run`` hands ready ones on."""
-
-    def __init__(self) -> None:
-        self.epoll = select.epoll()
-        self.watches: dict[int, _Watch] = {}
-
-    def add(self, w: _Watch) -> None:
-        assert w.fd is not None
-        self.epoll.register(w.fd, select.EPOLLIN)
-        self.watches[w.fd] = w
-        w.eventfds = self
-
-    def remove(self, w: _Watch) -> None:
-        """Before ``w.fd`` is closed."""
-        if w.fd is not None and self.watches.get(w.fd) is w:
-            del self.watches[w.fd]
-            self.epoll.unregister(w.fd)
-
-    async def run(self, ready: Callable[[_Watch], None]) -> None:
-        while True:
-            await trio.lowlevel.wait_readable(self.epoll.fileno())
-            for fd, _ in self.epoll.poll(0):
-                w = self.watches.get(fd)
-                if w is not None:
-                    ready(w)
-
-    def close(self) -> None:
-        self.epoll.close()
 
 
 def register_v1_oom_eventfd(memory_dir: str) -> int:
@@ -171,12 +141,12 @@ class _Watch:
     wd: int = -1
     mask: int = 0  # v2: inotify events seen since the task last looked
     changed: trio.Event | None = None  # v2 with inotify: set when memory.events changed
-    eventfds: _Eventfds | None = None  # v1: the watcher's epoll set
+    eventfds: Readiness | None = None  # v1: the watcher's epoll set
 
     def close(self) -> None:
         if not self.closed:
-            if self.eventfds is not None:
-                self.eventfds.remove(self)
+            if self.eventfds is not None and self.fd is not None:
+                self.eventfds.remove(self.fd)
             if self.fd is not None:
                 os.close(self.fd)
             if self.inotify is not None:
@@ -208,7 +178,7 @@ class OOMWatcher:
         self._nursery: trio.Nursery | None = None
         self._finished = False
         self._inotify: _Inotify | None = None
-        self._eventfds: _Eventfds | None = None
+        self._eventfds: Readiness | None = None
         self._polling_logged = False
 
     # --- public API -------------------------------------------------------------
@@ -223,7 +193,7 @@ class OOMWatcher:
                 if self._inotify is not None:
                     nursery.start_soon(self._inotify.run)
                 if self._eventfds is not None:
-                    nursery.start_soon(self._eventfds.run, self._v1_ready)
+                    nursery.start_soon(self._eventfds.run)
                 pending, self._pending = self._pending, []
                 for w in pending:
                     if self._watches.get(w.key) is w:
@@ -286,11 +256,13 @@ class OOMWatcher:
     def _eventfd_watch(self, w: _Watch) -> None:
         """Put ``w``'s eventfd in the watcher's epoll set, made (and read) on first use."""
         if self._eventfds is None:
-            self._eventfds = _Eventfds()
+            self._eventfds = Readiness()
             if self._nursery is not None:
-                self._nursery.start_soon(self._eventfds.run, self._v1_ready)
+                self._nursery.start_soon(self._eventfds.run)
         try:
-            self._eventfds.add(w)
+            assert w.fd is not None
+            self._eventfds.add(w.fd, functools.partial(self._v1_ready, w), once=False)
+            w.eventfds = self._eventfds
         except BaseException:
             w.close()
             raise
@@ -305,7 +277,7 @@ class OOMWatcher:
                     self._nursery.start_soon(self._inotify.run)
             w.wd = self._inotify.add(events, w)
             w.inotify = self._inotify
-        except (OSError, AttributeError) as e:  # AttributeError: no libc symbol
+        except OSError as e:  # no instance or watch left, or no inotify (ENOSYS)
             if not self._polling_logged:
                 self._polling_logged = True
                 log.warning("inotify unavailable (%s): polling memory.events every %gs (logged once)",

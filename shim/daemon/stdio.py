@@ -198,7 +198,7 @@ class ProcessIO:
         #: One per copier, all cancelled by close(): copiers are the container's own tasks
         #: (no task and nursery of ProcessIO's above them: ~4 KiB a container in a namespace shim).
         self._copiers: set[trio.CancelScope] = set()
-        self._parked: set[int] = set()  # fds whose copy waits in Parking
+        self._parked: set[int] = set()  # fds whose copy waits in fds.parking()
         self._closed = False
         try:
             self._setup()
@@ -353,9 +353,9 @@ class ProcessIO:
 
     def _park(self, fd: int, copy: Callable[..., Awaitable[None]], *args: Any) -> None:
         """``fd`` has nothing to read: run ``copy(*args)`` again once it has (or hangs up),
-        with no task waiting meanwhile (shim.daemon.fds.Parking)."""
+        with no task waiting meanwhile (shim.daemon.fds.parking)."""
         try:
-            parking().park(fd, lambda: self._resume(fd, copy, args))
+            parking().add(fd, lambda: self._resume(fd, copy, args), once=True)
         except OSError:  # not pollable by epoll: wait in a task after all
             self._copier(self._when_readable, fd, copy, args)
             return
@@ -378,7 +378,7 @@ class ProcessIO:
             self._parked.clear()
             return
         for fd in list(self._parked):
-            resume = spot.unpark(fd)
+            resume = spot.remove(fd)
             if resume is not None:
                 resume()
 

@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_template_fork import read_report, start_template, stop, wait_for
+from test_template_fork import alive, read_report, start_template, stop, wait_for
 
 from shim.common import lean
 from shim.launch import template_client
@@ -263,6 +263,10 @@ def test_a_start_through_the_relay_runs_in_the_template_and_forks_the_shim(tmp_p
         assert report["cwd"] == str(bundle)
         assert report["ppid"] != proc.pid  # the template's grandchild, never its child
         assert report["sid"] != report["pid"] and report["sid"] != os.getsid(proc.pid)
+        # forked before the launcher child ran the start (so it carries none of the pages the
+        # start wrote): it came from the child's first lines, not from inside the start
+        assert "_become_launcher" in report["stack"]
+        assert not {"_run_start", "run_start", "start", "_start_shim"} & set(report["stack"]), report["stack"]
         assert proc.poll() is None  # the template goes on serving
     finally:
         stop(proc)
@@ -272,11 +276,73 @@ def test_a_start_through_the_relay_runs_in_the_template_and_forks_the_shim(tmp_p
             pass
 
 
-def test_a_relayed_start_whose_bundle_vanished_says_why(tmp_path):
-    """The bundle directory is gone when the launcher child would enter it (removed after the
-    relay sent its cwd): the start fails with a message on stderr, as the Python launcher's."""
+def forks_of(template: subprocess.Popen) -> list[int]:
+    """Live processes forked from the template (its title, not its pid): launcher children, shims-to-be."""
+    with open(f"/proc/{template.pid}/cmdline", "rb") as f:
+        title = f.read()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == template.pid or not alive(int(entry)):
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read() == title:
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_relayed_start_that_joins_a_running_shim_leaves_no_process(tmp_path):
+    """A start whose group's shim already serves (a pod's second container) needs no shim:
+    it prints that shim's address, and the shim-to-be forked for it exits unseen."""
     path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
     proc = start_template(Path(path))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"annotations": {"io.containerd.runc.v2.group": "pod"}}))
+    shim_socket = shim_socket_path(ADDRESS, "ns1", "pod")
+    os.makedirs(os.path.dirname(shim_socket), exist_ok=True)
+    serving = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # the group's running shim
+    try:
+        serving.bind(shim_socket)
+        serving.listen(8)
+        wait_for(lambda: lean.accepts(path, lean.SOCK_SEQPACKET), what="the template to listen")
+        result = subprocess.run(
+            relay_argv(sys.executable, ["-namespace", "ns1", "-address", ADDRESS, "-id", "c2", "start"]),
+            capture_output=True, text=True, cwd=bundle, timeout=30, check=False,
+            env={**os.environ, "SHIM_PY_TEMPLATE_DIR": str(tmp_path)})
+        assert (result.returncode, result.stderr, result.stdout) == (0, "", f"unix://{shim_socket}")
+        wait_for(lambda: not forks_of(proc), what="the launcher child and its shim-to-be to exit")
+        assert not (bundle / "report.json").exists()  # no shim ran
+        assert proc.poll() is None
+    finally:
+        serving.close()
+        stop(proc)
+        try:
+            os.unlink(shim_socket)
+        except FileNotFoundError:
+            pass
+
+
+SLOW_SHIM_TO_BE = """
+import time
+import shim.template.server as server
+_wait = server._wait_for_orders
+def _slow(sock):
+    time.sleep(0.5)
+    _wait(sock)
+server._wait_for_orders = _slow
+"""
+
+
+def test_a_relayed_start_whose_bundle_vanished_says_why(tmp_path):
+    """The bundle directory is gone when the launcher child would enter it (removed after the
+    relay sent its cwd): the start fails with a message on stderr, as the Python launcher's.
+    The shim-to-be forked for it is slow to run (a loaded machine): the status still comes only
+    once nothing holds containerd's pipes."""
+    path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
+    proc = start_template(Path(path), prelude=SLOW_SHIM_TO_BE)
     gone = tmp_path / "bundle-gone"
     args = ["-namespace", "ns1", "-address", ADDRESS, "-id", "c1", "start"]
     message = b"\0".join([b"launch", str(os.getpid()).encode(), b"0", os.fsencode(gone), str(len(args)).encode(),
@@ -295,12 +361,13 @@ def test_a_relayed_start_whose_bundle_vanished_says_why(tmp_path):
             assert int(conn.recv(64)) > 0
             conn.send(b"go")
             assert conn.recv(1) == b"\x01"
-        # The status came after the child let go of its stdio: both are at EOF (a child still
-        # holding them would fail the select, not hang the read).
-        assert select.select([out_r, err_r], [], [], 30)[0] == [out_r, err_r]
+        # The status came after the child and the shim-to-be it forked let go of its stdio: both
+        # are at EOF already (a process still holding them would fail the select, not hang the read).
+        assert select.select([out_r, err_r], [], [], 0)[0] == [out_r, err_r]
         with os.fdopen(err_r) as err, os.fdopen(out_r) as out:
             assert out.read() == ""
             assert err.read() == f"start failed: [Errno 2] No such file or directory: '{gone}'\n"
         assert lean.accepts(path, lean.SOCK_SEQPACKET)  # the template goes on serving
+        wait_for(lambda: not forks_of(proc), what="the launcher child and its shim-to-be to exit")
     finally:
         stop(proc)

@@ -37,6 +37,7 @@ def fake_main(config: ShimConfig) -> int:
     import json
     import os
     import signal
+    import traceback
 
     def is_open(fd: int) -> bool:
         try:
@@ -56,6 +57,7 @@ def fake_main(config: ShimConfig) -> int:
         "fd3_inode": os.fstat(3).st_ino, "env": dict(os.environ), "cwd": os.getcwd(),
         "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
         "argv": argv, "config": config.encode(),
+        "stack": [frame.f_code.co_qualname for frame, _ in traceback.walk_stack(None)],
     }
     path = os.path.join(config.bundle, "report.json")
     with open(path + ".tmp", "w") as f:
@@ -164,13 +166,15 @@ def request_fork(path: Path, config: ShimConfig) -> tuple[int | None, bool]:
 
 # -- a template process -------------------------------------------------------------------------
 
-def start_template(path: Path, root: Path = ROOT) -> subprocess.Popen:
-    """``python -c MAIN path`` as spawn_template runs it, with the shim's body replaced."""
+def start_template(path: Path, root: Path = ROOT, prelude: str = "") -> subprocess.Popen:
+    """``python -c MAIN path`` as spawn_template runs it, with the shim's body replaced
+    (and prelude, more Python, run before MAIN)."""
     program = (
         "from __future__ import annotations\n"  # fake_main's annotation names a class not imported there
         f"import sys; sys.path.insert(0, {str(root)!r})\n"
         f"{FAKE_MAIN}\n"
         "import shim.daemon.main; shim.daemon.main.main = fake_main\n"
+        f"{prelude}\n"
         f"{template_client.MAIN}\n"
     )
     return subprocess.Popen([sys.executable, "-I", "-c", program, str(path)], stdin=subprocess.DEVNULL,

@@ -296,19 +296,21 @@ def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchReque
 
     Its stdio are the relay's (containerd reads them), its environment and working
     directory containerd's; it waits for the relay's "go" (see start_relay.c), runs
-    the launcher's start with an Origin (containerd's pid and THP setting, and a fork
-    of this warm process for the shim), then sends its exit status to the relay."""
+    the launcher's start with an Origin (containerd's pid and THP setting, and the
+    shim-to-be forked first thing, see ShimToBe), then sends its exit status to the relay."""
     code = 1
+    shim: ShimToBe | None = None
     try:
         import signal
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.setsid()  # the shim it forks is then a member of this session, as fork_shim's are
+        os.setsid()  # the shim-to-be is then a member of this session, as fork_shim's shims are
+        # Forked before the relay's go (the relay's round trip overlaps the fork) and before this
+        # child has run anything: the shim's pages are the template's, not this start's.
+        shim = ShimToBe()
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
-        keep = conn.fileno()
-        os.closerange(3, keep)  # the template's listener, lock and the received fds
-        os.closerange(keep + 1, 1 << 16)
+        _close_all_but(3, conn.fileno(), shim.fd)  # the template's listener, lock and the received fds
         conn.settimeout(GO_TIMEOUT)
         try:
             said = conn.recv(len(GO))
@@ -324,11 +326,13 @@ def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchReque
         except OSError as e:  # the bundle went away since the relay sent it: say so, as run_start would
             print(f"start failed: {e}", file=sys.stderr)
             return
-        code = _run_start(request, nofile)
+        code = _run_start(request, shim, nofile)
     finally:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
+            if shim is not None:
+                shim.let_go()  # it no longer holds containerd's pipes either
             # containerd reads the start's output until every holder has closed it, and an
             # exiting process closes its files only after tearing down its memory (~1 ms for
             # a fork of this heap): let go of them first, the relay exits on the status.
@@ -338,7 +342,7 @@ def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchReque
             os._exit(code)
 
 
-def _run_start(request: LaunchRequest, nofile: int = 0) -> int:
+def _run_start(request: LaunchRequest, shim: ShimToBe, nofile: int = 0) -> int:
     from shim.launch.cli import USAGE, UsageError, parse_args, run_start
     from shim.launch.launcher import Origin
 
@@ -350,24 +354,94 @@ def _run_start(request: LaunchRequest, nofile: int = 0) -> int:
     if flags.action != "start" or flags.info or flags.version:
         print(f"start-relay relays start only, not {request.args!r}", file=sys.stderr)
         return 2
-    return run_start(flags, Origin(request.parent, request.thp_original, fork_for_launcher, nofile))
+    return run_start(flags, Origin(request.parent, request.thp_original, shim.become, nofile))
 
 
-def fork_for_launcher(config: ShimConfig, listener: _socket.socket) -> int:
-    """The launcher child's fork of the shim: one fork (the launcher child leads its own
-    session, like fork_shim's middle process), stdio away from containerd's pipes
-    (containerd reads the start's output until every holder closed it). The shim is
-    orphaned when the launcher child exits a moment later."""
-    pid = os.fork()
-    if pid == 0:
+class ShimToBe:
+    """The shim of a relayed start: a fork of the launcher child made before it ran anything,
+    which waits for its config and listener (SCM_RIGHTS) and then becomes the shim.
+
+    Forked from the launcher child as it ran the start, a shim would carry every page that
+    start wrote (argument parsing, grouping, binding; ~225 KiB private per shim, measured
+    with bench.memattr). This fork happens when the child is still a clean copy of the
+    template, and costs the start nothing more: the fork the shim needs anyway, moved ahead.
+    It is the launcher child's child, as a shim forked by it would be (the same session,
+    orphaned when the child exits, never containerd's or the template's). A start that needs
+    no shim (a live shim of its group serves it) or fails drops it: it reads EOF and exits."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.error: OSError | None = None
+        self.pid = 0
+        ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            null = os.open(os.devnull, os.O_RDWR)
-            for target in (0, 1, 2):
-                os.dup2(null, target)
-            _become_shim(config, dict(os.environ), listener.fileno())
-        finally:
-            os._exit(1)
-    return pid
+            self.pid = os.fork()
+        except OSError as e:  # the start fails when it needs the shim, as a failed fork would fail it
+            self.error = e
+        if self.pid == 0 and self.error is None:
+            ours.detach()  # closed with everything else in _wait_for_orders
+            _wait_for_orders(its)
+        its.close()
+        self._sock: socket.socket | None = ours
+        self.fd = ours.fileno()
+
+    def become(self, config: ShimConfig, listener: _socket.socket) -> int:
+        """Origin.fork: hand it the config, this start's environment and the listener; its pid."""
+        import socket
+
+        if self.error is not None:
+            raise self.error
+        assert self._sock is not None
+        message = repr({"config": config.encode(), "env": dict(os.environ)}).encode()
+        socket.send_fds(self._sock, [message], [listener.fileno()])
+        return self.pid
+
+    def let_go(self) -> None:
+        """Wait until it holds none of containerd's pipes; drop it if it was not needed."""
+        if self._sock is None:
+            return
+        if self.error is None:
+            try:
+                self._sock.recv(1)  # it says so as soon as its stdio are /dev/null
+            except OSError:
+                pass
+        self._sock.close()
+        self._sock = None
+
+
+def _wait_for_orders(sock: socket.socket) -> None:
+    """In the shim-to-be: let go of everything the launcher child holds, wait for the config
+    and the listener, become the shim; never return."""
+    import ast
+    import signal
+    import socket
+
+    code = 1
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _close_all_but(0, sock.fileno())  # containerd's pipes (the relay's stdio), the template's sockets
+        null = os.open(os.devnull, os.O_RDWR)  # fd 0: the lowest free
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        sock.send(b"!")
+        message, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1)
+        if not message or len(fds) != 1:
+            code = 0  # the start needed no shim, or failed
+            return
+        orders = ast.literal_eval(message.decode())
+        sock.detach()  # its fd may be the one the listener is moved to (LISTEN_FD)
+        _become_shim(ShimConfig.decode(orders["config"]), orders["env"], fds[0])
+    finally:
+        os._exit(code)
+
+
+def _close_all_but(first: int, *keep: int) -> None:
+    """Close every fd from first on except keep."""
+    for fd in sorted(k for k in keep if k >= first):
+        os.closerange(first, fd)
+        first = fd + 1
+    os.closerange(first, 1 << 16)
 
 
 def _reap_children() -> None:

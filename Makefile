@@ -37,7 +37,14 @@ apt:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-venv: $(STAMP) $(HELPERS)
+# protobuf compiled here from its sdist instead of PyPI's binary wheel, once per virtualenv
+# (~25 s on 2 cores; pip caches the build): see README, "protobuf from source".
+PROTOBUF_STAMP := $(VENV)/.protobuf-from-source
+PROTOBUF_FROM_SOURCE = $(1) -m pip install -q --disable-pip-version-check --force-reinstall --no-deps \
+	--no-binary protobuf -c constraints.txt protobuf || \
+	echo "warning: could not build protobuf from source: the binary wheel stays (~160 KiB more per forked shim)"
+
+venv: $(STAMP) $(PROTOBUF_STAMP) $(HELPERS)
 
 # Static, so their exec costs no dynamic loading; either may be missing (no C compiler):
 # the shim then falls back to pure Python for that step (slower, same behaviour).
@@ -56,6 +63,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
 	$(PY) -m compileall -q shim integration
+	touch $@
+
+$(PROTOBUF_STAMP): $(STAMP)
+	$(call PROTOBUF_FROM_SOURCE,$(PY))
 	touch $@
 
 demo: setup
@@ -124,6 +135,7 @@ install: setup
 	rm -rf build/wheel && $(PY) -m pip wheel -q --disable-pip-version-check --no-deps -w build/wheel .
 	rm -rf $(LIBDIR) && $(PYTHON) -m venv $(LIBDIR)
 	$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt build/wheel/*.whl
+	$(call PROTOBUF_FROM_SOURCE,$(LIBDIR)/bin/python)
 	sed -i 's|^venv=$$|venv=$(LIBDIR)|' $(LIBDIR)/bin/$(SHIM_BIN)
 	for helper in $(HELPERS); do [ -x $$helper ] || continue; \
 		for lib in $(LIBDIR)/lib/python3*/site-packages; do cp $$helper $$lib/$$helper; done; done

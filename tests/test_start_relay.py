@@ -24,6 +24,7 @@ import pytest
 from test_template_fork import alive, read_report, start_template, stop, wait_for
 
 from shim.common import lean
+from shim.common.config import ShimConfig
 from shim.launch import template_client
 from shim.launch.grouping import socket_path as shim_socket_path
 from shim.template.server import LaunchRequest
@@ -261,6 +262,8 @@ def test_a_start_through_the_relay_runs_in_the_template_and_forks_the_shim(tmp_p
         assert report["stdio"] == ["/dev/null"] * 3
         assert report["env"]["TTRPC_ADDRESS"] == ADDRESS + ".ttrpc"
         assert report["cwd"] == str(bundle)
+        config = ShimConfig.decode(report["config"])
+        assert (config.namespace, config.id, config.bundle, config.socket_path) == ("ns1", id, str(bundle), shim_socket)
         assert report["ppid"] != proc.pid  # the template's grandchild, never its child
         assert report["sid"] != report["pid"] and report["sid"] != os.getsid(proc.pid)
         # forked before the launcher child ran the start (so it carries none of the pages the

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from shim.common import inotify
 from shim.common.config import LISTEN_FD, PROCESS_NAME, ShimConfig
+from shim.common.record import as_dict
 from shim.daemon.title import set_title
 from shim.launch.template_client import GO, STALE, fingerprint, package_dir
 
@@ -388,13 +389,13 @@ class ShimToBe:
 
     def become(self, config: ShimConfig, listener: _socket.socket) -> int:
         """Origin.fork: hand it the config, this start's environment and the listener; its pid."""
+        import marshal  # builtin, imported by importlib: no parsing in the shim (ast would cost ~0.3 ms and its pages)
         import socket
 
         if self.error is not None:
             raise self.error
         assert self._sock is not None
-        message = repr({"config": config.encode(), "env": dict(os.environ)}).encode()
-        socket.send_fds(self._sock, [message], [listener.fileno()])
+        socket.send_fds(self._sock, [marshal.dumps((as_dict(config), dict(os.environ)))], [listener.fileno()])
         return self.pid
 
     def let_go(self) -> None:
@@ -413,7 +414,7 @@ class ShimToBe:
 def _wait_for_orders(sock: socket.socket) -> None:
     """In the shim-to-be: let go of everything the launcher child holds, wait for the config
     and the listener, become the shim; never return."""
-    import ast
+    import marshal
     import signal
     import socket
 
@@ -429,9 +430,9 @@ def _wait_for_orders(sock: socket.socket) -> None:
         if not message or len(fds) != 1:
             code = 0  # the start needed no shim, or failed
             return
-        orders = ast.literal_eval(message.decode())
+        config, env = marshal.loads(message)
         sock.detach()  # its fd may be the one the listener is moved to (LISTEN_FD)
-        _become_shim(ShimConfig.decode(orders["config"]), orders["env"], fds[0])
+        _become_shim(ShimConfig(**config), env, fds[0])
     finally:
         os._exit(code)
 

@@ -50,7 +50,7 @@ class Origin:
 
     parent: int  # containerd's pid (the relay's parent): the shim's OOM score follows it
     thp_original: int  # containerd's THP setting (the relay's): runc and containers get it back
-    fork: Callable[[ShimConfig, _socket.socket], int]  # forks the shim; returns its pid
+    fork: Callable[[ShimConfig, _socket.socket], int]  # starts the shim (forked from the warm heap); its pid
     nofile_original: int = 0  # the relay's soft RLIMIT_NOFILE (containerd's): the same (shim.common.nofile)
 
 
@@ -201,7 +201,7 @@ def _start_shim(config: ShimConfig, sock: _socket.socket, shared: bool = False, 
         return spawn(config, sock, shared=True)
     if not template_client.enabled():
         return spawn(config, sock)
-    if origin is not None:  # we are the template's child: fork from here
+    if origin is not None:  # we run in the template's child: it has the shim forked already, waiting for this
         return origin.fork(config, sock)
     template_path = template_client.socket_path(config.address, os.path.dirname(config.socket_path))
     pid, template_alive = template_client.request_fork(template_path, config, sock)

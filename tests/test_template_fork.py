@@ -504,3 +504,23 @@ def test_the_code_watch_sees_every_kind_of_change_and_is_quiet_otherwise(tmp_pat
             assert watch.quiet(), i
     finally:
         os.close(watch.fd)
+
+
+def test_a_request_queued_while_the_template_warms_up_for_over_a_second_is_forked(tmp_path: Path) -> None:
+    """The default deadline outlasts a slow warm-up: the start is forked, not refused (and spawned)."""
+    path = tmp_path / "tpl.sock"
+    slow = ("import time, shim.template.server as s\n"
+            "warm_up = s._warm_up\n"
+            "def slow_warm_up() -> None:\n"
+            "    time.sleep(1.2)  # a loaded machine's warm-up\n"
+            "    warm_up()\n"
+            "s._warm_up = slow_warm_up\n")
+    proc = start_template(path, prelude=slow)
+    try:
+        wait_for(lambda: path.exists(), what="the template to bind (it warms up after)")
+        config = make_config(tmp_path, "queued")
+        pid, there = request_fork(path, config)
+        assert there is True and pid is not None and pid > 0
+        assert read_report(Path(config.bundle))["pid"] == pid
+    finally:
+        stop(proc)

@@ -35,7 +35,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Mapping
 
 ENV_DISABLE = "SHIM_PY_TEMPLATE"  # "0": never use or start a template
-REQUEST_TIMEOUT = 1.0  # the template refuses a request it reads later than this
+#: The template refuses a request it reads later than this. A template still warming up
+#: (imports, then ~0.4 s of warm-up) reads the requests queued meanwhile when it is done:
+#: with 1.0 s, under load (4 concurrent starts on 2 cores) such a request was refused and
+#: its start spawned a shim of its own (~18 MiB for the task's life, against ~2.5 forked).
+#: A hung template costs one start this long, then it is retired.
+REQUEST_TIMEOUT = 3.0
 ANSWER_MARGIN = 0.5  # the launcher waits REQUEST_TIMEOUT plus this for the pid
 ANSWER_POLL = 0.05  # how often a waiting launcher checks that the template is not stopped
 GO = b"go"  # the launcher's word to a forked shim that it may serve

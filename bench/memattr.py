@@ -297,7 +297,70 @@ def uss(pid: int) -> int:
     return total
 
 
-def report(shim: int, template: int, blocks: list[Block]) -> str:
+def page_details(shim: int, template: int, pages: list[int], blocks: list[Block], limit: int = 8) -> str:
+    """One line per sparsely written copied page (<= limit changed words): its region, the
+    template objects on it by kind, and each changed word: where (template object and field,
+    or obmalloc pool header / block index and offset for a word in no template object) and its
+    value before (template) and after (shim)."""
+    index = Index(blocks)
+    maps = parse_maps(Path(f"/proc/{shim}/maps").read_text())
+    starts = [m.start for m in maps]
+    lines = []
+    fs, ft = os.open(f"/proc/{shim}/mem", os.O_RDONLY), os.open(f"/proc/{template}/mem", os.O_RDONLY)
+    try:
+        for page in pages:
+            try:
+                before, after = os.pread(ft, PAGE, page), os.pread(fs, PAGE, page)
+            except OSError:
+                continue
+            words = changed_words(before, after, page)
+            if not words or len(words) > limit:
+                continue
+            i = bisect.bisect_right(starts, page) - 1
+            where = region(maps, i) if i >= 0 and maps[i].end > page else "other"
+            kinds: Counter[str] = Counter(b.kind for b, _ in index.overlaps(page))
+            pool = ""
+            if where.startswith("anonymous"):
+                header = _pool_header(ft, page)
+                if header is not None:
+                    pool = f" pool(size {header[1]}, used {header[0]}->{_pool_header(fs, page)[0]})"  # type: ignore[index]
+            lines.append(f"{page:x} {where}{pool} objects: " + ",".join(f"{k}×{n}" for k, n in kinds.most_common())
+                         + " | " + "; ".join(_word(w, page, before, after, index, where) for w in words))
+    finally:
+        os.close(fs)
+        os.close(ft)
+    return "\n".join(lines)
+
+
+def _pool_header(fd: int, page: int) -> tuple[int, int] | None:
+    """(blocks in use, block size) of the obmalloc pool holding page, if its header looks like one."""
+    base = page - page % POOL
+    try:
+        head = os.pread(fd, POOL_HEADER, base)
+    except OSError:
+        return None
+    count = int.from_bytes(head[0:4], "little")
+    szidx = int.from_bytes(head[36:40], "little")
+    return (count, 16 * (szidx + 1)) if szidx < 32 and count <= POOL // 16 else None
+
+
+def _word(w: int, page: int, before: bytes, after: bytes, index: Index, where: str) -> str:
+    k = w - page
+    old = int.from_bytes(before[k:k + 8], "little")
+    new = int.from_bytes(after[k:k + 8], "little")
+    b = index.at(w)
+    if b is not None:
+        at = f"{b.kind} {b.label[-40:]} +{w - b.address}"
+    elif where.startswith("anonymous") and w % POOL < POOL_HEADER:
+        at = f"pool header +{w % POOL}"
+    elif where.startswith("anonymous"):
+        at = f"pool +{w % POOL}"
+    else:
+        at = f"+{k}"
+    return f"{at}: {old:x}->{new:x}"
+
+
+def report(shim: int, template: int, blocks: list[Block], details: bool = False) -> str:
     """Markdown: the shim's private memory by region and kind, and the code it copied by file."""
     maps = parse_maps(Path(f"/proc/{shim}/maps").read_text())
     t_maps = parse_maps(Path(f"/proc/{template}/maps").read_text())
@@ -326,7 +389,8 @@ def report(shim: int, template: int, blocks: list[Block]) -> str:
             + "\nbytecode instructions changed (template -> shim): "
             + ", ".join(f"{k} ×{n}" for k, n in changes.most_common(30))
             + f"\ntypes whose version tag differs from the template's: {len(retagged)}: "
-            + ", ".join(retagged[:40]))
+            + ", ".join(retagged[:40])
+            + ("\n\nsparse copied pages:\n" + page_details(shim, template, copied, blocks) if details else ""))
 
 
 #: where tp_version_tag sits in a type's block (CPython 3.13, 64-bit: after the 16-byte GC header)
@@ -528,7 +592,7 @@ def _wait_stopped(c: object, cid: str, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-def drive(settle: float) -> str:
+def drive(settle: float, details: bool = False) -> str:
     """Private containerd, template with a heap dump, one lifecycle; the report."""
     import tempfile
 
@@ -559,7 +623,7 @@ def drive(settle: float) -> str:
         pid, blocks = load_dump(Path(dump).read_text())
         if pid != template:
             raise RuntimeError(f"the dump describes pid {pid}, the template is {template}")
-        return f"shim {shim}, template {template}, {len(blocks)} template blocks\n\n" + report(shim, template, blocks)
+        return f"shim {shim}, template {template}, {len(blocks)} template blocks\n\n" + report(shim, template, blocks, details)
     finally:
         c.stop_template()
         c.stop()
@@ -573,15 +637,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pid", type=int, help="attribute this running shim (with --template and --dump)")
     p.add_argument("--template", type=int)
     p.add_argument("--dump", help="the template's heap dump (SHIM_PY_HEAPDUMP)")
+    p.add_argument("--pages", action="store_true", help="also list each sparsely written page, word by word")
     p.add_argument("--settle", type=float, default=1.0, help="seconds after the lifecycle before reading")
     args = p.parse_args(argv)
     if args.pid:
         if not (args.template and args.dump):
             p.error("--pid needs --template and --dump")
         _, blocks = load_dump(Path(args.dump).read_text())
-        print(report(args.pid, args.template, blocks))
+        print(report(args.pid, args.template, blocks, args.pages))
     else:
-        print(drive(args.settle))
+        print(drive(args.settle, args.pages))
     return 0
 
 

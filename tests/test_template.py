@@ -151,3 +151,29 @@ def test_fill_malloc_bins_leaves_few_free_chunks_for_a_shim_to_land_in() -> None
     assert heap.fill_malloc_bins() > 0
     after = sum(n for _, n in heap._malloc_free_chunks())
     assert before > 500 and after < before / 10, (before, after)
+
+
+IMMORTAL_PROBE = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from shim.template import heap
+
+def f():
+    return ("a string constant, not interned", b"bytes", (1.5, 2.5)), "x" in ("x y", "z w")
+
+text, data, pair = f()[0]
+assert heap.immortalize_heap() > 0
+print(*(sys.getrefcount(c) == heap._IMMORTAL for c in (text, data, pair, f.__code__.co_consts, f.__code__.co_linetable)))
+"""
+
+
+def test_immortalize_heap_reaches_code_constants() -> None:
+    """The GC does not see what a code object holds: its constants, which LOAD_CONST increfs
+    each time it runs, must be made immortal too, or every shim running the code writes their
+    pages (run in a child: it makes that whole process's heap immortal)."""
+    from shim.template import heap
+
+    if not heap.verified():
+        pytest.skip("heap preparation is off on this CPython")
+    out = subprocess.run([sys.executable, "-c", IMMORTAL_PROBE], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True"] * 5

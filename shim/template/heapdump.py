@@ -14,6 +14,8 @@ import gc
 import os
 import sys
 
+from .heap import referents
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     import types
@@ -107,7 +109,7 @@ def reachable() -> list[object]:
             continue
         seen.add(id(obj))
         out.append(obj)
-        stack.extend(gc.get_referents(obj))
+        stack.extend(referents(obj))
     return out
 
 

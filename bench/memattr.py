@@ -360,6 +360,37 @@ def _word(w: int, page: int, before: bytes, after: bytes, index: Index, where: s
     return f"{at}: {old:x}->{new:x}"
 
 
+def pools_in_use(pid: int, maps: list[Mapping]) -> Counter[int]:
+    """{block size: bytes in use} over the obmalloc pools of a process, read from their headers
+    (a 16 KiB-aligned header whose last offset fits its size class counts as a pool)."""
+    out: Counter[int] = Counter()
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    try:
+        for i, m in enumerate(maps):
+            if not region(maps, i).startswith("anonymous"):
+                continue
+            for base in range(m.start + (-m.start) % POOL, m.end - POOL + 1, POOL):
+                try:
+                    head = os.pread(fd, POOL_HEADER, base)
+                except OSError:
+                    break
+                count = int.from_bytes(head[0:4], "little")
+                szidx = int.from_bytes(head[36:40], "little")
+                size = 16 * (szidx + 1)
+                if szidx < 32 and int.from_bytes(head[44:48], "little") == POOL - size and count <= POOL // size:
+                    out[size] += count * size
+    finally:
+        os.close(fd)
+    return out
+
+
+def render_pools(shim: Counter[int], template: Counter[int]) -> str:
+    delta = {size: shim[size] - template[size] for size in set(shim) | set(template)}
+    return (f"obmalloc bytes in use: template {sum(template.values()) / 1024:.0f} KiB, shim "
+            f"{sum(shim.values()) / 1024:.0f} KiB ({sum(delta.values()) / 1024:+.0f}); by block size: "
+            + ", ".join(f"{size} {d / 1024:+.0f}" for size, d in sorted(delta.items(), key=lambda kv: -abs(kv[1]))[:16]))
+
+
 def report(shim: int, template: int, blocks: list[Block], details: bool = False) -> str:
     """Markdown: the shim's private memory by region and kind, and the code it copied by file."""
     maps = parse_maps(Path(f"/proc/{shim}/maps").read_text())
@@ -370,6 +401,7 @@ def report(shim: int, template: int, blocks: list[Block], details: bool = False)
     table = attribute(pages, maps, blocks)
     copied = sorted(p for p, h in pages.items() if h == "copied")
     text = render(table, uss(shim), code_in_pages(copied, blocks))
+    text += "\n\n" + render_pools(pools_in_use(shim, maps), pools_in_use(template, t_maps))
     writes, pages_by_words, code, sparse = diff_pages(shim, template, copied, blocks)
     retagged = retagged_types(shim, template, blocks)
     written = {b.label for b in blocks if b.kind == "code"} & set(code)

@@ -9,7 +9,7 @@ import pytest
 
 from bench import memattr
 from bench.memattr import PAGE, Block, Mapping
-from shim.template import heapdump
+from shim.template import heap, heapdump
 
 MAPS = """\
 55d0a0000000-55d0a0001000 r--p 00000000 08:01 123 /opt/py/bin/python3.13
@@ -150,6 +150,19 @@ def test_heapdump_blocks_cover_the_gc_header_and_separate_tables():
     code = test_heapdump_blocks_cover_the_gc_header_and_separate_tables.__code__
     assert heapdump.blocks(code)[0][2] == "code"
     assert "test_memattr.py" in heapdump.label(code)
+
+
+@pytest.mark.skipif(sys.version_info[:2] != (3, 13), reason="PyHeapTypeObject layout of CPython 3.13")
+def test_heapdump_puts_a_class_and_its_shared_keys_in_blocks_of_their_own():
+    """type.__sizeof__ counts the instances' shared keys, allocated apart from the class:
+    counted in the class's block, they would hide what a shim writes there."""
+    Plain().__dict__  # noqa: B018
+    keys, cls = heapdump.blocks(Plain)
+    assert cls == (id(Plain) - 16, type.__basicsize__ + 16, "type")
+    assert keys[2] == "type-keys" and keys[0] == heap.cached_keys(Plain)
+    assert keys[1] == sys.getsizeof(Plain) - cls[1]
+    code = _branchy.__code__
+    assert heapdump.referents(code)[-len(heap.CODE_PARTS):] == [getattr(code, name) for name in heap.CODE_PARTS]
 
 
 def test_heapdump_reachable_leaves_out_its_own_bookkeeping():

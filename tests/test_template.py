@@ -177,3 +177,34 @@ def test_immortalize_heap_reaches_code_constants() -> None:
         pytest.skip("heap preparation is off on this CPython")
     out = subprocess.run([sys.executable, "-c", IMMORTAL_PROBE], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True"] * 5
+
+
+SETTLE_PROBE = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from shim.template import heap
+
+class Used:
+    def __init__(self):
+        self.a, self.b = 1, 2
+
+made = [Used() for _ in range(3)]
+keys = heap.cached_keys(Used)
+settled = heap.settle_shared_keys() > 0
+before = heap._keys_fields(keys)
+later = [Used(), Used()]
+vars(later[0])
+print(settled, heap._keys_fields(keys) == before)
+"""
+
+
+def test_settle_shared_keys_stops_instances_writing_their_class_keys() -> None:
+    """Each instance made takes one from its class's shared keys (dk_usable), each instance
+    dict made counts them: after settle_shared_keys, neither writes the keys (in a forked
+    shim, the first instance of each class would copy the keys' page)."""
+    from shim.template import heap
+
+    if not heap.verified() or sys.version_info[:2] != (3, 13):
+        pytest.skip("shared keys are settled on CPython 3.13 only")
+    out = subprocess.run([sys.executable, "-c", SETTLE_PROBE], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]

@@ -41,7 +41,8 @@ def immortalize_heap() -> int:
     of ~6.2 MiB. No public API marks objects immortal, so the refcount is set
     to the immortal value directly, after a self-check that this CPython
     treats it as such. Objects made immortal are never freed: fine for what
-    the template built to share. Returns how many objects were marked (0 when
+    the template built to share. The classes' shared dict keys too
+    (settle_shared_keys). Returns how many objects were marked (0 when
     the interpreter is older or behaves differently).
     """
     if not verified() or not _immortal_refcounts_work():
@@ -64,7 +65,7 @@ def immortalize_heap() -> int:
         ctypes.c_ssize_t.from_address(id(obj)).value = _IMMORTAL
         count += 1
         stack.extend(referents(obj))
-    return count
+    return count + settle_shared_keys()
 
 
 #: What a code object holds that the GC does not see (code has no tp_traverse). Its constants
@@ -106,6 +107,92 @@ def _immortal_refcounts_work() -> bool:
     if not unchanged:
         cell.value = before
     return unchanged
+
+
+#: Where a heap type keeps its instances' shared dict keys (PyHeapTypeObject.ht_cached_keys),
+#: on 64-bit CPython 3.13; checked at run time (_shared_keys_work) before anything is written.
+HT_CACHED_KEYS = 880
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE
+_DICT_KEYS_SPLIT = 2  # PyDictKeysObject.dk_kind of shared keys
+
+
+def cached_keys(cls: type) -> int:
+    """The address of a heap type's shared keys object (0: none, or not a heap type)."""
+    import ctypes
+
+    if not cls.__flags__ & _HEAPTYPE or sys.version_info[:2] != (3, 13) or sys.maxsize < 2**32:
+        return 0
+    return int(ctypes.c_void_p.from_address(id(cls) + HT_CACHED_KEYS).value or 0)
+
+
+def _keys_fields(address: int) -> tuple[int, int, int, int]:
+    """(dk_refcnt, dk_kind, dk_usable, dk_nentries) of the dict keys object at address."""
+    import ctypes
+
+    return (ctypes.c_ssize_t.from_address(address).value, ctypes.c_uint8.from_address(address + 10).value,
+            ctypes.c_ssize_t.from_address(address + _DK_USABLE).value,
+            ctypes.c_ssize_t.from_address(address + _DK_USABLE + 8).value)
+
+
+_DK_USABLE = 16  # PyDictKeysObject.dk_usable (after dk_refcnt, three bytes and dk_version)
+
+
+def _settle(keys: int) -> None:
+    import ctypes
+
+    ctypes.c_ssize_t.from_address(keys).value = _IMMORTAL
+    usable = ctypes.c_ssize_t.from_address(keys + _DK_USABLE)
+    usable.value = min(usable.value, 1)
+
+
+def _shared_keys_work() -> bool:
+    """True if a class's shared keys are where HT_CACHED_KEYS says and behave as settle_shared_keys
+    expects: an instance dict made counts them, an instance made takes one from dk_usable,
+    and once settled, neither writes them."""
+    class Probe:
+        def __init__(self) -> None:
+            self.a = 1
+
+    keys = cached_keys(Probe)
+    if not keys:
+        return False
+    refcount, kind, usable, entries = _keys_fields(keys)
+    first = Probe().__dict__  # an instance's dict made: it shares (and counts) the keys
+    after = _keys_fields(keys)
+    if kind != _DICT_KEYS_SPLIT or after != (refcount + 1, kind, usable - 2, entries + 1):
+        return False  # the instance took one for its attribute and one for being made
+    _settle(keys)
+    settled = _keys_fields(keys)
+    second = Probe().__dict__
+    del first, second
+    return _keys_fields(keys) == settled == (_IMMORTAL, kind, 1, entries + 1)
+
+
+def settle_shared_keys() -> int:
+    """Stop the template's classes' shared instance-dict keys from being written (CPython 3.13).
+
+    A class shares one keys object among its instances' dicts (split tables), and writes it
+    more often than one would think: every instance made takes one from its ``dk_usable``
+    (CPython's way of settling how many attributes the class's instances get: it stops at 1),
+    every instance dict made (``obj.__dict__``, ``vars(obj)``) or given a table of its own
+    counts it. The keys object lies next to its class among the template's pages, so the
+    first instance a shim makes of each class copies that page for one changed word
+    (bench.memattr: ~60 pages). Here each gets what CPython would settle on after enough
+    instances, ``dk_usable`` 1, and the immortal count CPython leaves alone (as it does for
+    its empty keys); a class holds its keys for its whole life, and the template's classes
+    live as long as the template. An attribute the warm-up never set then goes to the
+    instance's own dict after the first: correct, only a little larger. Returns how many.
+    """
+    if not verified() or not _shared_keys_work():
+        return 0
+    count = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, type):
+            keys = cached_keys(obj)
+            if keys and _keys_fields(keys)[1] == _DICT_KEYS_SPLIT:
+                _settle(keys)
+                count += 1
+    return count
 
 
 def tag_types() -> int:

@@ -14,7 +14,7 @@ import gc
 import os
 import sys
 
-from .heap import referents
+from .heap import cached_keys, referents
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,8 +49,9 @@ def blocks(obj: object) -> list[tuple[int, int, str]]:
 
     The object itself (with its GC header and pre-header words when its type
     has them), plus for a dict with a table of its own and for a list their
-    separately allocated table. sys.getsizeof counts those tables in the
-    object's size, so without them the object is its basic size.
+    separately allocated table, and for a class its instances' shared dict keys.
+    sys.getsizeof counts those in the object's size, so without them the object
+    is its basic size.
     """
     t = type(obj)
     kind = kind_of(obj)
@@ -66,6 +67,12 @@ def blocks(obj: object) -> list[tuple[int, int, str]]:
             table = 0  # split table: its keys belong to the type, the values block is not exposed
         if table > 0 and pointer:
             out.append((pointer, table, "dict-table" if isinstance(obj, dict) else "list-table"))
+    elif isinstance(obj, type):
+        # type.__sizeof__ counts the instances' shared dict keys, a block of their own
+        size = t.__basicsize__ + t.__itemsize__ * _read_pointer(address + 2 * _WORD)
+        keys = cached_keys(obj)
+        if keys:
+            out.append((keys, sys.getsizeof(obj) - size - 2 * _WORD, "type-keys"))
     else:
         try:
             size = sys.getsizeof(obj)

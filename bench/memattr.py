@@ -350,7 +350,7 @@ def _word(w: int, page: int, before: bytes, after: bytes, index: Index, where: s
     new = int.from_bytes(after[k:k + 8], "little")
     b = index.at(w)
     if b is not None:
-        at = f"{b.kind} {b.label[-40:]} +{w - b.address}"
+        at = f"{b.kind} {_short(b.label)} +{w - b.address}"
     elif where.startswith("anonymous") and w % POOL < POOL_HEADER:
         at = f"pool header +{w % POOL}"
     elif where.startswith("anonymous"):
@@ -391,6 +391,57 @@ def render_pools(shim: Counter[int], template: Counter[int]) -> str:
             + ", ".join(f"{size} {d / 1024:+.0f}" for size, d in sorted(delta.items(), key=lambda kv: -abs(kv[1]))[:16]))
 
 
+def library_symbols(path: str) -> list[tuple[int, str]]:
+    """(offset, name) of a shared library's data symbols (``nm``), sorted; empty without nm."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nm", path], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    syms = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] in "bBdD" and not parts[2].startswith("__"):  # __TMC_END__: a marker
+            syms.append((int(parts[0], 16), parts[2]))
+    return sorted(syms)
+
+
+def libpython_writes(shim: int, template: int, pages: list[int], maps: list[Mapping]) -> str:
+    """The changed words of libpython's data pages by the symbol they fall in: which static
+    state of the interpreter a shim writes (pages: how many pages each symbol's words are on)."""
+    lib = next((m for m in maps if _library(m.path) == "libpython"), None)
+    if lib is None:
+        return ""
+    base = min(m.start - m.offset for m in maps if m.path == lib.path)
+    syms = library_symbols(lib.path)
+    starts = [a for a, _ in syms]
+    words: Counter[str] = Counter()
+    on_pages: dict[str, set[int]] = defaultdict(set)
+    fs, ft = os.open(f"/proc/{shim}/mem", os.O_RDONLY), os.open(f"/proc/{template}/mem", os.O_RDONLY)
+    try:
+        for page in pages:
+            m = next((m for m in maps if m.start <= page < m.end), None)
+            if m is None or m.path != lib.path:
+                continue
+            for w in changed_words(os.pread(ft, PAGE, page), os.pread(fs, PAGE, page), page):
+                i = bisect.bisect_right(starts, w - base) - 1
+                name = f"{syms[i][1]}+{w - base - syms[i][0]}" if i >= 0 else "?"
+                key = name.split("+")[0] if not name.startswith("_PyRuntime") else _runtime_field(w - base - syms[i][0])
+                words[key] += 1
+                on_pages[key].add(page)
+    finally:
+        os.close(fs)
+        os.close(ft)
+    return "libpython data writes by symbol (words/pages): " + ", ".join(
+        f"{k} {n}/{len(on_pages[k])}" for k, n in words.most_common(30))
+
+
+def _runtime_field(offset: int) -> str:
+    """_PyRuntime is one huge struct: name its writes by 4 KiB slice."""
+    return f"_PyRuntime@{offset // PAGE * 4}K"
+
+
 def report(shim: int, template: int, blocks: list[Block], details: bool = False) -> str:
     """Markdown: the shim's private memory by region and kind, and the code it copied by file."""
     maps = parse_maps(Path(f"/proc/{shim}/maps").read_text())
@@ -405,7 +456,8 @@ def report(shim: int, template: int, blocks: list[Block], details: bool = False)
     writes, pages_by_words, code, sparse = diff_pages(shim, template, copied, blocks)
     retagged = retagged_types(shim, template, blocks)
     written = {b.label for b in blocks if b.kind == "code"} & set(code)
-    changes = instruction_changes(shim, template, (b for b in blocks if b.kind == "code" and b.label in written))
+    first: list[str] = []
+    changes = instruction_changes(shim, template, (b for b in blocks if b.kind == "code" and b.label in written), first)
     files: Counter[str] = Counter()
     for label in code:
         files[_short(label.split(":", 1)[0])] += 1
@@ -422,6 +474,9 @@ def report(shim: int, template: int, blocks: list[Block], details: bool = False)
             + ", ".join(f"{k} ×{n}" for k, n in changes.most_common(30))
             + f"\ntypes whose version tag differs from the template's: {len(retagged)}: "
             + ", ".join(retagged[:40])
+            + "\n" + libpython_writes(shim, template, copied, maps)
+            + f"\ncode first run in the shim (not warmed in the template): {len(first)}: "
+            + ", ".join(sorted(_short(label) for label in first))
             + ("\n\nsparse copied pages:\n" + page_details(shim, template, copied, blocks) if details else ""))
 
 
@@ -474,11 +529,12 @@ def diff_pages(shim: int, template: int, pages: list[int], blocks: list[Block]
         writes_by_field(sparse, index, maps, pool_headers=True)
 
 
-def instruction_changes(shim: int, template: int, code: Iterable[Block]) -> Counter[str]:
+def instruction_changes(shim: int, template: int, code: Iterable[Block], first: list[str] | None = None) -> Counter[str]:
     """{"template opcode -> shim opcode": instructions} over the bytecode of the given code
     objects: which instructions the shim re-wrote (its first run quickening an instruction,
     an adaptive counter counting down, a specialisation replaced after a guard failed).
-    Decoded with this interpreter's opcode tables, so run it with the shim's Python."""
+    Decoded with this interpreter's opcode tables, so run it with the shim's Python. first,
+    if given, gets the labels of the code the shim ran first (its RESUME quickened there)."""
     import dis
 
     out: Counter[str] = Counter()
@@ -504,6 +560,8 @@ def instruction_changes(shim: int, template: int, code: Iterable[Block]) -> Coun
                     name2 = dis._all_opname[op2] if op2 < len(dis._all_opname) else f"<{op2}>"  # type: ignore[attr-defined]
                     what = "counter/cache" if before[i:i + 2] == after[i:i + 2] else name2
                     out[f"{name} -> {what}"] += 1
+                    if first is not None and name == "RESUME" and what == "RESUME_CHECK":
+                        first.append(b.label)
                 i += size
     finally:
         os.close(fs)

@@ -105,7 +105,10 @@ def reachable() -> list[object]:
 
     The GC's list is taken before the walk's own containers exist: the ints of
     ``seen`` would otherwise be reached through it and reported as template objects.
+    It leaves out what gc.freeze() froze (the template's whole heap), so the objects are
+    unfrozen first: call this in a throwaway process (dump_if_asked's child).
     """
+    gc.unfreeze()
     stack = gc.get_objects()
     seen: set[int] = {id(stack)}
     out: list[object] = []

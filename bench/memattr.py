@@ -426,8 +426,8 @@ def libpython_writes(shim: int, template: int, pages: list[int], maps: list[Mapp
                 continue
             for w in changed_words(os.pread(ft, PAGE, page), os.pread(fs, PAGE, page), page):
                 i = bisect.bisect_right(starts, w - base) - 1
-                name = f"{syms[i][1]}+{w - base - syms[i][0]}" if i >= 0 else "?"
-                key = name.split("+")[0] if not name.startswith("_PyRuntime") else _runtime_field(w - base - syms[i][0])
+                name = syms[i][1] if i >= 0 else "?"
+                key = _runtime_field(w - base - syms[i][0]) if name == "_PyRuntime" else name
                 words[key] += 1
                 on_pages[key].add(page)
     finally:

@@ -453,11 +453,13 @@ def report(shim: int, template: int, blocks: list[Block], details: bool = False)
     copied = sorted(p for p, h in pages.items() if h == "copied")
     text = render(table, uss(shim), code_in_pages(copied, blocks))
     text += "\n\n" + render_pools(pools_in_use(shim, maps), pools_in_use(template, t_maps))
-    writes, pages_by_words, code, sparse = diff_pages(shim, template, copied, blocks)
+    writes, pages_by_words, code, sparse, run = diff_pages(shim, template, copied, blocks)
     retagged = retagged_types(shim, template, blocks)
-    written = {b.label for b in blocks if b.kind == "code"} & set(code)
+    code_pages = {p for b in run for p in range(b.address // PAGE * PAGE, b.end, PAGE)}
+    text += (f"\ncode the shim wrote: {len(run)} objects, {sum(b.size for b in run) / 1024:.0f} KiB, "
+             f"on {len(code_pages)} pages ({len(code_pages) * PAGE // 1024} KiB); " + code_page_fill(code_pages, run, blocks))
     first: list[str] = []
-    changes = instruction_changes(shim, template, (b for b in blocks if b.kind == "code" and b.label in written), first)
+    changes = instruction_changes(shim, template, run, first)
     files: Counter[str] = Counter()
     for label in code:
         files[_short(label.split(":", 1)[0])] += 1
@@ -477,7 +479,7 @@ def report(shim: int, template: int, blocks: list[Block], details: bool = False)
             + "\n" + libpython_writes(shim, template, copied, maps)
             + f"\ncode first run in the shim (not warmed in the template): {len(first)}: "
             + ", ".join(sorted(_short(label) for label in first))
-            + ("\n\nsparse copied pages:\n" + page_details(shim, template, copied, blocks) if details else ""))
+            + ("\n\nsparse copied pages:\n" + page_details(shim, template, copied, blocks, int(os.environ.get("MEMATTR_PAGES_LIMIT", "8"))) if details else ""))
 
 
 #: where tp_version_tag sits in a type's block (CPython 3.13, 64-bit: after the 16-byte GC header)
@@ -506,10 +508,27 @@ def retagged_types(shim: int, template: int, blocks: list[Block]) -> list[str]:
     return out
 
 
+def code_page_fill(pages: set[int], run: set[Block], blocks: list[Block]) -> str:
+    """How full of written code the pages holding it are, and what else fills them."""
+    index = Index(blocks)
+    written = Index(run)
+    fill: Counter[str] = Counter()
+    other: Counter[str] = Counter()
+    for page in pages:
+        mine = sum(n for _, n in written.overlaps(page))
+        fill[next(label for limit, label in ((1024, "<25%"), (2048, "25-50%"), (3072, "50-75%"), (4096, ">75%")) if mine <= limit)] += 1
+        for b, n in index.overlaps(page):
+            if b not in run:
+                other["code not run" if b.kind == "code" else b.kind] += n
+        other["nothing"] += PAGE - sum(n for _, n in index.overlaps(page))
+    return ("written code per page: " + ", ".join(f"{k} {n}" for k, n in sorted(fill.items()))
+            + "; the rest of those pages (KiB): " + ", ".join(f"{k} {n / 1024:.0f}" for k, n in other.most_common(8)))
+
+
 def diff_pages(shim: int, template: int, pages: list[int], blocks: list[Block]
-               ) -> tuple[Counter[tuple[str, str]], Counter[str], Counter[str], Counter[tuple[str, str]]]:
+               ) -> tuple[Counter[tuple[str, str]], Counter[str], Counter[str], Counter[tuple[str, str]], set[Block]]:
     """Which words of the copied pages differ now between template and shim, by object field;
-    and the same for the words of sparsely written pages only."""
+    and the same for the words of sparsely written pages only; and the code blocks written."""
     words: list[int] = []
     fs, ft = os.open(f"/proc/{shim}/mem", os.O_RDONLY), os.open(f"/proc/{template}/mem", os.O_RDONLY)
     try:
@@ -525,8 +544,9 @@ def diff_pages(shim: int, template: int, pages: list[int], blocks: list[Block]
     maps = parse_maps(Path(f"/proc/{shim}/maps").read_text())
     per_page: Counter[int] = Counter(w // PAGE for w in words)
     sparse = [w for w in words if per_page[w // PAGE] <= 8]
+    code = {b for b in map(index.at, words) if b is not None and b.kind == "code"}
     return writes_by_field(words, index, maps), density(words), written_code(words, index), \
-        writes_by_field(sparse, index, maps, pool_headers=True)
+        writes_by_field(sparse, index, maps, pool_headers=True), code
 
 
 def instruction_changes(shim: int, template: int, code: Iterable[Block], first: list[str] | None = None) -> Counter[str]:

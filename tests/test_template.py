@@ -208,3 +208,28 @@ def test_settle_shared_keys_stops_instances_writing_their_class_keys() -> None:
         pytest.skip("shared keys are settled on CPython 3.13 only")
     out = subprocess.run([sys.executable, "-c", SETTLE_PROBE], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True"]
+
+
+def _keys_version(namespace: dict[str, object]) -> int:
+    import ctypes
+
+    keys = ctypes.c_void_p.from_address(id(namespace) + 32).value  # PyDictObject.ma_keys
+    assert keys
+    return ctypes.c_uint32.from_address(keys + 12).value  # PyDictKeysObject.dk_version
+
+
+def test_version_globals_gives_every_module_its_keys_version(monkeypatch) -> None:
+    """A module whose globals no specialised LOAD_GLOBAL read yet has keys version 0: the first
+    function of it a forked shim runs would write the keys' page to assign one."""
+    import types
+
+    from shim.template import heap
+
+    if sys.version_info[:2] != (3, 13):
+        pytest.skip("dict keys layout of CPython 3.13")
+    module = types.ModuleType("shim_fresh_module")
+    exec("X = 1\ndef f():\n    return X\n", vars(module))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    assert _keys_version(vars(module)) == 0
+    assert heap.version_globals() > 10
+    assert _keys_version(vars(module)) != 0

@@ -131,10 +131,12 @@ def write(path: str, owner: int) -> int:
     for obj in objects:
         if isinstance(obj, type):
             type_dicts.update(id(r) for r in gc.get_referents(obj) if isinstance(r, dict))
+    module_dicts = {id(vars(m)): f"module:{name}" for name, m in list(sys.modules.items()) if m is not None}
     lines = [f"# pid {owner}\n"]
     for obj in objects:
         prefix = "type-" if id(obj) in type_dicts else ""
-        lines.extend(f"{address:x} {size} {prefix}{kind} {label(obj)}\n" for address, size, kind in blocks(obj))
+        name = module_dicts.get(id(obj)) or label(obj)
+        lines.extend(f"{address:x} {size} {prefix}{kind} {name}\n" for address, size, kind in blocks(obj))
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.writelines(lines)

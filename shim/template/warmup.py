@@ -40,7 +40,7 @@ from shim.runc_client.client import Runc
 from shim.runc_client.config import RuncConfig, Stdio
 from shim.ttrpc import Client, Server, TTRPCError, open_client
 
-from .heap import fill_malloc_bins, fill_partial_pools, pack_code
+from .heap import fill_malloc_bins, fill_partial_pools, pack_code, version_globals
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -326,4 +326,5 @@ def pack_shim_code() -> int:
     moved = pack_code(lifecycle + [c for c in package_code("shim") if id(c) not in seen])
     if moved:
         warm_up()  # the copies start cold
+    version_globals()
     return moved

@@ -514,15 +514,20 @@ def code_page_fill(pages: set[int], run: set[Block], blocks: list[Block]) -> str
     written = Index(run)
     fill: Counter[str] = Counter()
     other: Counter[str] = Counter()
+    lonely: Counter[str] = Counter()
     for page in pages:
         mine = sum(n for _, n in written.overlaps(page))
+        if mine <= PAGE // 4:
+            for b, _ in written.overlaps(page):
+                lonely[_short(b.label.split(":", 1)[0])] += 1
         fill[next(label for limit, label in ((1024, "<25%"), (2048, "25-50%"), (3072, "50-75%"), (4096, ">75%")) if mine <= limit)] += 1
         for b, n in index.overlaps(page):
             if b not in run:
                 other["code not run" if b.kind == "code" else b.kind] += n
         other["nothing"] += PAGE - sum(n for _, n in index.overlaps(page))
     return ("written code per page: " + ", ".join(f"{k} {n}" for k, n in sorted(fill.items()))
-            + "; the rest of those pages (KiB): " + ", ".join(f"{k} {n / 1024:.0f}" for k, n in other.most_common(8)))
+            + "; the rest of those pages (KiB): " + ", ".join(f"{k} {n / 1024:.0f}" for k, n in other.most_common(8))
+            + "; written code alone on its page (< 25%), by file: " + ", ".join(f"{k} {n}" for k, n in lonely.most_common(25)))
 
 
 def diff_pages(shim: int, template: int, pages: list[int], blocks: list[Block]

@@ -138,3 +138,20 @@ def test_code_run_by_lists_code_in_the_order_it_first_ran() -> None:
     import sys
 
     assert all(sys.monitoring.get_tool(t) is None or sys.monitoring.get_tool(t) != "shim template" for t in range(6))
+
+
+def test_code_run_in_child_lists_the_fork_handlers_and_a_shims_start_leaving_this_process_alone() -> None:
+    """A forked shim runs the fork handlers and its start-up (logging on the bundle's fifo, ...)
+    before it serves, code the warm-up never runs: pack_shim_code packs it with the warm-up's,
+    which it learns from a forked child, so the template's own logging and environment stay."""
+    import logging
+    import os
+
+    import shim.daemon.main  # noqa: F401
+    from shim.template.warmup import _shim_start, code_run_in_child
+
+    handlers, environ = list(logging.getLogger().handlers), dict(os.environ)
+    ran = {code.co_qualname for code in code_run_in_child(_shim_start)}
+    assert {"_after_fork", "Handler._at_fork_reinit", "setup_logging", "Handler.setFormatter",
+            "FifoHandler.emit", "raise_soft_limit", "SocketName.__init__"} <= ran, ran
+    assert logging.getLogger().handlers == handlers and dict(os.environ) == environ

@@ -275,15 +275,17 @@ def warm_up(rounds: int = ROUNDS) -> list[tuple[str, str]]:
     return answers
 
 
-def code_run_by(run: Callable[[], object]) -> list[CodeType]:
-    """The code objects ``run()`` ran, in the order each first started (sys.monitoring);
-    empty (having run it) before 3.12 or when no monitoring tool id is free."""
+def code_run_by(run: Callable[[], object], started: list[CodeType] | None = None) -> list[CodeType]:
+    """The code objects ``run()`` ran, in the order each first started (sys.monitoring), appended
+    to started (a new list if None) as they start; empty (having run it) before 3.12 or when
+    no monitoring tool id is free. A code object already seen by an earlier call is not again."""
     monitoring: Any = getattr(sys, "monitoring", None)  # 3.12+
     tool = None if monitoring is None else next((t for t in range(6) if monitoring.get_tool(t) is None), None)
     if tool is None:
         run()
         return []
-    started: list[CodeType] = []
+    if started is None:
+        started = []
 
     def on_start(code: CodeType, offset: int) -> object:
         started.append(code)
@@ -299,6 +301,72 @@ def code_run_by(run: Callable[[], object]) -> list[CodeType]:
         monitoring.register_callback(tool, monitoring.events.PY_START, None)
         monitoring.free_tool_id(tool)
     return started
+
+
+def code_run_in_child(run: Callable[[], object]) -> list[CodeType]:
+    """The code a forked child runs and no earlier code_run_by saw: the fork handlers
+    (threading's, logging's, random's), then ``run()``; in the order each first started.
+    Nothing the child does stays in this process: it sends the ids of what it ran through a
+    pipe, and only code objects that existed before the fork (kept alive here) count."""
+    import types
+
+    known: dict[int, CodeType] = {}
+    stack = [f.__code__ for f in gc.get_objects() if type(f) is types.FunctionType]
+    while stack:  # with the code nested in it (closures, lambdas, generator expressions)
+        code = stack.pop()
+        if id(code) not in known:
+            known[id(code)] = code
+            stack.extend(c for c in code.co_consts if type(c) is types.CodeType)
+    started: list[CodeType] = []
+    ids: list[int] = []
+
+    def fork() -> None:
+        since = len(started)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.close(r)
+                run()
+                status = 0
+            finally:
+                os.write(w, " ".join(str(id(c)) for c in started[since:]).encode())
+                os._exit(status)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:  # read before the wait: the child may fill the pipe
+            ids.extend(int(x) for x in f.read().split())
+        os.waitpid(pid, 0)
+
+    code_run_by(fork, started)
+    return list({i: known[i] for i in ids if i in known}.values())
+
+
+def _shim_start() -> None:
+    """In a forked child: what a forked shim runs before it serves that the warm-up does not
+    (shim.template.server._become_shim, shim.daemon.main.main): its environment replaced,
+    its logging set up on the bundle's log fifo, a first line, the subreaper flag, its fd
+    limit and reserve, its socket's name."""
+    from shim.common import nofile
+    from shim.common.bundle import LOG_FIFO
+    from shim.daemon.main import SocketName, log
+    from shim.daemon.shimlog import setup_logging
+    from shim.thp import set_child_subreaper
+
+    env = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    with tempfile.TemporaryDirectory(prefix="shim-warm-") as bundle:
+        path = os.path.join(bundle, LOG_FIFO)
+        os.mkfifo(path, 0o600)
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        setup_logging(bundle, False)
+        log.info("shim %s starting (pid %d)", "warm", os.getpid())
+        set_child_subreaper()
+        nofile.remember(nofile.raise_soft_limit())
+        nofile.reserve.refill()
+        SocketName(path).release()
+        os.close(reader)
 
 
 def package_code(package: str) -> list[CodeType]:
@@ -320,6 +388,7 @@ def pack_shim_code() -> int:
     this package's own functions (a shim's start-up, the launcher, paths the warm-up does not
     take). The stdlib and libraries' code the warm-up never ran stays where it was."""
     lifecycle = code_run_by(lambda: warm_up(rounds=1))  # what runs, once is enough: the copies get ROUNDS
+    lifecycle += code_run_in_child(_shim_start)
     seen = {id(c) for c in lifecycle}
     fill_malloc_bins()  # the copies go to fresh memory, one after another, not into holes
     fill_partial_pools()

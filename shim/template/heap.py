@@ -138,11 +138,13 @@ _DK_USABLE = 16  # PyDictKeysObject.dk_usable (after dk_refcnt, three bytes and 
 
 
 def _settle(keys: int) -> None:
+    """Immortal count; and dk_usable 1 if the class has had attributes (see settle_shared_keys)."""
     import ctypes
 
     ctypes.c_ssize_t.from_address(keys).value = _IMMORTAL
     usable = ctypes.c_ssize_t.from_address(keys + _DK_USABLE)
-    usable.value = min(usable.value, 1)
+    if ctypes.c_ssize_t.from_address(keys + _DK_USABLE + 8).value > 0:  # dk_nentries
+        usable.value = min(usable.value, 1)
 
 
 def _shared_keys_work() -> bool:
@@ -181,7 +183,9 @@ def settle_shared_keys() -> int:
     instances, ``dk_usable`` 1, and the immortal count CPython leaves alone (as it does for
     its empty keys); a class holds its keys for its whole life, and the template's classes
     live as long as the template. An attribute the warm-up never set then goes to the
-    instance's own dict after the first: correct, only a little larger. Returns how many.
+    instance's own dict after the first: correct, only a little larger. A class with no
+    attribute yet (never instantiated here) keeps its room: settled, its instances would
+    keep all but one attribute in a dict of their own. Returns how many.
     """
     if not verified() or not _shared_keys_work():
         return 0

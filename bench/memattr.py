@@ -437,6 +437,33 @@ def libpython_writes(shim: int, template: int, pages: list[int], maps: list[Mapp
         f"{k} {n}/{len(on_pages[k])}" for k, n in words.most_common(30))
 
 
+def unchanged_pages(shim: int, template: int, pages: list[int], maps: list[Mapping], blocks: list[Block]) -> str:
+    """Copied pages whose content is the template's again (written and restored, by either side:
+    a reference count up and down, or the template writing it after the fork), by region and
+    the kind that fills most of each."""
+    index = Index(blocks)
+    starts = [m.start for m in maps]
+    out: Counter[str] = Counter()
+    fs, ft = os.open(f"/proc/{shim}/mem", os.O_RDONLY), os.open(f"/proc/{template}/mem", os.O_RDONLY)
+    try:
+        for page in pages:
+            try:
+                if os.pread(ft, PAGE, page) != os.pread(fs, PAGE, page):
+                    continue
+            except OSError:
+                continue
+            i = bisect.bisect_right(starts, page) - 1
+            where = region(maps, i) if i >= 0 and maps[i].end > page else "other"
+            kinds: Counter[str] = Counter()
+            for b, n in index.overlaps(page):
+                kinds[b.kind] += n
+            out[f"{where.split(' (')[0]}/{kinds.most_common(1)[0][0] if kinds else NO_OBJECT}"] += 1
+    finally:
+        os.close(fs)
+        os.close(ft)
+    return ", ".join(f"{k} {n}" for k, n in out.most_common(12))
+
+
 def _runtime_field(offset: int) -> str:
     """_PyRuntime is one huge struct: name its writes by 4 KiB slice."""
     return f"_PyRuntime@{offset // PAGE * 4}K"
@@ -466,7 +493,8 @@ def report(shim: int, template: int, blocks: list[Block], details: bool = False)
     functions = ", ".join(f"{_short(k)} {n}" for k, n in code.most_common(30))
     return (text + "\n\n" + render_writes(writes) + "\ncopied pages by changed words (of 512): "
             + ", ".join(f"{label}: {pages_by_words[label]}" for _, label in _BUCKETS)
-            + f" (unchanged now: {len(copied) - sum(pages_by_words.values())})"
+            + f" (unchanged now: {len(copied) - sum(pages_by_words.values())}: "
+            + unchanged_pages(shim, template, copied, maps, blocks) + ")"
             + f"\ncode objects written: {len(code)}; by file: "
             + ", ".join(f"{f} {n}" for f, n in files.most_common(25))
             + f"\nmost written code (changed words): {functions}"

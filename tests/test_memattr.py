@@ -192,6 +192,9 @@ def test_heapdump_write_and_load_round_trip(tmp_path):
     pid, blocks = memattr.load_dump(path.read_text())
     assert pid == 1234 and len(blocks) == n > 1000
     assert {"code", "type", "dict", "str"} <= {b.kind for b in blocks}
+    dicts = {b.label for b in blocks if b.kind in ("dict", "dict-table")}
+    assert "module:bench.memattr" in dicts and "threading._active" in dicts  # a module's, one its globals name
+    assert any(label.startswith("in:") for label in dicts)  # any other: after the type of an object holding it
 
 
 def _branchy(x: int) -> int:

@@ -132,6 +132,15 @@ def write(path: str, owner: int) -> int:
         if isinstance(obj, type):
             type_dicts.update(id(r) for r in gc.get_referents(obj) if isinstance(r, dict))
     module_dicts = {id(vars(m)): f"module:{name}" for name, m in list(sys.modules.items()) if m is not None}
+    for name, m in list(sys.modules.items()):  # and the dicts a module's globals name
+        for attr, value in list(getattr(m, "__dict__", {}).items()):
+            if type(value) is dict and id(value) not in module_dicts:
+                module_dicts[id(value)] = f"{name}.{attr}"
+    for obj in objects:  # any other dict: named after the type of an object holding it
+        for r in gc.get_referents(obj):
+            if type(r) is dict and id(r) not in module_dicts:
+                holder = obj if isinstance(obj, type) else type(obj)
+                module_dicts[id(r)] = "in:" + "_".join(str(type.__dict__["__qualname__"].__get__(holder)).split())
     lines = [f"# pid {owner}\n"]
     for obj in objects:
         prefix = "type-" if id(obj) in type_dicts else ""

@@ -469,7 +469,7 @@ def _runtime_field(offset: int) -> str:
     return f"_PyRuntime@{offset // PAGE * 4}K"
 
 
-def report(shim: int, template: int, blocks: list[Block], details: bool = False) -> str:
+def report(shim: int, template: int, blocks: list[Block], details: int = 0) -> str:
     """Markdown: the shim's private memory by region and kind, and the code it copied by file."""
     maps = parse_maps(Path(f"/proc/{shim}/maps").read_text())
     t_maps = parse_maps(Path(f"/proc/{template}/maps").read_text())
@@ -480,6 +480,8 @@ def report(shim: int, template: int, blocks: list[Block], details: bool = False)
     copied = sorted(p for p, h in pages.items() if h == "copied")
     text = render(table, uss(shim), code_in_pages(copied, blocks))
     text += "\n\n" + render_pools(pools_in_use(shim, maps), pools_in_use(template, t_maps))
+    files = sorted({m.path for m in maps if m.path.startswith("/")} - {m.path for m in t_maps})
+    text += "\nfiles only the shim maps: " + (", ".join(files) or "none")
     writes, pages_by_words, code, sparse, run = diff_pages(shim, template, copied, blocks)
     retagged = retagged_types(shim, template, blocks)
     code_pages = {p for b in run for p in range(b.address // PAGE * PAGE, b.end, PAGE)}
@@ -507,7 +509,7 @@ def report(shim: int, template: int, blocks: list[Block], details: bool = False)
             + "\n" + libpython_writes(shim, template, copied, maps)
             + f"\ncode first run in the shim (not warmed in the template): {len(first)}: "
             + ", ".join(sorted(_short(label) for label in first))
-            + ("\n\nsparse copied pages:\n" + page_details(shim, template, copied, blocks, int(os.environ.get("MEMATTR_PAGES_LIMIT", "8"))) if details else ""))
+            + (f"\n\ncopied pages with at most {details} changed words:\n" + page_details(shim, template, copied, blocks, details) if details else ""))
 
 
 #: where tp_version_tag sits in a type's block (CPython 3.13, 64-bit: after the 16-byte GC header)
@@ -735,7 +737,7 @@ def _wait_stopped(c: object, cid: str, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-def drive(settle: float, details: bool = False) -> str:
+def drive(settle: float, details: int = 0) -> str:
     """Private containerd, template with a heap dump, one lifecycle; the report."""
     import tempfile
 
@@ -780,7 +782,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pid", type=int, help="attribute this running shim (with --template and --dump)")
     p.add_argument("--template", type=int)
     p.add_argument("--dump", help="the template's heap dump (SHIM_PY_HEAPDUMP)")
-    p.add_argument("--pages", action="store_true", help="also list each sparsely written page, word by word")
+    p.add_argument("--pages", nargs="?", type=int, const=8, default=0, metavar="WORDS",
+                   help="also list each copied page with at most WORDS (8) changed words, word by word")
     p.add_argument("--settle", type=float, default=1.0, help="seconds after the lifecycle before reading")
     args = p.parse_args(argv)
     if args.pid:

@@ -248,3 +248,15 @@ def test_writes_by_field_tells_pool_headers_apart():
     writes = memattr.writes_by_field([0x104000, 0x104000 + 64], index, maps, pool_headers=True)
     assert writes == {(memattr.NO_OBJECT, "obmalloc pool header"): 1,
                       (memattr.NO_OBJECT, "anonymous (obmalloc arenas, large blocks)"): 1}
+
+
+def test_pools_in_use_reads_this_process_obmalloc_pools():
+    """The pool headers found in the anonymous mappings add up to what obmalloc holds."""
+    import os
+    from pathlib import Path
+
+    maps = memattr.parse_maps(Path("/proc/self/maps").read_text())
+    pools = memattr.pools_in_use(os.getpid(), maps)
+    assert all(size % 16 == 0 and 16 <= size <= 512 for size in pools)
+    assert sum(pools.values()) > 1 << 20
+    assert "by block size" in memattr.render_pools(pools, pools)

@@ -63,6 +63,17 @@ def test_split_byte_by_byte() -> None:
     assert out == [Frame(1, FrameType.REQUEST, 0, b"x" * 50), Frame(3, FrameType.REQUEST, 0, b"y")]
 
 
+def test_a_frame_and_the_start_of_the_next_in_one_chunk() -> None:
+    dec = FrameDecoder()
+    second = encode_frame(3, FrameType.REQUEST, b"second")
+    assert dec.feed(encode_frame(1, FrameType.REQUEST, b"first") + second[:4]) == [
+        Frame(1, FrameType.REQUEST, 0, b"first")
+    ]
+    assert dec.feed(second[4:12]) == []
+    assert dec.feed(second[12:]) == [Frame(3, FrameType.REQUEST, 0, b"second")]
+    assert dec.feed(encode_frame(5, FrameType.REQUEST, b"")) == [Frame(5, FrameType.REQUEST, 0, b"")]
+
+
 def test_merged_frames() -> None:
     data = b"".join(encode_frame(i, FrameType.RESPONSE, bytes([i]) * i) for i in range(1, 6))
     out = FrameDecoder().feed(data)
@@ -200,6 +211,22 @@ def test_send_response_encodes_status() -> None:
     assert ok.HasField("status") and ok.status.code == 0 and ok.payload == b"out"
     err = ttrpc_pb2.Response.FromString(frames[1].payload)
     assert (err.status.code, err.status.message) == (Code.NOT_FOUND, "nope")
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "payload"),
+    [(Code.OK, "", b""), (Code.OK, "", b"x" * 300), (Code.NOT_FOUND, "nope", b""),
+     (Code.UNKNOWN, "ü" * 100, b"p"), (-1, "", b"")],
+)
+def test_response_bytes_are_what_protobuf_writes(code: int, message: str, payload: bytes) -> None:
+    """The response is encoded by hand: byte for byte the generated class's, Status always set."""
+    conn = ServerConnection()
+    conn.receive_data(request_frame(1))
+    [frame] = FrameDecoder().feed(conn.send_response(1, code, message, payload))
+    expected = ttrpc_pb2.Response(payload=payload)
+    expected.status.SetInParent()
+    expected.status.code, expected.status.message = code, message
+    assert frame.payload == expected.SerializeToString()
 
 
 def test_send_response_only_once_per_stream() -> None:

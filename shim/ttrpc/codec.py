@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 
+from shim.common.wire import bytes_field, varint
 from shim.proto import ttrpc_pb2
 
 from .errors import Code, ProtocolError, TTRPCError
@@ -44,16 +45,21 @@ class Flags(enum.IntFlag):
     NO_DATA = 4
 
 
-@dataclass(frozen=True)
-class Frame:
+#: raw type byte -> FrameType: a dict lookup, not an enum call, per frame.
+_FRAME_TYPES = {t.value: t for t in FrameType}
+
+# The frames and events below are NamedTuples: immutable values, built a few times per
+# request on the hot path, where a frozen dataclass's __init__ costs several times more.
+
+
+class Frame(NamedTuple):
     stream_id: int
     type: FrameType
     flags: int
     payload: bytes
 
 
-@dataclass(frozen=True)
-class OversizeFrame:
+class OversizeFrame(NamedTuple):
     """A frame whose payload exceeded MAX_PAYLOAD; its bytes were skipped.
 
     Go answers these with ResourceExhausted on that stream and keeps the
@@ -78,7 +84,9 @@ def encode_frame(stream_id: int, type: int, payload: bytes, flags: int = 0) -> b
         raise ValueError(f"stream id {stream_id} out of range")
     if not 0 <= flags <= 0xFF:
         raise ValueError(f"flags {flags} out of range")
-    return _HEADER.pack(len(payload), stream_id, int(FrameType(type)), flags) + payload
+    if type not in _FRAME_TYPES:
+        raise ValueError(f"{type} is not a valid FrameType")
+    return _HEADER.pack(len(payload), stream_id, type, flags) + payload
 
 
 class FrameDecoder:
@@ -105,15 +113,16 @@ class FrameDecoder:
             n = min(self._skip, len(data))
             self._skip -= n
             data = data[n:]
-        self._buf += data
+        buf: bytes | bytearray
+        if self._buf:
+            self._buf += data
+            buf = self._buf
+        else:  # nothing left over (the usual case): frames are cut from the chunk itself
+            buf = data
         pos = 0
-        buf = self._buf
         while len(buf) - pos >= HEADER_SIZE:
             length, stream_id, raw_type, flags = _HEADER.unpack_from(buf, pos)
-            try:
-                ftype: FrameType | None = FrameType(raw_type)
-            except ValueError:
-                ftype = None
+            ftype = _FRAME_TYPES.get(raw_type)
             if ftype is None and length > MAX_PAYLOAD:
                 self.error = ProtocolError(f"unknown frame type {raw_type:#x} of {length} bytes: not ttrpc")
                 break
@@ -137,21 +146,22 @@ class FrameDecoder:
                 break
             out.append(Frame(stream_id, ftype, flags, bytes(buf[pos + HEADER_SIZE : end])))
             pos = end
-        del buf[:pos]
+        if buf is self._buf:
+            del buf[:pos]
+        elif pos < len(buf):
+            self._buf += buf[pos:]
         return out
 
 
 # --- events ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RequestReceived:
+class RequestReceived(NamedTuple):
     stream_id: int
     request: ttrpc_pb2.Request
 
 
-@dataclass(frozen=True)
-class RequestRejected:
+class RequestRejected(NamedTuple):
     """A request the connection answers with an error status by itself (Go
     does the same); the transport just sends ``send_response(stream_id,
     code, message)``. The connection stays usable."""
@@ -161,8 +171,7 @@ class RequestRejected:
     message: str
 
 
-@dataclass(frozen=True)
-class ResponseReceived:
+class ResponseReceived(NamedTuple):
     stream_id: int
     code: Code
     message: str
@@ -249,12 +258,11 @@ class ServerConnection:
 
 
 def _encode_response(code: int, message: str, payload: bytes) -> bytes:
-    resp = ttrpc_pb2.Response(payload=payload)
-    # Go always sets Status (even for OK); SetInParent reproduces that.
-    resp.status.SetInParent()
-    resp.status.code = int(code)
-    resp.status.message = message
-    return resp.SerializeToString()
+    """ttrpc.Response{status=1: Status{code=1, message=2}, payload=2}, encoded by hand (one per
+    request, so no message objects): the bytes protobuf writes, Status present even when OK
+    (as Go sends it). Tests compare them with the generated class."""
+    status = (varint(8) + varint(code) if code else b"") + bytes_field(2, message.encode())
+    return b"\x0a" + varint(len(status)) + status + bytes_field(2, payload)
 
 
 # --- client side ----------------------------------------------------------

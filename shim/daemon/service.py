@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import weakref
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -30,7 +31,7 @@ from .checkpoint import CheckpointRequest
 from .container import Container, Context, CreateRequest
 from .exits import InFlight
 from .netstats import network_stats
-from .process import Process, State
+from .process import ExitInfo, Process, State
 from .stdio import StdioPaths
 
 log = logging.getLogger("shim.service")
@@ -39,6 +40,9 @@ SERVICE_V2 = "containerd.task.v2.Task"
 SERVICE_V3 = "containerd.task.v3.Task"
 PROCESS_DETAILS_TYPE = "containerd.runc.v1.ProcessDetails"
 CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
+
+#: What a State reply is computed from, beside the process itself: pid, state, exit.
+_StateKey = tuple[int, State, ExitInfo | None]
 
 _STATUS = {
     State.CREATED: task_types_pb2.CREATED,
@@ -91,6 +95,9 @@ class TaskService:
         self.shutdown_now = False
         #: Creates and exec Starts in progress: the fds they are about to take count as taken.
         self._adding = InFlight()
+        #: State's last reply per process, serialized, with what it was computed from.
+        self._state_replies: weakref.WeakKeyDictionary[Process, tuple[_StateKey, bytes]] = (
+            weakref.WeakKeyDictionary())
 
     def register(self, server: Server) -> None:
         """Serve containerd.task.v2.Task and its byte-identical v3 twin (containerd 2.x)."""
@@ -167,8 +174,22 @@ class TaskService:
                 return shim_pb2.StartResponse(pid=await container.start(req.exec_id))
         return shim_pb2.StartResponse(pid=await container.start(req.exec_id))
 
-    def state(self, req: shim_pb2.StateRequest, _: CallContext) -> shim_pb2.StateResponse:
+    def state(self, req: shim_pb2.StateRequest, _: CallContext) -> bytes:
+        """The reply, serialized. containerd and kubelet poll State, and of its fields only the
+        pid, the status and the exit change in a process's life (the id, bundle and stdio paths
+        are fixed at its creation), so the bytes are kept per process and sent again while
+        those three are what they were."""
         container, process = self._process(req.id, req.exec_id)
+        key = (process.pid, process.state, process.exit)
+        kept = self._state_replies.get(process)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        reply = self._state_response(container, process).SerializeToString()
+        self._state_replies[process] = (key, reply)
+        return reply
+
+    @staticmethod
+    def _state_response(container: Container, process: Process) -> shim_pb2.StateResponse:
         paths = process.stdio
         reply = shim_pb2.StateResponse(
             id=process.exec_id or container.id,
@@ -309,10 +330,10 @@ def _translating(handler: Callable[..., Awaitable[Message]]) -> Callable[..., Aw
     return call
 
 
-def _translating_now(handler: Callable[..., Message]) -> Callable[..., Message]:
+def _translating_now(handler: Callable[..., Message | bytes]) -> Callable[..., Message | bytes]:
     """``_translating`` for a handler run inline (a plain function)."""
 
-    def call(request: Message, ctx: CallContext) -> Message:
+    def call(request: Message, ctx: CallContext) -> Message | bytes:
         try:
             return handler(request, ctx)
         except (ShimError, OSError) as e:

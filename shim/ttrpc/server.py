@@ -132,9 +132,10 @@ class Server:
         service: str,
         method: str,
         request_type: type[M],
-        handler: Callable[[M, CallContext], Message],
+        handler: Callable[[M, CallContext], Message | bytes],
     ) -> None:
-        """``register_unary`` for a plain function run inline (see ``register_inline``)."""
+        """``register_unary`` for a plain function run inline (see ``register_inline``); it may
+        answer with the reply already serialized (one it keeps from an earlier call)."""
 
         def raw(payload: bytes, ctx: CallContext) -> bytes:
             return _serialized(handler(_parse(request_type, payload), ctx))
@@ -305,7 +306,9 @@ def _parse(request_type: type[M], payload: bytes) -> M:
         raise TTRPCError(Code.INVALID_ARGUMENT, f"ttrpc: error unmarshalling payload: {exc}") from exc
 
 
-def _serialized(reply: Message) -> bytes:
+def _serialized(reply: Message | bytes) -> bytes:
+    if isinstance(reply, bytes):
+        return reply
     if not isinstance(reply, Message):
         raise TypeError(f"ttrpc: handler returned {type(reply).__name__}, not a message")
     return reply.SerializeToString()
@@ -382,7 +385,7 @@ class _Connection:
                 log.warning("ttrpc: closing connection after answering: %s", self.proto.violation)
                 return False
 
-    async def _receive(self) -> bytes:
+    async def _receive(self) -> bytes | bytearray:
         """The next bytes from the peer (b"" at EOF).
 
         On a socket: wait for readability first, then read(2) the fd. Between requests

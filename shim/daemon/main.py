@@ -13,6 +13,7 @@ containerd, then cancel everything and remove our socket.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -147,4 +148,8 @@ def run_from_env() -> None:
     set_title(config.title())  # before the environment changes
     del os.environ[CONFIG_ENV]
     os.environ.pop(MALLOC_ENV, None)  # chosen for this interpreter only (shim.launch.launcher.spawn)
+    # What the imports made lives as long as the shim: out of the collector's sight, as in a
+    # shim forked from the template (which froze its heap), the first full collection no
+    # longer walks it (~13 ms, inside whichever request it fell on; ~4 ms for the one before).
+    gc.freeze()
     sys.exit(main(config))

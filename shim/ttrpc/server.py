@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 import trio
 from google.protobuf.message import DecodeError, Message
 
+from shim.proto import ttrpc_pb2
+
 from .codec import RequestReceived, RequestRejected, ServerConnection
 from .errors import Code, ProtocolError, TTRPCError
 
@@ -44,7 +46,7 @@ MAX_CONNECTIONS = 4096
 _ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
-@dataclass
+@dataclass(slots=True)
 class CallContext:
     service: str
     method: str
@@ -235,23 +237,25 @@ class Server:
     def inline_outcome(self, event: RequestReceived) -> Outcome | None:
         """The answer to a request for an inline handler (or none at all), computed now;
         None when the request needs a task (``dispatch``)."""
-        key = (event.request.service, event.request.method)
+        req = event.request
+        key = (req.service, req.method)
         if key in self._handlers:
             return None
-        ctx = _context(event)
+        ctx = _context(req, *key)
         inline = self._inline.get(key)
         if inline is None:
             return self._unimplemented(ctx)
         # A deadline can only pass at an await, and an inline handler has none:
         # like a task handler that never reaches a checkpoint, it answers.
         try:
-            return self._outcome(ctx, inline(event.request.payload, ctx))
+            return self._outcome(ctx, inline(req.payload, ctx))
         except Exception as exc:  # noqa: BLE001 - as in dispatch
             return self._failure(ctx, exc)
 
     async def dispatch(self, conn: _Connection, event: RequestReceived) -> None:
-        ctx = _context(event)
-        code, message, payload = await self._run_handler(ctx, event.request.payload)
+        req = event.request
+        ctx = _context(req, req.service, req.method)
+        code, message, payload = await self._run_handler(ctx, req.payload)
         await conn.respond(event.stream_id, code, message, payload)
 
     def _unimplemented(self, ctx: CallContext) -> Outcome:
@@ -289,14 +293,14 @@ class Server:
         return Code.OK, "", bytes(reply)
 
 
-def _context(event: RequestReceived) -> CallContext:
-    req = event.request
+def _context(req: ttrpc_pb2.Request, service: str, method: str) -> CallContext:
     metadata: dict[str, list[str]] = {}
     for kv in req.metadata:
         metadata.setdefault(kv.key, []).append(kv.value)
     # Go: any non-zero timeout (even negative = already expired) applies.
-    deadline = trio.current_time() + req.timeout_nano / 1e9 if req.timeout_nano != 0 else None
-    return CallContext(req.service, req.method, metadata, deadline)
+    timeout = req.timeout_nano
+    deadline = trio.current_time() + timeout / 1e9 if timeout != 0 else None
+    return CallContext(service, method, metadata, deadline)
 
 
 def _parse(request_type: type[M], payload: bytes) -> M:

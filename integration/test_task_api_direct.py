@@ -235,6 +235,23 @@ async def test_exec_lifecycle_state_and_events(lab: Lab, fifos) -> None:
     assert (init_exit.id, init_exit.pid, init_exit.exit_status) == (cid, init, 137)
 
 
+async def test_exec_spec_reaches_runc_and_not_the_process(lab: Lab, fifos) -> None:
+    """The exec's process spec goes to runc as a memfd (``/proc/self/fd/N``), no file in the
+    bundle: runc reads it (the args run) and the exec'd process does not inherit it."""
+    await lab.start_sink()
+    shim, cid, bundle, _ = await running_task(lab, "spec")
+    out = fifos("fd-stdout")
+    before = set(os.listdir(bundle))
+    await exec_(shim, cid, "fd", process_spec(bundle, ["ls", "-l", "/proc/self/fd"]), stdout=out.path)
+    await start_exec(shim, cid, "fd")
+    assert (await wait_exec(shim, cid, "fd")).exit_status == 0
+    listing = out.read()
+    assert b" 1 -> " in listing and b"memfd" not in listing and b"runc-process" not in listing, listing
+    await delete_exec(shim, cid, "fd")
+    assert set(os.listdir(bundle)) == before
+    await finish(shim, cid)
+
+
 async def test_running_exec_state_pids_kill_resize_delete(lab: Lab, fifos) -> None:
     await lab.start_sink()
     shim, cid, bundle, init = await running_task(lab, "kill")

@@ -14,11 +14,11 @@ values: protobuf stays in the service layer. Checkpoint/restore details are
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -125,6 +125,27 @@ def exec_spec(exec_id: str, spec: bytes, terminal: bool) -> bytes:
         return spec
     process["terminal"] = terminal
     return json.dumps(process).encode()
+
+
+def spec_memfd(spec: bytes) -> int:
+    """The exec's process spec in an unnamed memory file, which runc opens as ``/proc/self/fd/N``.
+
+    A file in the bundle cost a create and an unlink on the bundle's filesystem at every exec
+    Start: ~0.8 ms measured under load on a journalled disk (/run is not tmpfs everywhere).
+    A memfd is one syscall, nothing to remove. Never fd 0-2: those are runc's stdio.
+    """
+    fd = os.memfd_create("runc-process", os.MFD_CLOEXEC)
+    try:
+        if fd < 3:
+            low, fd = fd, fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            os.close(low)
+        view = memoryview(spec)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class Container:
@@ -411,16 +432,19 @@ class Container:
     async def _run_exec(self, process: Process) -> int:
         pid_file = os.path.join(self.bundle, f"{process.exec_id}.pid")
         started: Watch | None = None
-        fd, spec_path = tempfile.mkstemp(prefix=".exec-", suffix=".json", dir=self.bundle)
+        spec_fd = spec_memfd(process.spec)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(process.spec)
             process.io = self._new_io(process.stdio, process.exec_id)
             log.debug("%s: runc exec %s", self.id, process.exec_id)
             with self.ctx.reaper.hold() as hold:
                 try:
                     await self.runc.exec(
-                        self.id, spec_path, pid_file, process.io.runc_stdio(), console_socket=process.io.console_socket
+                        self.id,
+                        f"/proc/self/fd/{spec_fd}",
+                        pid_file,
+                        process.io.runc_stdio(),
+                        console_socket=process.io.console_socket,
+                        keep_fds=(spec_fd,),
                     )
                 except BaseException:
                     started = self._watch_if_started(pid_file, hold)  # cancelled after runc started it
@@ -448,7 +472,7 @@ class Container:
                 raise ShimError(f"OCI runtime exec failed: {e.detail}") from e
             raise
         finally:
-            os.unlink(spec_path)
+            os.close(spec_fd)
         process.pid, process.watch = watch.pid, watch
         log.debug("%s: exec %s started, pid %d", self.id, process.exec_id, process.pid)
         # The state changes to RUNNING as the caller's operation block ends, with no await in between.

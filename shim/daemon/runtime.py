@@ -35,7 +35,14 @@ class OCIRuntime(Protocol):
     async def start(self, id: str) -> None: ...
 
     async def exec(
-        self, id: str, process_spec: str, pid_file: str, stdio: Stdio, *, console_socket: str | None = None
+        self,
+        id: str,
+        process_spec: str,
+        pid_file: str,
+        stdio: Stdio,
+        *,
+        console_socket: str | None = None,
+        keep_fds: tuple[int, ...] = (),
     ) -> None: ...
 
     async def kill(self, id: str, signal: int, *, all: bool = False) -> None: ...

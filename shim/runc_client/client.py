@@ -116,11 +116,15 @@ class Runc:
         self.config = config
         self._reaper = reaper
 
-    async def run(self, *args: str, stdio: Stdio | None = None, input: bytes | None = None) -> bytes:
+    async def run(
+        self, *args: str, stdio: Stdio | None = None, input: bytes | None = None, keep_fds: tuple[int, ...] = ()
+    ) -> bytes:
         """Run one runc command; return its stdout, raise RuncError on failure.
 
         With ``stdio`` the command's stdio are the given fds (create/exec hand
-        them to the container) and nothing is captured.
+        them to the container) and nothing is captured. ``keep_fds`` stay open,
+        at the same numbers, in runc (runc marks them close-on-exec before the
+        container's process runs, unless told to preserve them).
         """
         argv = self.config.global_args() + list(args)
         began = time.perf_counter()
@@ -128,7 +132,7 @@ class Runc:
         deadline = 0.0
         while True:
             try:
-                child = self._spawn(args[0], argv, stdio, input)
+                child = self._spawn(args[0], argv, stdio, input, keep_fds)
                 break
             except OSError as e:
                 if not nofile.exhausted(e):
@@ -175,7 +179,9 @@ class Runc:
             raise RuncError(args[0], exit.status, detail)
         return out
 
-    def _spawn(self, command: str, argv: list[str], stdio: Stdio | None, input: bytes | None) -> _Child:
+    def _spawn(
+        self, command: str, argv: list[str], stdio: Stdio | None, input: bytes | None, keep_fds: tuple[int, ...]
+    ) -> _Child:
         """Start runc and watch its pid (no await in between: the reaper cannot have run yet)."""
         child_ends: list[int] = []  # closed in the parent once runc holds them
         out_r = err_r = in_w = None
@@ -191,7 +197,7 @@ class Runc:
                 err_r, err_w = os.pipe2(os.O_CLOEXEC)
                 child_ends += [out_w, err_w]
                 child = [in_fd, out_w, err_w]
-            proc = self._popen(command, argv, child)
+            proc = self._popen(command, argv, child, keep_fds)
             watch = self._reaper.watch(proc.pid)
         except BaseException:
             for fd in (out_r, err_r, in_w):
@@ -203,7 +209,9 @@ class Runc:
                 os.close(fd)
         return _Child(proc, watch, out_r, err_r, in_w)
 
-    def _popen(self, command: str, argv: list[str], child: list[int]) -> subprocess.Popen[bytes]:
+    def _popen(
+        self, command: str, argv: list[str], child: list[int], keep_fds: tuple[int, ...] = ()
+    ) -> subprocess.Popen[bytes]:
         """Fork and exec runc (the exit comes from the reaper, never a blocking wait); a binary
         that cannot be run is a RuncError in Go's words, whichever the command."""
         try:
@@ -215,6 +223,7 @@ class Runc:
                 stderr=child[2],
                 preexec_fn=preexec,  # noqa: PLW1509 - None where thp-exec is built; else prctl calls only
                 process_group=0,
+                pass_fds=keep_fds,
                 env={**os.environ, **self.config.extra_env} if self.config.extra_env else None,
             )
         except OSError as e:
@@ -254,12 +263,21 @@ class Runc:
         await self.run(*args, id, stdio=stdio)
 
     async def exec(
-        self, id: str, process_spec: str, pid_file: str, stdio: Stdio, *, console_socket: str | None = None
+        self,
+        id: str,
+        process_spec: str,
+        pid_file: str,
+        stdio: Stdio,
+        *,
+        console_socket: str | None = None,
+        keep_fds: tuple[int, ...] = (),
     ) -> None:
+        """``runc exec --detach``; ``process_spec`` may name one of ``keep_fds``
+        (``/proc/self/fd/N``: runc opens it in its own process)."""
         args = ["exec", "--detach", "--process", process_spec, "--pid-file", pid_file]
         if console_socket:
             args += ["--console-socket", console_socket]
-        await self.run(*args, id, stdio=stdio)
+        await self.run(*args, id, stdio=stdio, keep_fds=keep_fds)
 
     async def checkpoint(self, id: str, image_path: str, work_path: str, flags: list[str]) -> None:
         await self.run("checkpoint", "--image-path", image_path, "--work-path", work_path, *flags, id)

@@ -542,6 +542,10 @@ class ProcessIO:
         """
         if self._console is not None:
             self._console.stop()
+        if self._output_done.is_set():
+            # The usual case for a short process (the copiers saw EOF before its exit was
+            # handled): no nursery and no two tasks on the way to its exit event and Wait.
+            return True
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_after, self._output_done.wait, nursery.cancel_scope)

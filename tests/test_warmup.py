@@ -155,3 +155,22 @@ def test_code_run_in_child_lists_the_fork_handlers_and_a_shims_start_leaving_thi
     assert {"_after_fork", "Handler._at_fork_reinit", "setup_logging", "Handler.setFormatter",
             "FifoHandler.emit", "raise_soft_limit", "SocketName.__init__"} <= ran, ran
     assert logging.getLogger().handlers == handlers and dict(os.environ) == environ
+
+
+def test_warm_up_creates_with_the_runtime_options_cri_sends() -> None:
+    """Under CRI, every pod shim's first Create carries a runtimeoptions.v1.Options naming the
+    handler's TOML (integration/cri/harness.py's ConfigPath): decoding it (shim.common.wire) and
+    parsing the TOML (tomllib) was code first run, so written, in every pod shim (bench.memattr on
+    a pod shim). The warm-up's Create sends such options, and succeeds with them. (A fresh
+    interpreter: code_run_by sees each code object once per process.)"""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import shim.daemon.main; "
+            "from shim.template.warmup import code_run_by, warm_up; answers = []; "
+            "ran = code_run_by(lambda: answers.extend(warm_up(rounds=1))); "
+            "print(repr((sorted({(c.co_filename.rpartition('/')[2], c.co_qualname) for c in ran}), answers)))")
+    out = subprocess.run([sys.executable, "-I", "-c", code, str(ROOT)], capture_output=True, text=True,
+                         check=True).stdout
+    ran, answers = ast.literal_eval(out)
+    expected = {("options.py", "runtime_options_toml"), ("options.py", "from_toml"), ("wire.py", "fields"),
+                ("_parser.py", "loads"), ("_parser.py", "parse_value")}
+    assert expected <= set(ran), expected - set(ran)
+    assert ("Create", "") in answers

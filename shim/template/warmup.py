@@ -35,7 +35,8 @@ from shim.daemon.service import SERVICE_V2, TaskService
 from shim.daemon.shimlog import LogrusFormatter
 from shim.daemon.stdio import ProcessIO, StdioPaths
 from shim.daemon.task_events import TaskEvents
-from shim.proto import shim_pb2
+from shim.common.wire import RUNTIME_OPTIONS_TYPE
+from shim.proto import runtimeoptions_pb2, shim_pb2
 from shim.runc_client.client import Runc
 from shim.runc_client.config import RuncConfig, Stdio
 from shim.ttrpc import Client, Server, TTRPCError, open_client
@@ -50,6 +51,9 @@ if TYPE_CHECKING:  # pragma: no cover
 _FAKE_PID = 1 << 30
 ROUNDS = 3
 _EXEC_SPEC = b'{"args": ["true"], "cwd": "/", "env": ["PATH=/bin"]}'
+#: The runtime options TOML CRI names for a runtime handler of ours (its ``options.ConfigPath``).
+RUNTIME_TOML = "runtime.toml"
+_RUNTIME_TOML_TEXT = 'BinaryName = "runc"\nSystemdCgroup = false\n'
 
 
 class _WarmRuntime:
@@ -128,12 +132,20 @@ class _WarmRuntime:
         await self._via_true(lambda runc: runc.update(id, resources_json))
 
 
+def _cri_options(bundle: str) -> any_pb2.Any:
+    """CreateTaskRequest.options as CRI sends them for our runtime handler: a
+    runtimeoptions.v1.Options naming the handler's TOML. Every pod shim parses it (tomllib,
+    the hand-decoded wire format) at its first Create: unwarmed, that code was written in each."""
+    options = runtimeoptions_pb2.Options(config_path=os.path.join(bundle, RUNTIME_TOML))
+    return any_pb2.Any(type_url=RUNTIME_OPTIONS_TYPE, value=options.SerializeToString())
+
+
 def _lifecycle(bundle: str) -> list[tuple[str, Message]]:
     """One task's requests as containerd sends them: create ... delete, with an exec."""
     spec = any_pb2.Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/Process", value=_EXEC_SPEC)
     return [
         ("Connect", shim_pb2.ConnectRequest(id="warm")),
-        ("Create", shim_pb2.CreateTaskRequest(id="warm", bundle=bundle)),
+        ("Create", shim_pb2.CreateTaskRequest(id="warm", bundle=bundle, options=_cri_options(bundle))),
         ("Start", shim_pb2.StartRequest(id="warm")),
         ("State", shim_pb2.StateRequest(id="warm")),
         ("Exec", shim_pb2.ExecProcessRequest(id="warm", exec_id="e1", spec=spec)),
@@ -261,6 +273,8 @@ def warm_up(rounds: int = ROUNDS) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory(prefix="shim-warm-") as bundle:
         with open(os.path.join(bundle, "config.json"), "w") as f:
             f.write('{"ociVersion": "1.0.2", "process": {"args": ["true"]}, "linux": {"namespaces": [{"type": "pid"}]}}')
+        with open(os.path.join(bundle, RUNTIME_TOML), "w") as f:
+            f.write(_RUNTIME_TOML_TEXT)
         logging.disable(logging.WARNING)  # its fake pids have no cgroup: no warning in the template's log
         idle = _thread_cache.IDLE_TIMEOUT
         _thread_cache.IDLE_TIMEOUT = WORKER_IDLE  # type: ignore[assignment]  # trio's int, read as a timeout

@@ -157,12 +157,9 @@ def test_code_run_in_child_lists_the_fork_handlers_and_a_shims_start_leaving_thi
     assert logging.getLogger().handlers == handlers and dict(os.environ) == environ
 
 
-def test_warm_up_creates_with_the_runtime_options_cri_sends() -> None:
-    """Under CRI, every pod shim's first Create carries a runtimeoptions.v1.Options naming the
-    handler's TOML (integration/cri/harness.py's ConfigPath): decoding it (shim.common.wire) and
-    parsing the TOML (tomllib) was code first run, so written, in every pod shim (bench.memattr on
-    a pod shim). The warm-up's Create sends such options, and succeeds with them. (A fresh
-    interpreter: code_run_by sees each code object once per process.)"""
+def ran_in_fresh_warm_up() -> tuple[set[tuple[str, str]], list[tuple[str, str]]]:
+    """(file name, qualified name) of the code one warm-up round runs, and its answers; in a fresh
+    interpreter: code_run_by sees each code object once per process."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import shim.daemon.main; "
             "from shim.template.warmup import code_run_by, warm_up; answers = []; "
             "ran = code_run_by(lambda: answers.extend(warm_up(rounds=1))); "
@@ -170,7 +167,27 @@ def test_warm_up_creates_with_the_runtime_options_cri_sends() -> None:
     out = subprocess.run([sys.executable, "-I", "-c", code, str(ROOT)], capture_output=True, text=True,
                          check=True).stdout
     ran, answers = ast.literal_eval(out)
+    return set(ran), answers
+
+
+def test_warm_up_creates_with_the_runtime_options_cri_sends() -> None:
+    """Under CRI, every pod shim's first Create carries a runtimeoptions.v1.Options naming the
+    handler's TOML (integration/cri/harness.py's ConfigPath): decoding it (shim.common.wire) and
+    parsing the TOML (tomllib) was code first run, so written, in every pod shim (bench.memattr on
+    a pod shim). The warm-up's Create sends such options, and succeeds with them."""
+    ran, answers = ran_in_fresh_warm_up()
     expected = {("options.py", "runtime_options_toml"), ("options.py", "from_toml"), ("wire.py", "fields"),
                 ("_parser.py", "loads"), ("_parser.py", "parse_value")}
-    assert expected <= set(ran), expected - set(ran)
+    assert expected <= ran, expected - ran
     assert ("Create", "") in answers
+
+
+def test_warm_up_creates_with_output_fifos() -> None:
+    """containerd (ctr and CRI alike) gives a task's Create a stdout and a stderr fifo: opening
+    them, the output pipes and the copiers that splice into the fifos until EOF ran first in every
+    shim. The warm-up's Create names two fifos in its bundle, so that code runs in the template."""
+    ran, answers = ran_in_fresh_warm_up()
+    expected = {("stdio.py", "ProcessIO._fifo_sink"), ("stdio.py", "_open_fifo"), ("fds.py", "OwnedFds.pipe"),
+                ("stdio.py", "ProcessIO._copy_output"), ("stdio.py", "ProcessIO._splice_output")}
+    assert expected <= ran, expected - ran
+    assert ("Create", "") in answers and ("Delete", "") in answers

@@ -54,6 +54,9 @@ _EXEC_SPEC = b'{"args": ["true"], "cwd": "/", "env": ["PATH=/bin"]}'
 #: The runtime options TOML CRI names for a runtime handler of ours (its ``options.ConfigPath``).
 RUNTIME_TOML = "runtime.toml"
 _RUNTIME_TOML_TEXT = 'BinaryName = "runc"\nSystemdCgroup = false\n'
+#: The fifos a task's output goes to: containerd makes them (ctr and CRI alike) and the shim's
+#: output copiers splice into them; the warm-up's Create names two in its bundle.
+STDOUT_FIFO, STDERR_FIFO = "stdout", "stderr"
 
 
 class _WarmRuntime:
@@ -145,7 +148,9 @@ def _lifecycle(bundle: str) -> list[tuple[str, Message]]:
     spec = any_pb2.Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/Process", value=_EXEC_SPEC)
     return [
         ("Connect", shim_pb2.ConnectRequest(id="warm")),
-        ("Create", shim_pb2.CreateTaskRequest(id="warm", bundle=bundle, options=_cri_options(bundle))),
+        ("Create", shim_pb2.CreateTaskRequest(id="warm", bundle=bundle, options=_cri_options(bundle),
+                                              stdout=os.path.join(bundle, STDOUT_FIFO),
+                                              stderr=os.path.join(bundle, STDERR_FIFO))),
         ("Start", shim_pb2.StartRequest(id="warm")),
         ("State", shim_pb2.StateRequest(id="warm")),
         ("Exec", shim_pb2.ExecProcessRequest(id="warm", exec_id="e1", spec=spec)),
@@ -275,6 +280,8 @@ def warm_up(rounds: int = ROUNDS) -> list[tuple[str, str]]:
             f.write('{"ociVersion": "1.0.2", "process": {"args": ["true"]}, "linux": {"namespaces": [{"type": "pid"}]}}')
         with open(os.path.join(bundle, RUNTIME_TOML), "w") as f:
             f.write(_RUNTIME_TOML_TEXT)
+        for fifo in (STDOUT_FIFO, STDERR_FIFO):
+            os.mkfifo(os.path.join(bundle, fifo), 0o600)
         logging.disable(logging.WARNING)  # its fake pids have no cgroup: no warning in the template's log
         idle = _thread_cache.IDLE_TIMEOUT
         _thread_cache.IDLE_TIMEOUT = WORKER_IDLE  # type: ignore[assignment]  # trio's int, read as a timeout

@@ -9,6 +9,7 @@ once the template's warm-up ran.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,17 @@ def test_warm_up_creates_with_output_fifos() -> None:
                 ("stdio.py", "ProcessIO._copy_output"), ("stdio.py", "ProcessIO._splice_output")}
     assert expected <= ran, expected - ran
     assert ("Create", "") in answers and ("Delete", "") in answers
+
+
+def test_warm_up_arms_an_oom_watch() -> None:
+    """Every shim arms an OOM watch on each container's memory cgroup at Create (a v1 eventfd
+    or a v2 inotify watch): the warm-up's fake pids have no cgroup, so it arms, runs and disarms
+    one on the template's own cgroup, and that code runs in the template, not first in each shim."""
+    from shim.daemon.cgroups import container_cgroup
+
+    ran, _ = ran_in_fresh_warm_up()
+    armed = ("oom.py", "register_v1_oom_eventfd") if container_cgroup(os.getpid()).version == 1 \
+        else ("oom.py", "OOMWatcher._inotify_watch")
+    expected = {("oom.py", "OOMWatcher.run"), ("oom.py", "OOMWatcher.add"), ("oom.py", "OOMWatcher.add_cgroup"),
+                ("oom.py", "OOMWatcher.remove"), armed}
+    assert expected <= ran, expected - ran

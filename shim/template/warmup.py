@@ -30,6 +30,7 @@ from shim.daemon.cgroups import container_cgroup
 from shim.daemon.container import Context
 from shim.daemon.events import SERVICE as EVENTS_SERVICE
 from shim.daemon.events import EventPublisher
+from shim.daemon.oom import OOMWatcher
 from shim.daemon.reaper import Exit, ExitRouter, Reaper
 from shim.daemon.service import SERVICE_V2, TaskService
 from shim.daemon.shimlog import LogrusFormatter
@@ -230,9 +231,33 @@ async def _exercise(bundle: str, rounds: int, answers: list[tuple[str, str]]) ->
                     rt.exit_all(137)  # the exits go through task_events, as a real exit goes
                 await _calls(client, _ENDING, answers)
                 made.clear()
+        for _ in range(rounds):
+            await _watch_own_cgroup()
         await publisher.drain(EVENT_DRAIN_TIMEOUT)
         ProcessIO(StdioPaths()).close()
         nursery.cancel_scope.cancel()
+
+
+async def _watch_own_cgroup() -> None:
+    """A shim's OOM watcher, run and armed on this process's own memory cgroup (a v1 eventfd or
+    a v2 inotify watch), then disarmed: every shim arms one for each container it creates (the
+    warm-up's fake pids have no cgroup), code that otherwise ran first in each. Nothing is
+    written to the cgroup but the v1 event registration, which ends with its eventfd."""
+    oom = OOMWatcher()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(oom.run)
+        try:
+            oom.add("warm", os.getpid(), _no_oom)
+        except OSError:  # no memory cgroup here: nothing to warm
+            pass
+        else:
+            await trio.lowlevel.checkpoint()  # its watch tasks start
+            oom.remove("warm")
+        nursery.cancel_scope.cancel()
+
+
+def _no_oom(key: str) -> None:
+    """The warm-up's OOM callback: its own cgroup running out of memory is no task's event."""
 
 
 #: How long the warm-up waits for its events to reach the stand-in containerd.

@@ -26,6 +26,7 @@ import trio
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from shim.common.wire import RUNTIME_OPTIONS_TYPE
 from shim.daemon.cgroups import container_cgroup
 from shim.daemon.container import Context
 from shim.daemon.events import SERVICE as EVENTS_SERVICE
@@ -36,7 +37,6 @@ from shim.daemon.service import SERVICE_V2, TaskService
 from shim.daemon.shimlog import LogrusFormatter
 from shim.daemon.stdio import ProcessIO, StdioPaths
 from shim.daemon.task_events import TaskEvents
-from shim.common.wire import RUNTIME_OPTIONS_TYPE
 from shim.proto import runtimeoptions_pb2, shim_pb2
 from shim.runc_client.client import Runc
 from shim.runc_client.config import RuncConfig, Stdio

@@ -206,3 +206,13 @@ def test_warm_up_arms_an_oom_watch() -> None:
     expected = {("oom.py", "OOMWatcher.run"), ("oom.py", "OOMWatcher.add"), ("oom.py", "OOMWatcher.add_cgroup"),
                 ("oom.py", "OOMWatcher.remove"), armed}
     assert expected <= ran, expected - ran
+
+
+def test_warm_up_gives_memory_back_as_a_shim_does() -> None:
+    """A shim gives memory back (a full collection, glibc's malloc_trim through ctypes) after
+    its connections went away, as every pod shim does soon after its start: the warm-up runs that
+    pass, so its code (and ctypes' library lookup) is not first run in each shim."""
+    ran, _ = ran_in_fresh_warm_up()
+    expected = {("giveback.py", "GiveBack.__init__"), ("giveback.py", "GiveBack.give_back"),
+                ("giveback.py", "_malloc_trim")}
+    assert expected <= ran, expected - ran

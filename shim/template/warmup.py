@@ -31,6 +31,7 @@ from shim.daemon.cgroups import container_cgroup
 from shim.daemon.container import Context
 from shim.daemon.events import SERVICE as EVENTS_SERVICE
 from shim.daemon.events import EventPublisher
+from shim.daemon.giveback import GiveBack
 from shim.daemon.oom import OOMWatcher
 from shim.daemon.reaper import Exit, ExitRouter, Reaper
 from shim.daemon.service import SERVICE_V2, TaskService
@@ -233,6 +234,7 @@ async def _exercise(bundle: str, rounds: int, answers: list[tuple[str, str]]) ->
                 made.clear()
         for _ in range(rounds):
             await _watch_own_cgroup()
+            GiveBack().give_back()  # a shim's pass after its connections went away (gc, malloc_trim)
         await publisher.drain(EVENT_DRAIN_TIMEOUT)
         ProcessIO(StdioPaths()).close()
         nursery.cancel_scope.cancel()

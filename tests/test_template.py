@@ -66,6 +66,30 @@ def test_a_template_is_wanted_only_by_the_second_start_within_the_idle_timeout(t
     assert template.wanted(path, now=5000.0 + template.WANTED_WITHIN + 2)
 
 
+def test_of_two_first_starts_at_once_the_later_launches_the_template(tmp_path: Path, monkeypatch) -> None:
+    """containerd starts tasks concurrently: another start may leave the first-start mark between
+    this one's look and its own mark. Only one of the two may spawn a shim of its own (~18 MiB
+    for its task's life); the other is the second start, so it launches the template."""
+    import os
+
+    from shim.launch import template_client as template
+
+    path = str(tmp_path / "py-template-x")
+    mark = path + ".wanted"
+    real_stat = os.stat
+
+    def looked_before_the_other_marked(p, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(p) == mark:
+            Path(mark).touch()  # the other start marks it right after this one looked
+            raise FileNotFoundError(mark)
+        return real_stat(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", looked_before_the_other_marked)
+    assert template.wanted(path, now=1000.0)  # the other start is the first
+    monkeypatch.setattr(os, "stat", real_stat)
+    assert Path(mark).exists()  # the other's mark is left to it
+
+
 def test_a_template_is_wanted_when_no_mark_can_be_kept(tmp_path: Path) -> None:
     from shim.launch import template_client as template
 

@@ -199,20 +199,34 @@ def wanted(path: str, now: float | None = None) -> bool:
     mark = path + ".wanted"
     now = time.time() if now is None else now
     try:
-        fresh = now - os.stat(mark).st_mtime <= WANTED_WITHIN
+        age: float | None = now - os.stat(mark).st_mtime
     except OSError:
-        fresh = False
+        age = None
+    fresh = age is not None and age <= WANTED_WITHIN
     if fresh:
         try:
             os.unlink(mark)
         except OSError:
             pass
         return True
+    # A first start. Exclusively: two first starts at once (containerd starts tasks
+    # concurrently) would otherwise both find no mark and each spawn a shim (~18 MiB each).
+    if age is not None:
+        try:
+            os.unlink(mark)  # an old one
+        except OSError:
+            pass
     try:
-        os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        os.utime(mark, (now, now))
+        fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return True  # another start marked it since we looked: this one is the second
     except OSError:
         return True  # cannot keep the mark: never starting a template would cost more
+    os.close(fd)
+    try:
+        os.utime(mark, (now, now))
+    except OSError:
+        pass
     return False
 
 

@@ -188,9 +188,11 @@ def wanted(path: str, now: float | None = None) -> bool:
     A template costs its whole heap (~30 MiB Pss) and saves ~15 MiB per forked
     shim against a spawned one, so with one task it only costs: the first
     start leaves ``<path>.wanted`` and spawns its shim alone; a second start
-    while that mark is fresh consumes it and launches the template, which later
-    starts fork from. An old mark (nothing started for as long as a template
-    idles before it exits) counts as a first start again. A template that died
+    while that mark is fresh launches the template, which later starts fork
+    from; so does any start before the template listens (the mark stays: a
+    template started twice keeps one, the other exits). An old mark (made as
+    long ago as a template idles before it exits, so none can still run from
+    it) counts as a first start again. A template that died
     or was retired (its pid file is left: only a clean exit removes it) was
     wanted, so its successor starts at once.
     """
@@ -203,11 +205,7 @@ def wanted(path: str, now: float | None = None) -> bool:
     except OSError:
         age = None
     fresh = age is not None and age <= WANTED_WITHIN
-    if fresh:
-        try:
-            os.unlink(mark)
-        except OSError:
-            pass
+    if fresh:  # the mark stays: a third start before the template listens is no first start either
         return True
     # A first start. Exclusively: two first starts at once (containerd starts tasks
     # concurrently) would otherwise both find no mark and each spawn a shim (~18 MiB each).

@@ -50,8 +50,12 @@ def set_winsize(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _make_controlling_tty() -> None:
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+#: Runs the command in a session of its own with the pty (its stdin) as controlling terminal:
+#: util-linux setsid(1), so that Popen needs no preexec_fn. A preexec_fn makes Popen fork the
+#: whole pytest process, whose gRPC client threads' fork handlers then ran in the child
+#: (grpc's "epoll_wait error: Bad file descriptor" on the pty) and now and then it never
+#: exec'd ctr: a flaky tty test.
+IN_A_SESSION_ON_ITS_STDIN = ["setsid", "--ctty", "--wait"]
 
 
 class PtyRun:
@@ -61,10 +65,8 @@ class PtyRun:
         self.master, slave = os.openpty()
         set_winsize(slave, rows, cols)
         try:
-            self.proc = subprocess.Popen(
-                argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-                start_new_session=True, preexec_fn=_make_controlling_tty,  # noqa: PLW1509 - syscalls only
-            )
+            self.proc = subprocess.Popen(IN_A_SESSION_ON_ITS_STDIN + argv, stdin=slave, stdout=slave,
+                                         stderr=slave, env=env)
         except BaseException:
             os.close(self.master)
             raise

@@ -113,6 +113,7 @@ class TaskService:
             ("Kill", S.KillRequest, self.kill),
             ("Pids", S.PidsRequest, self.pids),
             ("Delete", S.DeleteRequest, self.delete),
+            ("Exec", S.ExecProcessRequest, self.exec),
             ("CloseIO", S.CloseIORequest, self.close_io),
             ("ResizePty", S.ResizePtyRequest, self.resize_pty),
             ("Pause", S.PauseRequest, self.pause),
@@ -127,9 +128,6 @@ class TaskService:
             server.register_unary(service, name, request_type, _translating(handler))
         # State waits for nothing and is polled (containerd, kubelet): the reader answers it itself.
         server.register_unary_inline(service, "State", S.StateRequest, _translating_now(self.state))
-        # Exec only registers the process (runc runs it at Start): no wait either, and on every
-        # `ctr task exec`/`kubectl exec` path; answered without a task and its scheduler pass.
-        server.register_unary_inline(service, "Exec", S.ExecProcessRequest, _translating_now(self.exec))
 
     def _container(self, id: str) -> Container:
         try:
@@ -239,7 +237,7 @@ class TaskService:
             reply.exited_at.CopyFrom(ev.timestamp(process.exit.exited_at))
         return reply
 
-    def exec(self, req: shim_pb2.ExecProcessRequest, _: CallContext) -> empty_pb2.Empty:
+    async def exec(self, req: shim_pb2.ExecProcessRequest, _: CallContext) -> empty_pb2.Empty:
         check_id("exec id", req.exec_id)
         stdio = StdioPaths(req.stdin, req.stdout, req.stderr, req.terminal)
         self._container(req.id).add_exec(req.exec_id, stdio, req.spec.value)

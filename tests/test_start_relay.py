@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -296,14 +298,24 @@ def forks_of(template: subprocess.Popen) -> list[int]:
     return found
 
 
-def test_a_relayed_start_that_joins_a_running_shim_leaves_no_process(tmp_path):
+NO_LAUNCHER_CHILD = """
+import os
+import shim.template.server as server
+def _no_child(*args, **kwargs):
+    os._exit(7)  # no status for the relay: the start fails
+server._become_launcher = _no_child
+"""
+
+
+def test_a_relayed_start_that_joins_a_running_shim_is_answered_by_the_template_itself(tmp_path):
     """A start whose group's shim already serves (a pod's second container) needs no shim:
-    it prints that shim's address, and the shim-to-be forked for it exits unseen."""
+    the template prints that shim's address itself, with no launcher child (this template's
+    children die without a status, which would fail the start) and no shim-to-be."""
     path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
-    proc = start_template(Path(path))
+    proc = start_template(Path(path), prelude=NO_LAUNCHER_CHILD)
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps({"annotations": {"io.containerd.runc.v2.group": "pod"}}))
+    (bundle / "config.json").write_text(json.dumps({"annotations": {"io.kubernetes.cri.sandbox-id": "pod"}}))
     shim_socket = shim_socket_path(ADDRESS, "ns1", "pod")
     os.makedirs(os.path.dirname(shim_socket), exist_ok=True)
     serving = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # the group's running shim
@@ -316,7 +328,8 @@ def test_a_relayed_start_that_joins_a_running_shim_leaves_no_process(tmp_path):
             capture_output=True, text=True, cwd=bundle, timeout=30, check=False,
             env={**os.environ, "SHIM_PY_TEMPLATE_DIR": str(tmp_path)})
         assert (result.returncode, result.stderr, result.stdout) == (0, "", f"unix://{shim_socket}")
-        wait_for(lambda: not forks_of(proc), what="the launcher child and its shim-to-be to exit")
+        assert (bundle / "address").read_text() == result.stdout
+        assert not forks_of(proc)
         assert not (bundle / "report.json").exists()  # no shim ran
         assert proc.poll() is None
     finally:
@@ -326,6 +339,39 @@ def test_a_relayed_start_that_joins_a_running_shim_leaves_no_process(tmp_path):
             os.unlink(shim_socket)
         except FileNotFoundError:
             pass
+
+
+def test_a_joining_start_whose_group_has_no_shim_starts_one_with_the_stdin_the_template_read(tmp_path):
+    """The bundle names a group whose shim is gone: the template has read containerd's stdin
+    (a 2.3 BootstrapParams naming the socket directory) and hands the start to a launcher
+    child, which binds there, forks the shim and answers in the 2.3 format: all of which only
+    that stdin asked for."""
+    from shim.proto import bootstrap_pb2
+
+    path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
+    proc = start_template(Path(path))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"annotations": {"io.kubernetes.cri.sandbox-id": "pod"}}))
+    socket_dir = Path(tempfile.mkdtemp(prefix="sd-"))  # short: tmp_path + a 64-digit name is too long for AF_UNIX
+    params = bootstrap_pb2.BootstrapParams(instance_id="c2", namespace="ns1", containerd_grpc_address=ADDRESS,
+                                           containerd_ttrpc_address=ADDRESS + ".ttrpc", socket_dir=str(socket_dir))
+    shim_socket = shim_socket_path(ADDRESS, "ns1", "pod", str(socket_dir))
+    try:
+        wait_for(lambda: lean.accepts(path, lean.SOCK_SEQPACKET), what="the template to listen")
+        result = subprocess.run(
+            relay_argv(sys.executable, ["-namespace", "ns1", "-address", ADDRESS, "-id", "c2", "start"]),
+            input=params.SerializeToString(), capture_output=True, cwd=bundle, timeout=30, check=False,
+            env={**os.environ, "SHIM_PY_TEMPLATE_DIR": str(tmp_path)})
+        assert (result.returncode, result.stderr) == (0, b"")
+        assert bootstrap_pb2.BootstrapResult.FromString(result.stdout).address == f"unix://{shim_socket}"
+        report = read_report(bundle)  # the (fake) shim's body ran, on that socket
+        assert ShimConfig.decode(report["config"]).socket_path == shim_socket
+        assert "_become_launcher" in report["stack"]
+        assert proc.poll() is None
+    finally:
+        stop(proc)
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 SLOW_SHIM_TO_BE = """

@@ -24,7 +24,7 @@ import gc
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shim.common import inotify
 from shim.common.config import LISTEN_FD, PROCESS_NAME, ShimConfig
@@ -32,6 +32,7 @@ from shim.common.record import as_dict
 from shim.daemon.title import set_title
 from shim.launch.template_client import GO, STALE, fingerprint, package_dir
 
+from . import join
 from .heap import fill_malloc_bins, fill_partial_pools, immortalize_heap, tag_types
 
 TYPE_CHECKING = False
@@ -242,7 +243,7 @@ def _serve_one(conn: socket.socket) -> bool:
             return False
         if message.startswith(LAUNCH + b"\0"):
             if len(fds) == 3:
-                _serve_launch(conn, message, fds)
+                _serve_launch(conn, message, fds)  # closes them when it answers itself
             return True
         if len(fds) != 2:
             return True
@@ -269,6 +270,8 @@ class LaunchRequest:
     cwd: str
     args: list[str]
     env: dict[str, str]
+    #: What the template read of containerd's stdin before handing the start to a child.
+    stdin: join.Stdin | None = None
 
     @classmethod
     def parse(cls, message: bytes) -> LaunchRequest:
@@ -283,22 +286,52 @@ class LaunchRequest:
 
 
 def _serve_launch(conn: socket.socket, message: bytes, stdio: list[int]) -> None:
-    """Fork a child that runs the launcher for start-relay; answer with its pid."""
+    """Fork a child that runs the launcher for start-relay; answer with its pid.
+
+    A start that joins its group's running shim is answered here, with no fork (see
+    shim.template.join); then stdio is closed here and emptied."""
     request = LaunchRequest.parse(message)
     nofile = _peer_nofile(conn)
+    went = False
+    if join.likely_joins(request.args, request.cwd):
+        conn.send(str(os.getpid()).encode())
+        if not _go(conn, GO_TIMEOUT):
+            return  # the relay fell back: this start is not ours
+        went = True
+        outcome = join.answer(request.args, request.env, request.cwd, stdio)
+        if isinstance(outcome, int):
+            for fd in stdio:  # containerd reads the output until every holder has closed it
+                os.close(fd)
+            stdio.clear()
+            conn.send(bytes([outcome & 0xFF]))
+            return
+        request = replace(request, stdin=outcome)  # a shim to start after all: a child's job
     pid = os.fork()
     if pid == 0:
-        _become_launcher(conn, stdio, request, nofile)
-    conn.send(str(pid).encode())
+        _become_launcher(conn, stdio, request, nofile, went)
+    if not went:
+        conn.send(str(pid).encode())
 
 
-def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchRequest, nofile: int = 0) -> None:
+def _go(conn: socket.socket, timeout: float) -> bool:
+    """Whether the relay said go (start_relay.c's phase 2) within timeout."""
+    conn.settimeout(timeout)
+    try:
+        return conn.recv(len(GO)) == GO
+    except OSError:
+        return False
+
+
+def _become_launcher(
+    conn: socket.socket, stdio: list[int], request: LaunchRequest, nofile: int = 0, went: bool = False
+) -> None:
     """In the forked child: be the ``start`` process containerd ran, never return.
 
     Its stdio are the relay's (containerd reads them), its environment and working
-    directory containerd's; it waits for the relay's "go" (see start_relay.c), runs
-    the launcher's start with an Origin (containerd's pid and THP setting, and the
-    shim-to-be forked first thing, see ShimToBe), then sends its exit status to the relay."""
+    directory containerd's; it waits for the relay's "go" (see start_relay.c) unless
+    the template had it already (``went``), runs the launcher's start with an Origin
+    (containerd's pid and THP setting, the shim-to-be forked first thing, see ShimToBe,
+    and what the template read of stdin), then sends its exit status to the relay."""
     code = 1
     shim: ShimToBe | None = None
     try:
@@ -312,12 +345,7 @@ def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchReque
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
         _close_all_but(3, conn.fileno(), shim.fd)  # the template's listener, lock and the received fds
-        conn.settimeout(GO_TIMEOUT)
-        try:
-            said = conn.recv(len(GO))
-        except OSError:
-            said = b""
-        if said != GO:
+        if not went and not _go(conn, GO_TIMEOUT):
             code = 0  # the relay fell back: this start is not ours
             return
         os.environ.clear()
@@ -355,7 +383,8 @@ def _run_start(request: LaunchRequest, shim: ShimToBe, nofile: int = 0) -> int:
     if flags.action != "start" or flags.info or flags.version:
         print(f"start-relay relays start only, not {request.args!r}", file=sys.stderr)
         return 2
-    return run_start(flags, Origin(request.parent, request.thp_original, shim.become, nofile))
+    stdin = request.stdin or join.Stdin()
+    return run_start(flags, Origin(request.parent, request.thp_original, shim.become, nofile, stdin.data, stdin.complete))
 
 
 class ShimToBe:

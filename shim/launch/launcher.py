@@ -205,10 +205,10 @@ def _start_shim(config: ShimConfig, sock: _socket.socket, shared: bool = False, 
     """
     if shared:
         return spawn(config, sock, shared=True)
+    if origin is not None:  # we run in the template (or its child): the shim is forked already, waiting for this
+        return origin.fork(config, sock)
     if not template_client.enabled():
         return spawn(config, sock)
-    if origin is not None:  # we run in the template's child: it has the shim forked already, waiting for this
-        return origin.fork(config, sock)
     template_path = template_client.socket_path(config.address, os.path.dirname(config.socket_path))
     pid, template_alive = template_client.request_fork(template_path, config, sock)
     if pid is None and not template_alive and template_client.spawn_template(template_path):
@@ -251,13 +251,21 @@ def join_running(request: Request) -> bytes | None:
 
 def start(flags: Flags, origin: Origin | None = None) -> int:
     stdin = _read_stdin() if origin is None else origin.stdin()
-    request = resolve(flags, stdin, os.environ, os.getcwd())
-    bundle, given, settings = request.bundle, request.given, request.settings
+    output = launch(resolve(flags, stdin, os.environ, os.getcwd()), origin)
+    sys.stdout.buffer.write(output)
+    sys.stdout.flush()
+    return 0
+
+
+def launch(request: Request, origin: Origin | None = None) -> bytes:
+    """Bind the group's socket and start its shim, or join the live shim already there; write
+    the address file. The output to print. Uses no process state but the THP and open-file
+    settings, which an Origin (a start run in the template) brings instead."""
+    bundle, given, settings, placement = request.bundle, request.given, request.settings, request.placement
     thp_original = disable_for_self() if origin is None else origin.thp_original
     # Raised before the shim or a template is started from here; a start inside the template
     # has the template's raised limit, so containerd's comes from the relay (Origin).
     nofile_original = raise_soft_limit() if origin is None else origin.nofile_original
-    placement = request.placement
     path = placement.socket_path
     address = "unix://" + path
     sock = bind(path)
@@ -294,6 +302,4 @@ def start(flags: Flags, origin: Origin | None = None) -> int:
             os.unlink(path)
             raise
     write_atomic(os.path.join(bundle, ADDRESS_FILE), address)
-    sys.stdout.buffer.write(render_start_output(address, given))
-    sys.stdout.flush()
-    return 0
+    return render_start_output(address, given)

@@ -1,21 +1,24 @@
-"""A relayed start that joins a running shim, answered by the template itself.
+"""A start relayed by start-relay, run in the template itself.
 
-A pod's second container (and every later one) needs no shim: its group's shim
-serves it, and its ``start`` only prints that shim's address. A launcher child
-forked for it costs far more than the answer: the fork, the copy-on-write faults
-of the child as it runs, the shim-to-be it forks first, then two exits of
-processes with the template's whole heap mapped. Measured on a CRI pod's
-StartContainer (perf sched, 2 cores): ~9 ms of CPU against the Go shim's ~5 ms
-for its whole ``start`` binary, ~8 ms from the relay's exec to its exit.
+start_relay.c hands the template containerd's ``start`` whole (arguments,
+environment, working directory, stdio). Run in a launcher child forked for it, a
+start costs the fork, the child's copy-on-write faults as it runs, the
+shim-to-be it forks before anything else, and two exits of processes with the
+template's heap mapped: measured on a CRI pod's StartContainer (perf sched, 2
+cores), ~9 ms of CPU and ~8 ms from the relay's exec to its exit, against ~6 ms
+for the Go shim's whole ``start`` binary.
 
-So when the bundle says the task belongs to another task's group (CRI's
-sandbox-id, the explicit group annotation), the template answers in its own
-process, after the relay's go (start_relay.c): it reads containerd's stdin,
-places the task exactly as the launcher does (shim.launch.launcher.resolve)
-and, when a shim answers on that socket, writes the address file and the output
-and sends the status. Otherwise (the group's shim is gone, stdin did not end in
-time) the start goes on as every other does, in a launcher child, given what was
-read of stdin. Nothing here binds, forks or starts anything.
+So the template runs it: after the relay's go it reads containerd's stdin,
+places the task as the launcher does (shim.launch.launcher.resolve), and either
+joins the group's live shim (a pod's second container) or binds the socket and
+hands it to a shim forked before any of this ran (server.ShimToBe, forked from
+the template through a middle process, so that it is nobody's child and carries
+none of this start's pages). A start that would spawn an interpreter (the
+namespace shim) or whose stdin did not end in time goes to a launcher child as
+before, with what was read of stdin.
+
+Which starts need no shim is told from the bundle alone (``likely_joins``), so
+that no shim-to-be is forked for them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from shim.common.record import record
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Mapping, Sequence
+
+    from shim.launch.launcher import Origin
 
 #: How long the template waits for containerd to finish writing stdin (the runtime options,
 #: written and closed by a goroutine right after the exec) before a child takes over.
@@ -46,7 +51,7 @@ def likely_joins(args: Sequence[str], cwd: str) -> bool:
     """Whether a start's bundle puts its task in another task's group (a pod's container).
 
     A hint, read without stdin (which only the relay's go lets us consume): namespace mode and
-    a group whose shim is gone are decided by ``answer``. Anything unreadable says no: the
+    a group whose shim is gone are decided by ``serve``. Anything unreadable says no: the
     launcher child then meets it and reports it as it always has."""
     from shim.launch.cli import UsageError, parse_args
     from shim.launch.grouping import group_id
@@ -93,23 +98,28 @@ def read_stdin(fd: int, timeout: float = STDIN_TIMEOUT) -> Stdin:
         chunks.append(data)
 
 
-def answer(args: Sequence[str], env: Mapping[str, str], cwd: str, stdio: Sequence[int]) -> int | Stdin:
-    """Run a joining start here: its exit status, its output written to stdio[1] (a failure's
-    message to stdio[2], as the launcher's run_start words it). When a launcher child must
-    run it instead, what was read of stdin (stdio[0]) for that child."""
+def serve(args: Sequence[str], env: Mapping[str, str], cwd: str, stdio: Sequence[int],
+          origin: Origin | None) -> int | Stdin:
+    """Run a relayed start here: its exit status, its output written to stdio[1] (a failure's
+    message to stdio[2], as the launcher's run_start words it). ``origin`` forks its shim;
+    None when the start is expected to join (see likely_joins). When a launcher child
+    must run it instead, what was read of stdin (stdio[0]) for that child."""
     from shim.launch.cli import parse_args
-    from shim.launch.launcher import join_running, resolve
+    from shim.launch.launcher import join_running, launch, resolve
 
     stdin = read_stdin(stdio[0])
     if not stdin.complete:
         return stdin
     try:
-        output = join_running(resolve(parse_args(list(args)), stdin.data, env, cwd))
+        request = resolve(parse_args(list(args)), stdin.data, env, cwd)
+        if request.placement.shared:
+            return stdin  # the namespace shim is an interpreter of its own: spawned by a child
+        output = join_running(request) if origin is None else launch(request, origin)
     except (OSError, ValueError) as e:
         _write_all(stdio[2], f"start failed: {e}\n".encode())
         return 1
     if output is None:
-        return stdin
+        return stdin  # the group's shim is gone: a shim after all
     try:
         _write_all(stdio[1], output)
     except OSError:  # containerd is not reading: its start failed either way

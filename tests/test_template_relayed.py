@@ -1,4 +1,4 @@
-"""shim.template.join: which relayed starts the template answers itself, and its read of stdin."""
+"""shim.template.relayed: which relayed starts the template answers itself, and its read of stdin."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.template.join import Stdin, likely_joins, read_stdin
+from shim.template.relayed import Stdin, likely_joins, read_stdin
 
 START = ["-namespace", "ns1", "-address", "/run/containerd/containerd.sock", "-id", "c2", "start"]
 

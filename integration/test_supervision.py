@@ -245,10 +245,17 @@ async def test_200_concurrent_requests_on_one_task_get_documented_codes_and_vali
         assert not bad, bad
         if round == 1:
             state = await shim.state(cid)
-            topics = [e.topic for e in sink.events[first:]]
-            paused = topics.count("/tasks/paused") - topics.count("/tasks/resumed")
-            assert paused == (1 if state.status == task_types_pb2.PAUSED else 0), (state.status, topics)
-            assert topics.count("/tasks/paused") == sum(o == "ok" for n, o in outcomes if n == "pause")
+            # every Pause and Resume that succeeded published its event; they reach the sink
+            # after their replies: wait for all of them before counting
+            ok = {name: sum(o == "ok" for n, o in outcomes if n == name) for name in ("pause", "resume")}
+
+            def counts() -> tuple[int, int]:
+                topics = [e.topic for e in sink.events[first:]]
+                return topics.count("/tasks/paused"), topics.count("/tasks/resumed")
+            await wait_until(lambda: counts() == (ok["pause"], ok["resume"]), EVENTUALLY,
+                             message=lambda: f"{ok} paused/resumed events; have {counts()}")
+            paused = ok["pause"] - ok["resume"]
+            assert paused == (1 if state.status == task_types_pb2.PAUSED else 0), (state.status, counts())
             with contextlib.suppress(TTRPCError):
                 await shim.call("Resume", shim_pb2.ResumeRequest(id=cid))
         await _finish(shim, cid, exec_ids)

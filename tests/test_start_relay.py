@@ -14,12 +14,9 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -240,9 +237,9 @@ def test_a_launch_request_parses():
 # -- with a real template -------------------------------------------------------------------------------
 
 def test_a_start_through_the_relay_runs_in_the_template_and_forks_the_shim(tmp_path):
-    """The whole path with a template process: the start run in the template, the shim forked
-    from there with its stdio off containerd's pipes; output, status, address file as from a
-    launcher of its own. /the/root is no checkout: a fallback would fail."""
+    """The whole path with a template process: the launcher in a child of the template, the
+    shim forked from there with its stdio off containerd's pipes; output, status, address file
+    as from a launcher of its own. /the/root is no checkout: a fallback would fail."""
     path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
     proc = start_template(Path(path))
     bundle = tmp_path / "bundle"
@@ -269,9 +266,10 @@ def test_a_start_through_the_relay_runs_in_the_template_and_forks_the_shim(tmp_p
         assert (config.namespace, config.id, config.bundle, config.socket_path) == ("ns1", id, str(bundle), shim_socket)
         assert report["ppid"] != proc.pid  # the template's grandchild, never its child
         assert report["sid"] != report["pid"] and report["sid"] != os.getsid(proc.pid)
-        # run by the template itself (no launcher child), the shim forked before the start
-        # (so it carries none of the pages the start wrote): the spare the template keeps
-        assert report["stack"][:3] == ["ShimToBe.__init__", "_prepare_spare", "main"], report["stack"]
+        # forked before the launcher child ran the start (so it carries none of the pages the
+        # start wrote): it came from the child's first lines, not from inside the start
+        assert "_become_launcher" in report["stack"]
+        assert not {"_run_start", "run_start", "start", "_start_shim"} & set(report["stack"]), report["stack"]
         assert proc.poll() is None  # the template goes on serving
     finally:
         stop(proc)
@@ -298,24 +296,14 @@ def forks_of(template: subprocess.Popen) -> list[int]:
     return found
 
 
-NO_LAUNCHER_CHILD = """
-import os
-import shim.template.server as server
-def _no_child(*args, **kwargs):
-    os._exit(7)  # no status for the relay: the start fails
-server._become_launcher = _no_child
-"""
-
-
-def test_a_relayed_start_that_joins_a_running_shim_is_answered_by_the_template_itself(tmp_path):
+def test_a_relayed_start_that_joins_a_running_shim_leaves_no_process(tmp_path):
     """A start whose group's shim already serves (a pod's second container) needs no shim:
-    the template prints that shim's address itself, with no launcher child (this template's
-    children die without a status, which would fail the start) and no shim."""
+    it prints that shim's address, and the shim-to-be forked for it exits unseen."""
     path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
-    proc = start_template(Path(path), prelude=NO_LAUNCHER_CHILD)
+    proc = start_template(Path(path))
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps({"annotations": {"io.kubernetes.cri.sandbox-id": "pod"}}))
+    (bundle / "config.json").write_text(json.dumps({"annotations": {"io.containerd.runc.v2.group": "pod"}}))
     shim_socket = shim_socket_path(ADDRESS, "ns1", "pod")
     os.makedirs(os.path.dirname(shim_socket), exist_ok=True)
     serving = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # the group's running shim
@@ -328,7 +316,7 @@ def test_a_relayed_start_that_joins_a_running_shim_is_answered_by_the_template_i
             capture_output=True, text=True, cwd=bundle, timeout=30, check=False,
             env={**os.environ, "SHIM_PY_TEMPLATE_DIR": str(tmp_path)})
         assert (result.returncode, result.stderr, result.stdout) == (0, "", f"unix://{shim_socket}")
-        assert (bundle / "address").read_text() == result.stdout
+        wait_for(lambda: not forks_of(proc), what="the launcher child and its shim-to-be to exit")
         assert not (bundle / "report.json").exists()  # no shim ran
         assert proc.poll() is None
     finally:
@@ -340,53 +328,20 @@ def test_a_relayed_start_that_joins_a_running_shim_is_answered_by_the_template_i
             pass
 
 
-def test_a_joining_start_whose_group_has_no_shim_starts_one_with_the_stdin_the_template_read(tmp_path):
-    """The bundle names a group whose shim is gone: the template has read containerd's stdin
-    (a 2.3 BootstrapParams naming the socket directory) and hands the start to a launcher
-    child, which binds there, forks the shim and answers in the 2.3 format: all of which only
-    that stdin asked for."""
-    from shim.proto import bootstrap_pb2
-
-    path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
-    proc = start_template(Path(path))
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps({"annotations": {"io.kubernetes.cri.sandbox-id": "pod"}}))
-    socket_dir = Path(tempfile.mkdtemp(prefix="sd-"))  # short: tmp_path + a 64-digit name is too long for AF_UNIX
-    params = bootstrap_pb2.BootstrapParams(instance_id="c2", namespace="ns1", containerd_grpc_address=ADDRESS,
-                                           containerd_ttrpc_address=ADDRESS + ".ttrpc", socket_dir=str(socket_dir))
-    shim_socket = shim_socket_path(ADDRESS, "ns1", "pod", str(socket_dir))
-    try:
-        wait_for(lambda: lean.accepts(path, lean.SOCK_SEQPACKET), what="the template to listen")
-        result = subprocess.run(
-            relay_argv(sys.executable, ["-namespace", "ns1", "-address", ADDRESS, "-id", "c2", "start"]),
-            input=params.SerializeToString(), capture_output=True, cwd=bundle, timeout=30, check=False,
-            env={**os.environ, "SHIM_PY_TEMPLATE_DIR": str(tmp_path)})
-        assert (result.returncode, result.stderr) == (0, b"")
-        assert bootstrap_pb2.BootstrapResult.FromString(result.stdout).address == f"unix://{shim_socket}"
-        report = read_report(bundle)  # the (fake) shim's body ran, on that socket
-        assert ShimConfig.decode(report["config"]).socket_path == shim_socket
-        assert "_become_launcher" in report["stack"]
-        assert proc.poll() is None
-    finally:
-        stop(proc)
-        shutil.rmtree(socket_dir, ignore_errors=True)
-
-
 SLOW_SHIM_TO_BE = """
 import time
 import shim.template.server as server
 _wait = server._wait_for_orders
-def _slow(*args):
+def _slow(sock):
     time.sleep(0.5)
-    _wait(*args)
+    _wait(sock)
 server._wait_for_orders = _slow
 """
 
 
 def test_a_relayed_start_whose_bundle_vanished_says_why(tmp_path):
-    """The bundle directory is gone when the template would read it (removed after the relay
-    sent its cwd): the start fails with a message on stderr, as the Python launcher's.
+    """The bundle directory is gone when the launcher child would enter it (removed after the
+    relay sent its cwd): the start fails with a message on stderr, as the Python launcher's.
     The shim-to-be forked for it is slow to run (a loaded machine): the status still comes only
     once nothing holds containerd's pipes."""
     path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
@@ -414,98 +369,8 @@ def test_a_relayed_start_whose_bundle_vanished_says_why(tmp_path):
         assert select.select([out_r, err_r], [], [], 0)[0] == [out_r, err_r]
         with os.fdopen(err_r) as err, os.fdopen(out_r) as out:
             assert out.read() == ""
-            assert err.read() == f"start failed: [Errno 2] No such file or directory: '{gone}/config.json'\n"
+            assert err.read() == f"start failed: [Errno 2] No such file or directory: '{gone}'\n"
         assert lean.accepts(path, lean.SOCK_SEQPACKET)  # the template goes on serving
         wait_for(lambda: not forks_of(proc), what="the launcher child and its shim-to-be to exit")
     finally:
         stop(proc)
-
-
-# -- the template's spare shim-to-be --------------------------------------------------------------
-
-def spares_of(path: str) -> list[int]:
-    """Live processes titled as the spare shim-to-be of the template at path."""
-    from shim.common.config import PROCESS_NAME
-
-    title = f"{PROCESS_NAME} spare {path}"
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if f.read().replace(b"\0", b" ").strip().decode(errors="replace") == title and alive(int(entry)):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
-def ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
-def relayed_start(tmp_path: Path, bundle: Path, id: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        relay_argv(sys.executable, ["-namespace", "ns1", "-address", ADDRESS, "-id", id, "start"]),
-        capture_output=True, text=True, cwd=bundle, timeout=30, check=False,
-        env={**os.environ, "SHIM_PY_TEMPLATE_DIR": str(tmp_path)})
-
-
-def test_the_template_keeps_one_spare_which_is_not_its_child_and_leaves_with_it(tmp_path):
-    """Between requests the template has the next start's shim-to-be forked already (no start
-    waits for a fork): one, titled as such, nobody's child but init's or a subreaper's. A
-    template that is told to stop takes it along: it is gone by the time the template is."""
-    path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
-    proc = start_template(Path(path))
-    try:
-        wait_for(lambda: len(spares_of(path)) == 1, what="the template's spare")
-        (spare,) = spares_of(path)
-        assert ppid(spare) != proc.pid
-        assert os.getsid(spare) not in (spare, os.getsid(proc.pid))
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.communicate(timeout=30)
-        assert not alive(spare)
-    finally:
-        stop(proc)
-
-
-def test_a_spare_that_died_is_replaced_and_a_join_leaves_it_waiting(tmp_path):
-    """Someone killed the spare: the next start still gets its shim (a new spare, forked for
-    it). A start that joins a live shim uses no spare: the same one waits for the next."""
-    path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
-    proc = start_template(Path(path))
-    pod = tmp_path / "pod"
-    pod.mkdir()
-    (pod / "config.json").write_text(json.dumps({"annotations": {}}))
-    pod_socket = shim_socket_path(ADDRESS, "ns1", "pod-1")
-    try:
-        wait_for(lambda: len(spares_of(path)) == 1, what="the template's spare")
-        (first,) = spares_of(path)
-        os.kill(first, signal.SIGKILL)
-        wait_for(lambda: not alive(first), what="the spare to die")
-        result = relayed_start(tmp_path, pod, "pod-1")
-        assert (result.returncode, result.stderr, result.stdout) == (0, "", f"unix://{pod_socket}")
-        report = read_report(pod)  # the (fake) shim's body ran (and exited: it serves nothing)
-        assert report["pid"] != first
-        wait_for(lambda: len(spares_of(path)) == 1, what="a new spare")
-        (spare,) = spares_of(path)
-        # the pod's second container, while something listens on the pod's socket: no shim
-        container = tmp_path / "container"
-        container.mkdir()
-        (container / "config.json").write_text(json.dumps({"annotations": {"io.containerd.runc.v2.group": "pod-1"}}))
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as serving:
-            os.unlink(pod_socket)  # the fake shim is gone: stand in for it
-            serving.bind(pod_socket)
-            serving.listen(8)
-            result = relayed_start(tmp_path, container, "c2")
-        assert (result.returncode, result.stderr, result.stdout) == (0, "", f"unix://{pod_socket}")
-        assert spares_of(path) == [spare]
-    finally:
-        stop(proc)
-        for leftover in (pod_socket,):
-            try:
-                os.unlink(leftover)
-            except FileNotFoundError:
-                pass

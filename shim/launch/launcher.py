@@ -28,14 +28,14 @@ from shim.common.record import record
 from shim.thp import disable_for_self
 
 from . import template_client
-from .bootstrap import LaunchSettings, StartInput, launch_settings, parse_start_input, render_start_output
+from .bootstrap import launch_settings, parse_start_input, render_start_output
 from .flags import Flags
-from .grouping import Placement, place
+from .grouping import place
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     import _socket
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable
 
 SPAWN = "from shim.daemon.main import run_from_env; run_from_env()"
 SHARED_ALLOCATOR = "malloc"  # a namespace shim's (see spawn)
@@ -52,12 +52,6 @@ class Origin:
     thp_original: int  # containerd's THP setting (the relay's): runc and containers get it back
     fork: Callable[[ShimConfig, _socket.socket], int]  # starts the shim (forked from the warm heap); its pid
     nofile_original: int = 0  # the relay's soft RLIMIT_NOFILE (containerd's): the same (shim.common.nofile)
-    #: What the template already read of containerd's stdin (see read_stdin), and whether that was all of it.
-    stdin_read: bytes = b""
-    stdin_complete: bool = False
-
-    def stdin(self) -> bytes:
-        return self.stdin_read if self.stdin_complete else self.stdin_read + _read_stdin()
 
 
 def bind(path: str) -> _socket.socket | None:
@@ -205,10 +199,10 @@ def _start_shim(config: ShimConfig, sock: _socket.socket, shared: bool = False, 
     """
     if shared:
         return spawn(config, sock, shared=True)
-    if origin is not None:  # we run in the template (or its child): the shim is forked already, waiting for this
-        return origin.fork(config, sock)
     if not template_client.enabled():
         return spawn(config, sock)
+    if origin is not None:  # we run in the template's child: it has the shim forked already, waiting for this
+        return origin.fork(config, sock)
     template_path = template_client.socket_path(config.address, os.path.dirname(config.socket_path))
     pid, template_alive = template_client.request_fork(template_path, config, sock)
     if pid is None and not template_alive and template_client.spawn_template(template_path):
@@ -216,56 +210,16 @@ def _start_shim(config: ShimConfig, sock: _socket.socket, shared: bool = False, 
     return pid if pid is not None else spawn(config, sock)
 
 
-@record
-class Request:
-    """What containerd asked of a ``start``, and where the task is served: its group's socket."""
-
-    bundle: str
-    given: StartInput
-    settings: LaunchSettings
-    placement: Placement
-
-
-def resolve(flags: Flags, stdin: bytes, env: Mapping[str, str], cwd: str) -> Request:
-    """Read containerd's input (flags, environment, stdin) and place the task: no side effects."""
-    bundle = flags.bundle or cwd
-    given = parse_start_input(stdin, flags, env)
-    settings = launch_settings(given.options_any)
-    placement = place(bundle, given.instance_id, given.namespace, given.grpc_address, given.socket_directory,
-                      settings.shim_group)
-    return Request(bundle, given, settings, placement)
-
-
-def join_running(request: Request) -> bytes | None:
-    """A start that a live shim of its group already serves (a pod's second container): the
-    address file written, the output to print. None when no shim answers there: the start
-    must then bind (``start``), since only the socket directory's lock tells a shim that is
-    binding right now from a dead one's leftover. A connect that succeeds needs no lock."""
-    path = request.placement.socket_path
-    if not lean.accepts(path):
-        return None
-    address = "unix://" + path
-    write_atomic(os.path.join(request.bundle, ADDRESS_FILE), address)
-    return render_start_output(address, request.given)
-
-
 def start(flags: Flags, origin: Origin | None = None) -> int:
-    stdin = _read_stdin() if origin is None else origin.stdin()
-    output = launch(resolve(flags, stdin, os.environ, os.getcwd()), origin)
-    sys.stdout.buffer.write(output)
-    sys.stdout.flush()
-    return 0
-
-
-def launch(request: Request, origin: Origin | None = None) -> bytes:
-    """Bind the group's socket and start its shim, or join the live shim already there; write
-    the address file. The output to print. Uses no process state but the THP and open-file
-    settings, which an Origin (a start run in the template) brings instead."""
-    bundle, given, settings, placement = request.bundle, request.given, request.settings, request.placement
+    bundle = flags.bundle or os.getcwd()
+    given = parse_start_input(_read_stdin(), flags, os.environ)
     thp_original = disable_for_self() if origin is None else origin.thp_original
     # Raised before the shim or a template is started from here; a start inside the template
     # has the template's raised limit, so containerd's comes from the relay (Origin).
     nofile_original = raise_soft_limit() if origin is None else origin.nofile_original
+    settings = launch_settings(given.options_any)
+    placement = place(bundle, given.instance_id, given.namespace, given.grpc_address, given.socket_directory,
+                      settings.shim_group)
     path = placement.socket_path
     address = "unix://" + path
     sock = bind(path)
@@ -302,4 +256,6 @@ def launch(request: Request, origin: Origin | None = None) -> bytes:
             os.unlink(path)
             raise
     write_atomic(os.path.join(bundle, ADDRESS_FILE), address)
-    return render_start_output(address, given)
+    sys.stdout.buffer.write(render_start_output(address, given))
+    sys.stdout.flush()
+    return 0

@@ -20,28 +20,24 @@ sharing (immortal objects, filled pools) is shim/template/heap.py.
 
 from __future__ import annotations
 
-import functools
 import gc
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from shim.common import inotify
 from shim.common.config import LISTEN_FD, PROCESS_NAME, ShimConfig
 from shim.common.record import as_dict
 from shim.daemon.title import set_title
-from shim.launch.launcher import Origin
 from shim.launch.template_client import GO, STALE, fingerprint, package_dir
 
-from . import relayed
 from .heap import fill_malloc_bins, fill_partial_pools, immortalize_heap, tag_types
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     import _socket
     import socket
-    from collections.abc import Mapping
 
 IDLE_TIMEOUT = 600.0  # seconds without a request before the template exits
 REAP_INTERVAL = 1.0  # how often an idle template collects its exited launcher children
@@ -246,7 +242,7 @@ def _serve_one(conn: socket.socket) -> bool:
             return False
         if message.startswith(LAUNCH + b"\0"):
             if len(fds) == 3:
-                _serve_launch(conn, message, fds)  # closes them when it answers itself
+                _serve_launch(conn, message, fds)
             return True
         if len(fds) != 2:
             return True
@@ -273,8 +269,6 @@ class LaunchRequest:
     cwd: str
     args: list[str]
     env: dict[str, str]
-    #: What the template read of containerd's stdin before handing the start to a child.
-    stdin: relayed.Stdin | None = None
 
     @classmethod
     def parse(cls, message: bytes) -> LaunchRequest:
@@ -289,90 +283,22 @@ class LaunchRequest:
 
 
 def _serve_launch(conn: socket.socket, message: bytes, stdio: list[int]) -> None:
-    """Run a start for start-relay here (shim.template.relayed), or in a launcher child when it
-    must spawn an interpreter or stdin did not end in time. Closes stdio and empties it when
-    it answered itself."""
+    """Fork a child that runs the launcher for start-relay; answer with its pid."""
     request = LaunchRequest.parse(message)
     nofile = _peer_nofile(conn)
-    conn.send(str(os.getpid()).encode())  # nothing has happened yet: the relay may still fall back
-    if not _go(conn, GO_TIMEOUT):
-        return  # the relay fell back: this start is not ours
-    shim = None if relayed.likely_joins(request.args, request.cwd) else _take_spare()
-    try:
-        origin = None
-        if shim is not None:
-            origin = Origin(request.parent, request.thp_original, functools.partial(shim.become, env=request.env),
-                            nofile)
-        outcome = relayed.serve(request.args, request.env, request.cwd, stdio, origin)
-        if isinstance(outcome, int):
-            for fd in stdio:  # containerd reads the output until every holder has closed it
-                os.close(fd)
-            stdio.clear()
-            conn.send(bytes([outcome & 0xFF]))
-            return
-        if os.fork() == 0:  # the child forks a shim-to-be of its own
-            _become_launcher(conn, stdio, replace(request, stdin=outcome), nofile)
-    finally:
-        if shim is not None:
-            _put_back(shim)
-
-
-#: The shim-to-be of the next relayed start (ShimToBe): forked between requests, so that no
-#: start waits for a fork, and before the start that uses it has run (it carries none of it).
-_spare: ShimToBe | None = None
-
-
-def _prepare_spare() -> None:
-    """Fork the next start's shim-to-be now, unless a live one is waiting."""
-    global _spare
-    if _spare is not None and not _spare.usable():
-        _spare.let_go()
-        _spare = None
-    if _spare is None:
-        _spare = ShimToBe(detached=True, title=f"{PROCESS_NAME} spare {sys.argv[1]}")
-
-
-def _take_spare() -> ShimToBe:
-    global _spare
-    _prepare_spare()
-    assert _spare is not None
-    shim, _spare = _spare, None
-    return shim
-
-
-def _put_back(shim: ShimToBe) -> None:
-    """A shim-to-be a start did not use (it joined a live shim, or failed) waits for the next."""
-    global _spare
-    if shim.used or _spare is not None or not shim.usable():
-        shim.let_go()
-    else:
-        _spare = shim
-
-
-def _end_spare() -> None:
-    """The template is leaving: so is its spare, before the template is seen gone."""
-    global _spare
-    if _spare is not None:
-        _spare.kill()
-        _spare = None
-
-
-def _go(conn: socket.socket, timeout: float) -> bool:
-    """Whether the relay said go (start_relay.c's phase 2) within timeout."""
-    conn.settimeout(timeout)
-    try:
-        return conn.recv(len(GO)) == GO
-    except OSError:
-        return False
+    pid = os.fork()
+    if pid == 0:
+        _become_launcher(conn, stdio, request, nofile)
+    conn.send(str(pid).encode())
 
 
 def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchRequest, nofile: int = 0) -> None:
-    """In a forked child: be the ``start`` process containerd ran, never return.
+    """In the forked child: be the ``start`` process containerd ran, never return.
 
     Its stdio are the relay's (containerd reads them), its environment and working
-    directory containerd's; it runs the launcher's start with an Origin (containerd's pid
-    and THP setting, the shim-to-be forked first thing, see ShimToBe, and what the template
-    read of stdin), then sends its exit status to the relay (which said go to the template)."""
+    directory containerd's; it waits for the relay's "go" (see start_relay.c), runs
+    the launcher's start with an Origin (containerd's pid and THP setting, and the
+    shim-to-be forked first thing, see ShimToBe), then sends its exit status to the relay."""
     code = 1
     shim: ShimToBe | None = None
     try:
@@ -380,11 +306,20 @@ def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchReque
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.setsid()  # the shim-to-be is then a member of this session, as fork_shim's shims are
-        # Forked before this child has run anything: the shim's pages are the template's, not this start's.
+        # Forked before the relay's go (the relay's round trip overlaps the fork) and before this
+        # child has run anything: the shim's pages are the template's, not this start's.
         shim = ShimToBe()
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
         _close_all_but(3, conn.fileno(), shim.fd)  # the template's listener, lock and the received fds
+        conn.settimeout(GO_TIMEOUT)
+        try:
+            said = conn.recv(len(GO))
+        except OSError:
+            said = b""
+        if said != GO:
+            code = 0  # the relay fell back: this start is not ours
+            return
         os.environ.clear()
         os.environ.update(request.env)
         try:
@@ -410,6 +345,7 @@ def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchReque
 
 def _run_start(request: LaunchRequest, shim: ShimToBe, nofile: int = 0) -> int:
     from shim.launch.cli import USAGE, UsageError, parse_args, run_start
+    from shim.launch.launcher import Origin
 
     try:
         flags = parse_args(request.args)
@@ -419,82 +355,47 @@ def _run_start(request: LaunchRequest, shim: ShimToBe, nofile: int = 0) -> int:
     if flags.action != "start" or flags.info or flags.version:
         print(f"start-relay relays start only, not {request.args!r}", file=sys.stderr)
         return 2
-    stdin = request.stdin or relayed.Stdin()
-    return run_start(flags, Origin(request.parent, request.thp_original, shim.become, nofile, stdin.data, stdin.complete))
+    return run_start(flags, Origin(request.parent, request.thp_original, shim.become, nofile))
 
 
 class ShimToBe:
-    """The shim of a relayed start: a fork made before the start ran anything, which waits
-    for its config and listener (SCM_RIGHTS) and then becomes the shim.
+    """The shim of a relayed start: a fork of the launcher child made before it ran anything,
+    which waits for its config and listener (SCM_RIGHTS) and then becomes the shim.
 
-    Forked after the start ran, a shim would carry every page that start wrote (argument
-    parsing, grouping, binding; ~225 KiB private per shim, measured with bench.memattr).
-    Forked first, it is a clean copy of the template. It is never the template's child:
-    ``detached`` (the template's spare, see _prepare_spare) it is forked through a middle
-    process that makes a session of its own and exits, as fork_shim's shims are; in a
-    launcher child, it is that child's child (orphaned when the child exits). A start that
-    needs no shim (a live shim of its group serves it) or fails drops it: it reads EOF and
-    exits. It says hello, with its pid, once it holds none of the template's or containerd's
-    files."""
+    Forked from the launcher child as it ran the start, a shim would carry every page that
+    start wrote (argument parsing, grouping, binding; ~225 KiB private per shim, measured
+    with bench.memattr). This fork happens when the child is still a clean copy of the
+    template, and costs the start nothing more: the fork the shim needs anyway, moved ahead.
+    It is the launcher child's child, as a shim forked by it would be (the same session,
+    orphaned when the child exits, never containerd's or the template's). A start that needs
+    no shim (a live shim of its group serves it) or fails drops it: it reads EOF and exits."""
 
-    def __init__(self, detached: bool = False, title: str = "") -> None:
+    def __init__(self) -> None:
         import socket
 
         self.error: OSError | None = None
         self.pid = 0
-        self.used = False
         ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            forked = os.fork()
+            self.pid = os.fork()
         except OSError as e:  # the start fails when it needs the shim, as a failed fork would fail it
             self.error = e
-            forked = -1
-        if forked == 0:
+        if self.pid == 0 and self.error is None:
             ours.detach()  # closed with everything else in _wait_for_orders
-            if detached:
-                _fork_from_middle()
-            _wait_for_orders(its, title)
+            _wait_for_orders(its)
         its.close()
-        if forked > 0 and not detached:
-            self.pid = forked
         self._sock: socket.socket | None = ours
-        self._middle = forked if detached and forked > 0 else 0
         self.fd = ours.fileno()
-        self._hello = False
 
-    def _wait_hello(self) -> None:
-        """Its hello (and pid); the middle collected. An OSError when it is gone."""
-        assert self._sock is not None
-        if self._middle:
-            _wait_quietly(self._middle)
-            self._middle = 0
-        if self._hello:
-            return
-        self._hello = True
-        said = self._sock.recv(32)
-        if not said:
-            raise OSError("the shim-to-be exited before its start needed it")
-        self.pid = self.pid or int(said)
-
-    def usable(self) -> bool:
-        """Still waiting for orders (not exited, not killed, not given any)."""
-        if self._sock is None or self.error is not None or self.used:
-            return False
-        return not _hung_up(self._sock)
-
-    def become(self, config: ShimConfig, listener: _socket.socket, env: Mapping[str, str] | None = None) -> int:
-        """Origin.fork: hand it the config, the environment (this process's by default) and
-        the listener; its pid."""
+    def become(self, config: ShimConfig, listener: _socket.socket) -> int:
+        """Origin.fork: hand it the config, this start's environment and the listener; its pid."""
         import marshal  # builtin, imported by importlib: no parsing in the shim (ast would cost ~0.3 ms and its pages)
         import socket
 
         if self.error is not None:
             raise self.error
-        self._wait_hello()
         assert self._sock is not None
-        self.used = True
-        orders = (as_dict(config), dict(os.environ if env is None else env))
-        socket.send_fds(self._sock, [marshal.dumps(orders)], [listener.fileno()])
+        socket.send_fds(self._sock, [marshal.dumps((as_dict(config), dict(os.environ)))], [listener.fileno()])
         return self.pid
 
     def let_go(self) -> None:
@@ -503,65 +404,16 @@ class ShimToBe:
             return
         if self.error is None:
             try:
-                self._wait_hello()
-            except (OSError, ValueError):
+                self._sock.recv(1)  # it says so as soon as its stdio are /dev/null
+            except OSError:
                 pass
         self._sock.close()
         self._sock = None
 
-    def kill(self, timeout: float = 1.0) -> None:
-        """End it now (it is waiting for orders) and wait until it is gone, up to timeout."""
-        import select
-        import signal
 
-        if self._sock is None or self.error is not None:
-            return
-        try:
-            self._sock.settimeout(timeout)  # a spare that never said hello must not hold the template
-            self._wait_hello()
-            fd = os.pidfd_open(self.pid)
-        except (OSError, ValueError):
-            self.let_go()
-            return
-        try:
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-            select.select([fd], [], [], timeout)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-            self.let_go()
-
-
-def _hung_up(sock: socket.socket) -> bool:
-    import select
-
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
-
-
-def _fork_from_middle() -> None:
-    """In the middle process of a detached shim-to-be: a session of its own, fork, exit."""
-    try:
-        os.setsid()
-        if os.fork() == 0:
-            return  # the shim-to-be
-    except BaseException:  # noqa: BLE001 - never back into the template's code
-        pass
-    os._exit(0)
-
-
-def _wait_quietly(pid: int) -> None:
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
-
-
-def _wait_for_orders(sock: socket.socket, title: str = "") -> None:
-    """In the shim-to-be: let go of everything the template or launcher child holds, say
-    hello, wait for the config and the listener, become the shim; never return."""
+def _wait_for_orders(sock: socket.socket) -> None:
+    """In the shim-to-be: let go of everything the launcher child holds, wait for the config
+    and the listener, become the shim; never return."""
     import marshal
     import signal
     import socket
@@ -570,12 +422,10 @@ def _wait_for_orders(sock: socket.socket, title: str = "") -> None:
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _close_all_but(0, sock.fileno())  # containerd's pipes (the relay's stdio), the template's sockets
-        if title:
-            set_title(title)  # not the template's: ps, and whoever stops the template, tell them apart
         null = os.open(os.devnull, os.O_RDWR)  # fd 0: the lowest free
         os.dup2(null, 1)
         os.dup2(null, 2)
-        sock.send(str(os.getpid()).encode())
+        sock.send(b"!")
         message, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1)
         if not message or len(fds) != 1:
             code = 0  # the start needed no shim, or failed
@@ -666,7 +516,6 @@ def main() -> None:
         serving = True
         while serving:
             _reap_children()
-            _prepare_spare()
             try:
                 conn, _ = sock.accept()
             except TimeoutError:
@@ -680,7 +529,6 @@ def main() -> None:
                 except Exception:  # noqa: BLE001 - a malformed request must never end the template
                     _log_failure()
     finally:
-        _end_spare()
         # Remove the socket only if it is still ours (not a successor's).
         try:
             if os.stat(path).st_ino == inode:

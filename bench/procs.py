@@ -105,8 +105,8 @@ def template_socket(argv: list[str]) -> str | None:
 
     A template's argv is ``python ... -c "...shim.template..." SOCKET``, or, once
     it has set its title, ``containerd-shim-runc-v2-py template SOCKET``; the
-    shim-to-be it keeps forked for the next start, ``... spare SOCKET``: counted
-    with the template, whose cost it is.
+    launcher and shim-to-be it keeps forked for the next start (its spare),
+    ``... spare SOCKET``: counted with the template, whose cost they are.
     """
     if not argv or not argv[-1].startswith(TEMPLATE_SOCKET_PREFIX):
         return None

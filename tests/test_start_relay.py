@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -237,7 +238,7 @@ def test_a_launch_request_parses():
 # -- with a real template -------------------------------------------------------------------------------
 
 def test_a_start_through_the_relay_runs_in_the_template_and_forks_the_shim(tmp_path):
-    """The whole path with a template process: the launcher in a child of the template, the
+    """The whole path with a template process: the launcher in the template's spare child, the
     shim forked from there with its stdio off containerd's pipes; output, status, address file
     as from a launcher of its own. /the/root is no checkout: a fallback would fail."""
     path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
@@ -266,10 +267,10 @@ def test_a_start_through_the_relay_runs_in_the_template_and_forks_the_shim(tmp_p
         assert (config.namespace, config.id, config.bundle, config.socket_path) == ("ns1", id, str(bundle), shim_socket)
         assert report["ppid"] != proc.pid  # the template's grandchild, never its child
         assert report["sid"] != report["pid"] and report["sid"] != os.getsid(proc.pid)
-        # forked before the launcher child ran the start (so it carries none of the pages the
-        # start wrote): it came from the child's first lines, not from inside the start
-        assert "_become_launcher" in report["stack"]
-        assert not {"_run_start", "run_start", "start", "_start_shim"} & set(report["stack"]), report["stack"]
+        # forked by the template's spare launcher child as it was forked, between requests,
+        # before it ran anything (so it carries none of the pages the start wrote)
+        assert report["stack"][:4] == ["ShimToBe.__init__", "_wait_for_start", "SpareLauncher.__init__",
+                                       "_prepare_spare"], report["stack"]
         assert proc.poll() is None  # the template goes on serving
     finally:
         stop(proc)
@@ -374,3 +375,72 @@ def test_a_relayed_start_whose_bundle_vanished_says_why(tmp_path):
         wait_for(lambda: not forks_of(proc), what="the launcher child and its shim-to-be to exit")
     finally:
         stop(proc)
+
+
+# -- the template's spare launcher ----------------------------------------------------------------
+
+def spares_of(path: str) -> list[int]:
+    """Live processes titled as the template's spare (its launcher child, and that child's shim-to-be)."""
+    from shim.common.config import PROCESS_NAME
+
+    title = f"{PROCESS_NAME} spare {path}"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().replace(b"\0", b" ").strip().decode(errors="replace") == title and alive(int(entry)):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_the_template_keeps_a_spare_launcher_and_takes_it_along_when_it_stops(tmp_path):
+    """Between requests the template has the next start's launcher child forked, and that
+    child its shim-to-be (no start waits for a fork): both titled as the template's spare.
+    A template told to stop ends them first: they are gone by the time the template is."""
+    path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
+    proc = start_template(Path(path))
+    try:
+        wait_for(lambda: len(spares_of(path)) == 2, what="the template's spare launcher and shim-to-be")
+        launcher, shim = sorted(spares_of(path), key=lambda p: ppid(p) != proc.pid)
+        assert ppid(launcher) == proc.pid and ppid(shim) == launcher
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert not alive(launcher) and not alive(shim)
+    finally:
+        stop(proc)
+
+
+def test_a_spare_launcher_that_died_is_replaced_for_the_next_start(tmp_path):
+    """Someone killed the spare launcher: the next start still runs in the template's child
+    (a launcher forked for it), and a new spare waits for the one after."""
+    path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
+    proc = start_template(Path(path))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"annotations": {}}))
+    shim_socket = shim_socket_path(ADDRESS, "ns1", "after-a-kill")
+    try:
+        wait_for(lambda: len(spares_of(path)) == 2, what="the template's spare")
+        (launcher,) = [p for p in spares_of(path) if ppid(p) == proc.pid]
+        os.kill(launcher, signal.SIGKILL)
+        wait_for(lambda: not alive(launcher), what="the spare launcher to die")
+        result = subprocess.run(
+            relay_argv(sys.executable, ["-namespace", "ns1", "-address", ADDRESS, "-id", "after-a-kill", "start"]),
+            capture_output=True, text=True, cwd=bundle, timeout=30, check=False,
+            env={**os.environ, "SHIM_PY_TEMPLATE_DIR": str(tmp_path)})
+        assert (result.returncode, result.stderr, result.stdout) == (0, "", f"unix://{shim_socket}")
+        read_report(bundle)  # the (fake) shim ran
+        wait_for(lambda: len(spares_of(path)) == 2 and launcher not in spares_of(path), what="a new spare")
+        assert proc.poll() is None
+    finally:
+        stop(proc)
+        Path(shim_socket).unlink(missing_ok=True)

@@ -444,3 +444,44 @@ def test_a_spare_launcher_that_died_is_replaced_for_the_next_start(tmp_path):
     finally:
         stop(proc)
         Path(shim_socket).unlink(missing_ok=True)
+
+
+SPAWN_TAKES_FD_3 = """
+import os
+import shim.launch.launcher as launcher
+def _spawn(config, sock, shared=False):
+    os.dup2(sock.fileno(), 3)  # as launcher.spawn does with the listener
+    with open(os.path.join(config.bundle, "spawned"), "w") as f:
+        f.write("shared" if shared else "own")
+    return os.getpid()  # a live pid for the OOM score (the launcher's own: it exits anyway)
+launcher.spawn = _spawn
+"""
+
+
+def test_a_relayed_start_that_spawns_the_namespace_shim_still_answers(tmp_path):
+    """ShimGroup = "namespace": the spare launcher spawns an interpreter for the namespace's
+    shim, with the listener moved to fd 3. The launcher's own files (the relay's connection,
+    its shim-to-be's socket) are never fd 3, so the status still reaches the relay."""
+    from google.protobuf import any_pb2
+
+    from shim.proto import runtimeoptions_pb2
+
+    path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
+    proc = start_template(Path(path), prelude=SPAWN_TAKES_FD_3)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"annotations": {}}))
+    options = any_pb2.Any(type_url="runtimeoptions.v1.Options",
+                          value=runtimeoptions_pb2.Options(config_body=b'ShimGroup = "namespace"\n').SerializeToString())
+    shim_socket = shim_socket_path(ADDRESS, "ns1", "@namespace")
+    try:
+        wait_for(lambda: len(spares_of(path)) == 2, what="the template's spare")
+        result = subprocess.run(
+            relay_argv(sys.executable, ["-namespace", "ns1", "-address", ADDRESS, "-id", "c1", "start"]),
+            input=options.SerializeToString(), capture_output=True, cwd=bundle, timeout=30, check=False,
+            env={**os.environ, "SHIM_PY_TEMPLATE_DIR": str(tmp_path)})
+        assert (result.returncode, result.stderr, result.stdout) == (0, b"", f"unix://{shim_socket}".encode())
+        assert (bundle / "spawned").read_text() == "shared"
+    finally:
+        stop(proc)
+        Path(shim_socket).unlink(missing_ok=True)

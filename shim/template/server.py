@@ -430,8 +430,21 @@ def _wait_for_start(sock: socket.socket) -> None:
         if shim is not None:
             shim.end()
         os._exit(0)
-    conn = socket.socket(fileno=fds[0])
+    # Received into the lowest free numbers: the connection would be fd 3, which a start that
+    # spawns its shim (launcher.spawn) gives the shim's listener.
+    conn = socket.socket(fileno=_above(fds[0], LISTEN_FD))
     _become_launcher(conn, fds[1:], message, shim)
+
+
+def _above(fd: int, floor: int) -> int:
+    """fd moved to a number above floor (close-on-exec)."""
+    import fcntl
+
+    if fd > floor:
+        return fd
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor + 1)
+    os.close(fd)
+    return moved
 
 
 def _become_launcher(conn: socket.socket, stdio: list[int], message: bytes, shim: ShimToBe) -> None:
@@ -522,8 +535,9 @@ class ShimToBe:
             ours.detach()  # closed with everything else in _wait_for_orders
             _wait_for_orders(its)
         its.close()
-        self._sock: socket.socket | None = ours
-        self.fd = ours.fileno()
+        # Never fd 3, which a start that spawns its shim (launcher.spawn) gives the listener.
+        self._sock: socket.socket | None = socket.socket(fileno=_above(ours.detach(), LISTEN_FD))
+        self.fd = self._sock.fileno()
 
     def become(self, config: ShimConfig, listener: _socket.socket) -> int:
         """Origin.fork: hand it the config, this start's environment and the listener; its pid."""

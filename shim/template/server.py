@@ -44,6 +44,7 @@ REAP_INTERVAL = 1.0  # how often an idle template collects its exited launcher c
 CONNECTION_TIMEOUT = 0.2  # a connected client that sends nothing is dropped after this
 GO_TIMEOUT = 2.0  # a launcher child whose relay does not say go within this exits unseen
 SPARE_DELAY = 0.5  # the longest the next spare launcher waits for the last start to end
+SPARE_QUIET = 0.015  # and then for that start's Create (perf sched on CRI pods: it lands there)
 MAX_MESSAGE = 1 << 20
 LAUNCH = b"launch"  # start-relay's request: run a whole start here (start_relay.c)
 
@@ -363,13 +364,15 @@ _running = 0
 
 
 def _prepare_spare(listener: socket.socket) -> None:
-    """Fork the next start's launcher, unless a live one is waiting: once the start handed
-    out last has ended, or a request is waiting, or after SPARE_DELAY. Forked at once, the
-    spare and its shim-to-be (~2.5 ms of CPU) would compete with that start for the CPU."""
+    """Fork the next start's launcher, unless a live one is waiting: SPARE_QUIET after the
+    start handed out last has ended (at most SPARE_DELAY), or when a request is waiting.
+    Forked at once, the spare and its shim-to-be (~2.5 ms of CPU) would compete for the CPU
+    with that start, then with the Create containerd sends the shim right after it."""
     global _spare, _running
     if _running:
         _wait_for_end(_running, listener, SPARE_DELAY)
         _running = 0
+        _wait_for_end(0, listener, SPARE_QUIET)
     if _spare is not None and not _spare.usable():
         _spare.end()
         _spare = None
@@ -378,9 +381,12 @@ def _prepare_spare(listener: socket.socket) -> None:
 
 
 def _wait_for_end(pid: int, listener: socket.socket, timeout: float) -> None:
-    """Until child pid has exited or listener has a connection waiting, at most timeout."""
+    """Until child pid (0: none) has exited or listener has a connection waiting, at most timeout."""
     import select
 
+    if not pid:
+        select.select([listener.fileno()], [], [], timeout)
+        return
     try:
         fd = os.pidfd_open(pid)
     except OSError:  # exited and collected already

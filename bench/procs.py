@@ -104,13 +104,11 @@ def template_socket(argv: list[str]) -> str | None:
     """The socket a template process serves (its last argument), if it looks like one.
 
     A template's argv is ``python ... -c "...shim.template..." SOCKET``, or, once
-    it has set its title, ``containerd-shim-runc-v2-py template SOCKET``; the
-    launcher and shim-to-be it keeps forked for the next start (its spare),
-    ``... spare SOCKET``: counted with the template, whose cost they are.
+    it has set its title, ``containerd-shim-runc-v2-py template SOCKET``.
     """
     if not argv or not argv[-1].startswith(TEMPLATE_SOCKET_PREFIX):
         return None
-    titled = len(argv) >= 3 and os.path.basename(argv[0]) == PY_SHIM_BINARY and argv[1] in ("template", "spare")
+    titled = len(argv) >= 3 and os.path.basename(argv[0]) == PY_SHIM_BINARY and argv[1] == "template"
     if titled or any(TEMPLATE_MARKER in a for a in argv):
         return argv[-1]
     return None

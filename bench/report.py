@@ -177,7 +177,7 @@ def markdown(results: dict) -> str:
                 lines.append("")
                 first = False
             lines.append(f"{label} at THP={mode}, {n} tasks: {py['count']} processes = "
-                         f"{py['templates']} template process(es) (a template, its spare launcher and shim-to-be), {py['forked']} shims forked from a template, "
+                         f"{py['templates']} template(s), {py['forked']} shims forked from a template, "
                          f"{py['count'] - py['templates'] - py['forked']} exec'd"
                          + (f"; serving on {py['addresses']} socket(s)" if "addresses" in py else "") + ".  ")
     pods = results.get("pods") or {}
@@ -186,7 +186,7 @@ def markdown(results: dict) -> str:
         lines += ["", (f"Pods: handlers {pods['handlers']['go']} (Go) / {pods['handlers']['python']} (Python), "
                    f"each pod = sandbox + 1 busybox `sleep`, CNI bridge; started one after another, "
                    f"alternating, after 1 warm-up pod each. Python family with {pods['pods_per_runtime']} pods: "
-                   f"{py['count']} processes = {py['templates']} template process(es) (a template, its spare launcher and shim-to-be), {py['forked']} shims forked "
+                   f"{py['count']} processes = {py['templates']} template(s), {py['forked']} shims forked "
                    f"from a template, {py['count'] - py['templates'] - py['forked']} exec'd. "
                    f"The CRI containerd has no handler for the other columns.")]
     if results.get("scale"):

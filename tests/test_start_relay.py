@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -238,7 +237,7 @@ def test_a_launch_request_parses():
 # -- with a real template -------------------------------------------------------------------------------
 
 def test_a_start_through_the_relay_runs_in_the_template_and_forks_the_shim(tmp_path):
-    """The whole path with a template process: the launcher in the template's spare child, the
+    """The whole path with a template process: the launcher in a child of the template, the
     shim forked from there with its stdio off containerd's pipes; output, status, address file
     as from a launcher of its own. /the/root is no checkout: a fallback would fail."""
     path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
@@ -267,9 +266,10 @@ def test_a_start_through_the_relay_runs_in_the_template_and_forks_the_shim(tmp_p
         assert (config.namespace, config.id, config.bundle, config.socket_path) == ("ns1", id, str(bundle), shim_socket)
         assert report["ppid"] != proc.pid  # the template's grandchild, never its child
         assert report["sid"] != report["pid"] and report["sid"] != os.getsid(proc.pid)
-        # forked by the launcher child as that was forked (here for this first start, later
-        # between requests), before it ran anything: it carries none of the pages the start wrote
-        assert report["stack"][:3] == ["ShimToBe.__init__", "_wait_for_start", "SpareLauncher.__init__"], report["stack"]
+        # forked before the launcher child ran the start (so it carries none of the pages the
+        # start wrote): it came from the child's first lines, not from inside the start
+        assert "_become_launcher" in report["stack"]
+        assert not {"_run_start", "run_start", "start", "_start_shim"} & set(report["stack"]), report["stack"]
         assert proc.poll() is None  # the template goes on serving
     finally:
         stop(proc)
@@ -376,114 +376,6 @@ def test_a_relayed_start_whose_bundle_vanished_says_why(tmp_path):
         stop(proc)
 
 
-# -- the template's spare launcher ----------------------------------------------------------------
-
-def spares_of(path: str) -> list[int]:
-    """Live processes titled as the template's spare (its launcher child, and that child's shim-to-be)."""
-    from shim.common.config import PROCESS_NAME
-
-    title = f"{PROCESS_NAME} spare {path}"
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if f.read().replace(b"\0", b" ").strip().decode(errors="replace") == title and alive(int(entry)):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return sorted(found)
-
-
-def ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
-KEEP_SPARES = """
-import shim.template.server as server
-server.SPARE_IDLE = 3600.0  # never dismissed in the test's time
-"""
-
-QUICK_SPARES = """
-import shim.template.server as server
-server.SPARE_IDLE = 0.0  # dismissed at the first quiet second
-"""
-
-
-def relayed_start(tmp_path: Path, id: str) -> subprocess.CompletedProcess:
-    """A start of task ``id`` (a bundle of its own under tmp_path) through the relay."""
-    bundle = tmp_path / id
-    bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps({"annotations": {}}))
-    result = subprocess.run(
-        relay_argv(sys.executable, ["-namespace", "ns1", "-address", ADDRESS, "-id", id, "start"]),
-        capture_output=True, text=True, cwd=bundle, timeout=30, check=False,
-        env={**os.environ, "SHIM_PY_TEMPLATE_DIR": str(tmp_path)})
-    read_report(bundle)  # the (fake) shim ran (and exited: it serves nothing)
-    Path(shim_socket_path(ADDRESS, "ns1", id)).unlink(missing_ok=True)
-    return result
-
-
-def the_spare(proc: subprocess.Popen, path: str) -> tuple[int, int]:
-    """(launcher, shim-to-be) of the template's spare, once both are up."""
-    wait_for(lambda: len(spares_of(path)) == 2, what="the template's spare launcher and shim-to-be")
-    launcher, shim = sorted(spares_of(path), key=lambda p: ppid(p) != proc.pid)
-    assert ppid(launcher) == proc.pid and ppid(shim) == launcher
-    return launcher, shim
-
-
-def test_after_a_start_the_template_keeps_a_spare_and_takes_it_along_when_it_stops(tmp_path):
-    """After a relayed start the template has the next start's launcher child forked, and that
-    child its shim-to-be (the next start waits for no fork): both titled as the template's
-    spare. A template told to stop ends them first: they are gone by the time the template is."""
-    path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
-    proc = start_template(Path(path), prelude=KEEP_SPARES)
-    try:
-        wait_for(lambda: lean.accepts(path, lean.SOCK_SEQPACKET), what="the template to listen")
-        assert relayed_start(tmp_path, "first").returncode == 0
-        launcher, shim = the_spare(proc, path)
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.communicate(timeout=30)
-        assert not alive(launcher) and not alive(shim)
-    finally:
-        stop(proc)
-
-
-def test_a_spare_is_dismissed_when_no_start_comes(tmp_path):
-    """Spares serve bursts of starts: a quiet template keeps none."""
-    path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
-    proc = start_template(Path(path), prelude=QUICK_SPARES)
-    try:
-        wait_for(lambda: lean.accepts(path, lean.SOCK_SEQPACKET), what="the template to listen")
-        assert relayed_start(tmp_path, "first").returncode == 0
-        wait_for(lambda: not spares_of(path), what="the spare to be dismissed")
-        assert proc.poll() is None
-    finally:
-        stop(proc)
-
-
-def test_a_spare_launcher_that_died_is_replaced_for_the_next_start(tmp_path):
-    """Someone killed the spare launcher: the next start still runs in a child of the
-    template (a launcher forked for it), and a new spare waits for the one after."""
-    path = template_client.socket_path(ADDRESS, str(tmp_path), python=sys.executable)
-    proc = start_template(Path(path), prelude=KEEP_SPARES)
-    try:
-        wait_for(lambda: lean.accepts(path, lean.SOCK_SEQPACKET), what="the template to listen")
-        assert relayed_start(tmp_path, "first").returncode == 0
-        launcher, _ = the_spare(proc, path)
-        os.kill(launcher, signal.SIGKILL)
-        wait_for(lambda: not alive(launcher), what="the spare launcher to die")
-        result = relayed_start(tmp_path, "after-a-kill")
-        assert (result.returncode, result.stderr) == (0, "")
-        assert result.stdout == f"unix://{shim_socket_path(ADDRESS, 'ns1', 'after-a-kill')}"
-        wait_for(lambda: len(spares_of(path)) == 2 and launcher not in spares_of(path), what="a new spare")
-        assert proc.poll() is None
-    finally:
-        stop(proc)
-
-
 SPAWN_TAKES_FD_3 = """
 import os
 import shim.launch.launcher as launcher
@@ -497,7 +389,7 @@ launcher.spawn = _spawn
 
 
 def test_a_relayed_start_that_spawns_the_namespace_shim_still_answers(tmp_path):
-    """ShimGroup = "namespace": the spare launcher spawns an interpreter for the namespace's
+    """ShimGroup = "namespace": the launcher child spawns an interpreter for the namespace's
     shim, with the listener moved to fd 3. The launcher's own files (the relay's connection,
     its shim-to-be's socket) are never fd 3, so the status still reaches the relay."""
     from google.protobuf import any_pb2

@@ -43,9 +43,6 @@ IDLE_TIMEOUT = 600.0  # seconds without a request before the template exits
 REAP_INTERVAL = 1.0  # how often an idle template collects its exited launcher children
 CONNECTION_TIMEOUT = 0.2  # a connected client that sends nothing is dropped after this
 GO_TIMEOUT = 2.0  # a launcher child whose relay does not say go within this exits unseen
-SPARE_DELAY = 0.5  # the longest the next spare launcher waits for the last start to end
-SPARE_QUIET = 0.015  # and then for that start's Create (perf sched on CRI pods: it lands there)
-SPARE_IDLE = 1.0  # a spare launcher is dismissed after this long without a request
 MAX_MESSAGE = 1 << 20
 LAUNCH = b"launch"  # start-relay's request: run a whole start here (start_relay.c)
 
@@ -286,196 +283,36 @@ class LaunchRequest:
 
 
 def _serve_launch(conn: socket.socket, message: bytes, stdio: list[int]) -> None:
-    """Hand a start for start-relay to the spare launcher (forked between requests, see
-    SpareLauncher), forking one now if there is none; it answers the relay itself."""
-    global _spare, _running
-    for _ in range(2):  # a spare that died since it was forked: one fresh fork, at once
-        spare = _spare if _spare is not None and _spare.usable() else SpareLauncher()
-        _spare = None
-        if spare.take(conn, message, stdio):
-            _running = spare.pid
-            return
-        spare.end()
+    """Fork a child that runs the launcher for start-relay; answer with its pid."""
+    request = LaunchRequest.parse(message)
+    nofile = _peer_nofile(conn)
+    pid = os.fork()
+    if pid == 0:
+        _become_launcher(conn, stdio, request, nofile)
+    conn.send(str(pid).encode())
 
 
-class SpareLauncher:
-    """A launcher child forked between requests, waiting for the next relayed start.
+def _become_launcher(conn: socket.socket, stdio: list[int], request: LaunchRequest, nofile: int = 0) -> None:
+    """In the forked child: be the ``start`` process containerd ran, never return.
 
-    A start relayed by start-relay runs in a child of the template, in its own pages, so
-    that the template (whose pages every shim shares) writes next to nothing per start: a
-    start run in the template itself rewrites ~150 KiB of pages a shim forked before it then
-    keeps a copy of (bench, 100 tasks: Pss 0.84x -> 0.90x Go). Forked when the start arrives,
-    the child and then its shim-to-be cost the start two forks of a ~30 MiB process, in
-    series, before the relay is answered (perf sched, CRI pod sandbox: relay exec to exit
-    ~8.5 ms against ~6.4 ms for Go's whole start binary). Forked between requests, neither
-    is on the start's path: the spare has forked its shim-to-be (ShimToBe) first thing, let
-    go of the template's files, and waits for the request (its message, connection and
-    stdio, SCM_RIGHTS), which it answers as a freshly forked child would have.
-
-    A spare is forked after each relayed start and dismissed after a second without one
-    (SPARE_IDLE): it serves bursts (a node starting pods, a `ctr run` loop), and costs an
-    idle node nothing; its two processes hold ~1 MiB of their own while they wait (the pages
-    a fork writes as it starts). A lone start pays the two forks, as before.
-    """
-
-    def __init__(self) -> None:
-        import socket
-
-        ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self.pid = os.fork()
-        except OSError:
-            self.pid = 0
-        if self.pid == 0:
-            ours.detach()  # closed with the template's other files in _wait_for_start
-            _wait_for_start(its)
-        its.close()
-        self._sock: socket.socket | None = ours
-
-    def usable(self) -> bool:
-        """Alive and waiting (its end of the pair is open)."""
-        return self.pid > 0 and self._sock is not None and not _hung_up(self._sock)
-
-    def take(self, conn: socket.socket, message: bytes, stdio: list[int]) -> bool:
-        """Hand it the request; False if it is gone."""
-        import socket
-
-        if self._sock is None or self.pid <= 0:
-            return False
-        try:
-            socket.send_fds(self._sock, [message], [conn.fileno(), *stdio])
-        except OSError:
-            return False
-        self._sock.close()
-        self._sock = None
-        return True
-
-    def end(self) -> None:
-        """Dismiss it and wait for it (and for it to have ended its shim-to-be)."""
-        if self._sock is not None:
-            self._sock.close()  # it reads EOF: the template is done with it
-            self._sock = None
-        if self.pid > 0:
-            try:
-                os.waitpid(self.pid, 0)
-            except ChildProcessError:
-                pass
-            self.pid = 0
-
-
-#: The launcher for the next relayed start, forked between requests (SpareLauncher).
-_spare: SpareLauncher | None = None
-#: The launcher the last relayed start was handed to (0: none since the last spare was forked).
-_running = 0
-
-
-def _prepare_spare(listener: socket.socket) -> None:
-    """Fork the next start's launcher, unless a live one is waiting: SPARE_QUIET after the
-    start handed out last has ended (at most SPARE_DELAY), or when a request is waiting.
-    Forked at once, the spare and its shim-to-be (~2.5 ms of CPU) would compete for the CPU
-    with that start, then with the Create containerd sends the shim right after it."""
-    global _spare, _running
-    if not _running:
-        return  # only after a relayed start: a lone start pays the forks, an idle template no spare
-    _wait_for_end(_running, listener, SPARE_DELAY)
-    _running = 0
-    _wait_for_end(0, listener, SPARE_QUIET)
-    if _spare is not None and not _spare.usable():
-        _spare.end()
-        _spare = None
-    if _spare is None:
-        _spare = SpareLauncher()
-
-
-def _wait_for_end(pid: int, listener: socket.socket, timeout: float) -> None:
-    """Until child pid (0: none) has exited or listener has a connection waiting, at most timeout."""
-    import select
-
-    if not pid:
-        select.select([listener.fileno()], [], [], timeout)
-        return
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:  # exited and collected already
-        return
-    try:
-        select.select([fd, listener.fileno()], [], [], timeout)
-    finally:
-        os.close(fd)
-
-
-def _end_spare() -> None:
-    """The template is leaving: so is its spare (and the spare's shim-to-be), before the
-    template is seen gone."""
-    global _spare
-    if _spare is not None:
-        _spare.end()
-        _spare = None
-
-
-def _hung_up(sock: socket.socket) -> bool:
-    import select
-
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
-
-
-def _wait_for_start(sock: socket.socket) -> None:
-    """In a spare launcher: fork the shim-to-be, let go of the template's files, wait for a
-    relayed start and run it (_become_launcher); never return. EOF: not needed, exit."""
-    import signal
-    import socket
-
+    Its stdio are the relay's (containerd reads them), its environment and working
+    directory containerd's; it waits for the relay's "go" (see start_relay.c), runs
+    the launcher's start with an Origin (containerd's pid and THP setting, and the
+    shim-to-be forked first thing, see ShimToBe), then sends its exit status to the relay."""
+    code = 1
     shim: ShimToBe | None = None
     try:
+        import signal
+
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.setsid()  # the shim-to-be is then a member of this session, as fork_shim's shims are
-        # Forked before this child has run anything: the shim's pages are the template's.
+        # Forked before the relay's go (the relay's round trip overlaps the fork) and before this
+        # child has run anything: the shim's pages are the template's, not this start's.
         shim = ShimToBe()
-        _close_all_but(3, sock.fileno(), shim.fd)  # the template's listener, lock, inotify
-        set_title(f"{PROCESS_NAME} spare {sys.argv[1]}")  # not the template: ps, and who stops it, tell them apart
-        message, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
-        sock.close()
-    except BaseException:  # noqa: BLE001 - never back into the template's loop
-        message, fds = b"", []
-    if not message or len(fds) != 4 or shim is None:
-        if shim is not None:
-            shim.end()
-        os._exit(0)
-    # Received into the lowest free numbers: the connection would be fd 3, which a start that
-    # spawns its shim (launcher.spawn) gives the shim's listener.
-    conn = socket.socket(fileno=_above(fds[0], LISTEN_FD))
-    _become_launcher(conn, fds[1:], message, shim)
-
-
-def _above(fd: int, floor: int) -> int:
-    """fd moved to a number above floor (close-on-exec)."""
-    import fcntl
-
-    if fd > floor:
-        return fd
-    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor + 1)
-    os.close(fd)
-    return moved
-
-
-def _become_launcher(conn: socket.socket, stdio: list[int], message: bytes, shim: ShimToBe) -> None:
-    """In a spare launcher given a start: be the ``start`` process containerd ran, never return.
-
-    It answers the relay with its pid and waits for the relay's "go" (see start_relay.c);
-    its stdio are the relay's (containerd reads them), its environment and working
-    directory containerd's; it runs the launcher's start with an Origin (containerd's pid,
-    THP setting and open-file limit, and the shim-to-be), then sends its exit status."""
-    code = 1
-    try:
-        conn.settimeout(GO_TIMEOUT)
-        request = LaunchRequest.parse(message)
-        nofile = _peer_nofile(conn)
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
-        _close_all_but(3, conn.fileno(), shim.fd)  # the received fds
-        conn.send(str(os.getpid()).encode())
+        _close_all_but(3, conn.fileno(), shim.fd)  # the template's listener, lock and the received fds
+        conn.settimeout(GO_TIMEOUT)
         try:
             said = conn.recv(len(GO))
         except OSError:
@@ -491,13 +328,12 @@ def _become_launcher(conn: socket.socket, stdio: list[int], message: bytes, shim
             print(f"start failed: {e}", file=sys.stderr)
             return
         code = _run_start(request, shim, nofile)
-    except BaseException:  # noqa: BLE001 - a malformed request: the relay reads no answer and falls back
-        _log_failure()
     finally:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
-            shim.let_go()  # it no longer holds containerd's pipes either
+            if shim is not None:
+                shim.let_go()  # it no longer holds containerd's pipes either
             # containerd reads the start's output until every holder has closed it, and an
             # exiting process closes its files only after tearing down its memory (~1 ms for
             # a fork of this heap): let go of them first, the relay exits on the status.
@@ -548,9 +384,8 @@ class ShimToBe:
             ours.detach()  # closed with everything else in _wait_for_orders
             _wait_for_orders(its)
         its.close()
-        # Never fd 3, which a start that spawns its shim (launcher.spawn) gives the listener.
-        self._sock: socket.socket | None = socket.socket(fileno=_above(ours.detach(), LISTEN_FD))
-        self.fd = self._sock.fileno()
+        self._sock: socket.socket | None = ours
+        self.fd = ours.fileno()
 
     def become(self, config: ShimConfig, listener: _socket.socket) -> int:
         """Origin.fork: hand it the config, this start's environment and the listener; its pid."""
@@ -562,29 +397,6 @@ class ShimToBe:
         assert self._sock is not None
         socket.send_fds(self._sock, [marshal.dumps((as_dict(config), dict(os.environ)))], [listener.fileno()])
         return self.pid
-
-    def end(self, timeout: float = 1.0) -> None:
-        """It will not be needed (its launcher is dismissed): end it and wait until it is gone."""
-        import select
-        import signal
-
-        if self._sock is None:
-            return
-        try:
-            fd = os.pidfd_open(self.pid) if self.pid > 0 and self.error is None else -1
-        except OSError:
-            fd = -1
-        self._sock.close()  # it reads EOF and exits by itself; the signal only makes sure
-        self._sock = None
-        if fd < 0:
-            return
-        try:
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-            select.select([fd], [], [], timeout)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
     def let_go(self) -> None:
         """Wait until it holds none of containerd's pipes; drop it if it was not needed."""
@@ -610,7 +422,6 @@ def _wait_for_orders(sock: socket.socket) -> None:
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _close_all_but(0, sock.fileno())  # containerd's pipes (the relay's stdio), the template's sockets
-        set_title(f"{PROCESS_NAME} spare {sys.argv[1]}")  # a spare's until it becomes the shim
         null = os.open(os.devnull, os.O_RDWR)  # fd 0: the lowest free
         os.dup2(null, 1)
         os.dup2(null, 2)
@@ -704,13 +515,10 @@ def main() -> None:
         idle_until = time.monotonic() + IDLE_TIMEOUT
         serving = True
         while serving:
-            _prepare_spare(sock)
             _reap_children()
             try:
                 conn, _ = sock.accept()
             except TimeoutError:
-                if time.monotonic() > idle_until - IDLE_TIMEOUT + SPARE_IDLE:
-                    _end_spare()  # the burst of starts is over (see SpareLauncher)
                 if time.monotonic() > idle_until:
                     break
                 continue
@@ -721,7 +529,6 @@ def main() -> None:
                 except Exception:  # noqa: BLE001 - a malformed request must never end the template
                     _log_failure()
     finally:
-        _end_spare()
         # Remove the socket only if it is still ours (not a successor's).
         try:
             if os.stat(path).st_ino == inode:

@@ -9,6 +9,7 @@ once the template's warm-up ran.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import subprocess
 import sys
@@ -158,9 +159,11 @@ def test_code_run_in_child_lists_the_fork_handlers_and_a_shims_start_leaving_thi
     assert logging.getLogger().handlers == handlers and dict(os.environ) == environ
 
 
-def ran_in_fresh_warm_up() -> tuple[set[tuple[str, str]], list[tuple[str, str]]]:
+@functools.cache
+def ran_in_fresh_warm_up() -> tuple[frozenset[tuple[str, str]], list[tuple[str, str]]]:
     """(file name, qualified name) of the code one warm-up round runs, and its answers; in a fresh
-    interpreter: code_run_by sees each code object once per process."""
+    interpreter: code_run_by sees each code object once per process. Run once for every test
+    that asks (each run is a whole interpreter's warm-up)."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import shim.daemon.main; "
             "from shim.template.warmup import code_run_by, warm_up; answers = []; "
             "ran = code_run_by(lambda: answers.extend(warm_up(rounds=1))); "
@@ -168,7 +171,7 @@ def ran_in_fresh_warm_up() -> tuple[set[tuple[str, str]], list[tuple[str, str]]]
     out = subprocess.run([sys.executable, "-I", "-c", code, str(ROOT)], capture_output=True, text=True,
                          check=True).stdout
     ran, answers = ast.literal_eval(out)
-    return set(ran), answers
+    return frozenset(ran), answers
 
 
 def test_warm_up_creates_with_the_runtime_options_cri_sends() -> None:

@@ -52,6 +52,7 @@ from . import exits
 from .cgroups import ContainerCgroup, container_cgroup
 from .checkpoint import CheckpointRequest
 from .exits import InFlight, gone
+from .fds import write_all_blocking
 from .isolation import Isolated
 from .oom import OOMWatcher
 from .process import ExitInfo, Op, Process, State
@@ -139,9 +140,7 @@ def spec_memfd(spec: bytes) -> int:
         if fd < 3:
             low, fd = fd, fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
             os.close(low)
-        view = memoryview(spec)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all_blocking(fd, spec)
     except BaseException:
         os.close(fd)
         raise

@@ -112,7 +112,7 @@ class Sink:
             if self.kind == "file":
                 # A regular file never says EAGAIN: a slow disk would block the loop, and every
                 # other container of this shim with it. Its writes go through a worker thread.
-                await trio.to_thread.run_sync(_write_all_blocking, self.fd, data)
+                await trio.to_thread.run_sync(write_all_blocking, self.fd, data)
             else:
                 await self.fds.write_all(self.fd, data)
             self.written += len(data)
@@ -142,7 +142,8 @@ class Sink:
             self.fds.close(self.fd)
 
 
-def _write_all_blocking(fd: int, data: bytes) -> None:
+def write_all_blocking(fd: int, data: bytes) -> None:
+    """Write all of data to a blocking fd (a worker thread's, or a file the caller owns)."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]

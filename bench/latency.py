@@ -13,14 +13,17 @@ no shim at all for every variant.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from contextlib import AsyncExitStack
+from collections.abc import Iterable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 
 import trio
 
 from integration.harness import Containerd
 
+from .procs import socket_owners
 from .tasks import (
     SHIMS,
     alternate,
@@ -123,11 +126,63 @@ def burst(c: Containerd, ref: str, n: int, reps: int) -> dict:
                 "per_call": summary(per_call[s])} for s in SHIMS}
 
 
-async def _state_calls(addresses: dict[str, tuple[str, str]], namespace: str, n: int, chunk: int) -> dict:
+def _threads(pids: Iterable[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            out += [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            pass
+    return out
+
+
+def _cpu_ns(pids: Iterable[int]) -> int:
+    """Time on a CPU of every live thread of ``pids`` (schedstat, ns): all of a Go shim's runtime
+    threads count, their spinning included. A thread that ends between two reads takes its
+    time with it; no shim's thread ends while State is measured."""
+    total = 0
+    for tid in _threads(pids):
+        try:
+            with open(f"/proc/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+@contextmanager
+def _one_cpu(pids: Iterable[int]) -> Iterator[None]:
+    """Run the shims' threads and the calling thread (the State client) on one CPU, then give
+    every thread back its mask. Without it, a single-threaded shim is woken on the CPU it slept
+    on, the other one from the client's, and the round trip is mostly that wakeup and caches
+    gone cold meanwhile: with it the row measures what the shim itself does per call."""
+    pids = list(pids)
+    cpu = min(os.sched_getaffinity(0))
+    saved = {tid: os.sched_getaffinity(tid) for tid in _threads(pids)}
+    mine = os.sched_getaffinity(0)
+    try:
+        for tid in saved:
+            os.sched_setaffinity(tid, {cpu})
+        os.sched_setaffinity(0, {cpu})
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
+        for tid in _threads(pids):  # a thread started meanwhile inherited {cpu}: it gets the process's mask
+            try:
+                os.sched_setaffinity(tid, saved.get(tid, mine))
+            except OSError:
+                pass
+
+
+async def _state_calls(addresses: dict[str, tuple[str, str]], namespace: str, n: int, chunk: int,
+                       pids: dict[str, set[int]] | None = None) -> dict:
+    """``n`` State calls per shim in chunks, shims alternating; with ``pids`` ({shim: its
+    processes}), also each shim's CPU time over its calls (``cpu_s``)."""
     from shim.proto import shim_pb2
     from shim.ttrpc import open_client
 
     samples: dict[str, list[float]] = {s: [] for s in addresses}
+    cpu_ns: dict[str, int] = dict.fromkeys(addresses, 0)
     status: dict[str, int] = {}
     meta = [(NAMESPACE_HEADER, namespace)]  # as containerd sends it
     async with AsyncExitStack() as stack:
@@ -143,27 +198,38 @@ async def _state_calls(addresses: dict[str, tuple[str, str]], namespace: str, n:
             m = min(chunk, n - done)
             for shim in alternate(k, list(clients)):
                 client, payload, out = clients[shim], payloads[shim], samples[shim]
+                before = _cpu_ns(pids[shim]) if pids else 0
                 for _ in range(m):
                     t0 = time.perf_counter()
                     await client.call(TASK_SERVICE, "State", payload, metadata=meta, timeout=10)
                     out.append(time.perf_counter() - t0)
+                if pids:
+                    cpu_ns[shim] += _cpu_ns(pids[shim]) - before
             done += m
             k += 1
-    return {"samples": samples, "status": status}
+    return {"samples": samples, "status": status, "cpu_s": {s: ns / 1e9 for s, ns in cpu_ns.items()}}
 
 
 def ttrpc_state(c: Containerd, ids: dict[str, str], n: int, chunk: int = 50) -> dict:
-    """N direct ``Task/State`` round trips per shim over its ttrpc socket (our trio client)."""
+    """N direct ``Task/State`` round trips per shim over its ttrpc socket (our trio client), and
+    the shim's CPU time per call; then N more with the client and every shim on one CPU."""
     addresses = {}
     for shim, cid in ids.items():
         addr = (c.bundle_dir / cid / "address").read_text().strip()
         addresses[shim] = (addr, cid)
-    r = trio.run(_state_calls, addresses, c.namespace, n, chunk)
+    owners = socket_owners({a.removeprefix("unix://") for a, _ in addresses.values()})
+    pids = {shim: owners.get(a.removeprefix("unix://"), set()) for shim, (a, _) in addresses.items()}
+    r = trio.run(_state_calls, addresses, c.namespace, n, chunk, pids)
+    with _one_cpu(set().union(*pids.values())):
+        one = trio.run(_state_calls, addresses, c.namespace, n, chunk, pids)
     out = {}
     for shim in SHIMS:
         s = summary(r["samples"][shim])
         s["address"] = addresses[shim][0]
         s["task_status"] = r["status"][shim]  # 2 = RUNNING
+        s["cpu_per_call_s"] = r["cpu_s"][shim] / n if pids[shim] else None
+        s["one_cpu"] = summary(one["samples"][shim])
+        s["one_cpu"]["cpu_per_call_s"] = one["cpu_s"][shim] / n if pids[shim] else None
         out[shim] = s
     return out
 

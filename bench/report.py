@@ -71,6 +71,14 @@ def rows(results: dict) -> list[Row]:
     if "ttrpc_state" in lat:
         out.append(("latency: ttrpc `Task/State` round trip median", _each(lat["ttrpc_state"], "median_s"), "us"))
         out.append(("latency: ttrpc `Task/State` round trip p90", _each(lat["ttrpc_state"], "p90_s"), "us"))
+        state = lat["ttrpc_state"]
+        if all(isinstance(v, dict) and "one_cpu" in v for v in state.values()):
+            out.append(("latency: ttrpc `Task/State`, shim CPU time per call", _each(state, "cpu_per_call_s"), "us"))
+            one = {s: v["one_cpu"] for s, v in state.items()}
+            out.append(("latency: ttrpc `Task/State` round trip median, client and shim on one CPU",
+                        _each(one, "median_s"), "us"))
+            out.append(("latency: ttrpc `Task/State`, shim CPU time per call, on one CPU",
+                        _each(one, "cpu_per_call_s"), "us"))
     tp = results.get("throughput") or {}
     if tp:
         mib = tp["mib"]

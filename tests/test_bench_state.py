@@ -1,0 +1,87 @@
+"""bench: the State rows' CPU time and one-CPU pass (latency._cpu_ns, latency._one_cpu, report)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from bench import latency, report
+
+
+def _spin_until(stop: threading.Event) -> None:
+    while not stop.is_set():
+        pass
+
+
+def test_cpu_time_counts_every_thread_of_the_process():
+    busy, stop = threading.Event(), threading.Event()
+
+    def worker() -> None:  # runs 50 ms of CPU while the main thread sleeps on an event
+        while time.thread_time_ns() < 50_000_000:
+            pass
+        busy.set()
+        stop.wait()
+
+    main_before = time.thread_time_ns()
+    before = latency._cpu_ns([os.getpid()])
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        busy.wait()
+        during = latency._cpu_ns([os.getpid()])
+    finally:
+        stop.set()
+        thread.join()
+    main_spent = time.thread_time_ns() - main_before
+    assert main_spent < 40_000_000  # so the count can only pass 50 ms through the worker's time
+    assert during - before >= 50_000_000 - 10_000_000  # schedstat and thread_time differ by a tick at most
+    assert latency._cpu_ns([]) == 0
+
+
+def test_cpu_time_of_a_gone_process_is_zero():
+    assert latency._cpu_ns([2**22 + 1]) == 0  # above pid_max's default ceiling: never a live pid
+
+
+def test_one_cpu_pins_the_caller_and_the_shims_threads_and_gives_their_masks_back():
+    original = os.sched_getaffinity(0)
+    if len(original) < 2:
+        pytest.skip("needs two CPUs")
+    stop = threading.Event()
+    worker = threading.Thread(target=_spin_until, args=(stop,))  # stands for a shim's thread
+    worker.start()
+    try:
+        tid = worker.native_id
+        assert tid is not None
+        with latency._one_cpu([os.getpid()]):
+            assert os.sched_getaffinity(0) == {min(original)}
+            assert os.sched_getaffinity(tid) == {min(original)}
+        assert os.sched_getaffinity(0) == original
+        assert os.sched_getaffinity(tid) == original
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _state(median: float, cpu: float | None, one_median: float, one_cpu: float | None) -> dict:
+    return {"median_s": median, "p90_s": median, "cpu_per_call_s": cpu,
+            "one_cpu": {"median_s": one_median, "cpu_per_call_s": one_cpu}}
+
+
+def test_the_report_shows_cpu_time_and_the_one_cpu_pass_beside_the_round_trip():
+    results = {"latency": {"ttrpc_state": {"go": _state(100e-6, 80e-6, 50e-6, 40e-6),
+                                           "python": _state(110e-6, 70e-6, 45e-6, None)}}}
+    rows = {name: values for name, values, _ in report.rows(results)}
+    assert rows["latency: ttrpc `Task/State`, shim CPU time per call"] == {"go": 80e-6, "python": 70e-6}
+    assert rows["latency: ttrpc `Task/State` round trip median, client and shim on one CPU"] == {
+        "go": 50e-6, "python": 45e-6}
+    assert rows["latency: ttrpc `Task/State`, shim CPU time per call, on one CPU"] == {"go": 40e-6, "python": None}
+
+
+def test_an_older_result_without_the_one_cpu_pass_still_reports_its_round_trip():
+    results = {"latency": {"ttrpc_state": {"go": {"median_s": 1e-4, "p90_s": 2e-4}}}}
+    names = [name for name, _, _ in report.rows(results)]
+    assert "latency: ttrpc `Task/State` round trip median" in names
+    assert not any("one CPU" in n or "CPU time" in n for n in names)

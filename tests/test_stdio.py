@@ -168,6 +168,76 @@ async def test_fifo_copy_and_close_stdin_keeps_data(tmp_path) -> None:
         os.close(client_out)
 
 
+def pipe_size(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+
+
+async def write_all(fd: int, data: bytes) -> None:
+    """What a container writing to its stdout pipe does, without blocking the test's loop."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+
+
+async def test_output_that_fills_the_pipes_grows_them_and_loses_nothing(tmp_path) -> None:
+    """A container writing faster than the client reads fills its pipe and then the fifo:
+    both are grown to 1 MiB (fds.grow_pipe), and every byte still arrives in order."""
+    fout = mkfifo(tmp_path / "out")
+    client_out = os.open(fout, os.O_RDONLY | os.O_NONBLOCK)
+    io = ProcessIO(StdioPaths(stdout=fout))
+    try:
+        c_out = nonblocking(os.dup(io.runc_stdio().stdout))
+        io.close_child_ends()
+        assert pipe_size(c_out) == pipe_size(client_out) == 1 << 16  # the defaults, before any output
+        data = bytes(range(256)) * 4096  # 1 MiB: more than both default pipes hold
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            # The client reads nothing yet: the fifo fills, then the container's pipe.
+            await write_all(c_out, data[: 1 << 18])
+            with trio.fail_after(EVENTUALLY):
+                while pipe_size(client_out) != 1 << 20 or pipe_size(c_out) != 1 << 20:
+                    await trio.sleep(0.01)
+            nursery.start_soon(write_all, c_out, data[1 << 18 :])
+            got = b""
+            with trio.fail_after(EVENTUALLY):
+                while len(got) < len(data):
+                    try:
+                        got += os.read(client_out, 1 << 20)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(client_out)
+            assert got == data
+            os.close(c_out)
+            assert await io.wait_output(EVENTUALLY)
+            io.close()
+    finally:
+        io.close()
+        os.close(client_out)
+
+
+async def test_quiet_output_leaves_the_pipes_at_their_default_size(tmp_path) -> None:
+    fout = mkfifo(tmp_path / "out")
+    client_out = os.open(fout, os.O_RDONLY | os.O_NONBLOCK)
+    io = ProcessIO(StdioPaths(stdout=fout))
+    try:
+        c_out = os.dup(io.runc_stdio().stdout)
+        io.close_child_ends()
+        async with trio.open_nursery() as nursery:
+            await io.start(nursery)
+            for _ in range(3):
+                os.write(c_out, b"a line\n")
+            assert await read_until(client_out, b"a line\n" * 3) == b"a line\n" * 3
+            assert pipe_size(c_out) == pipe_size(client_out) == 1 << 16
+            os.close(c_out)
+            assert await io.wait_output(EVENTUALLY)
+            io.close()
+    finally:
+        io.close()
+        os.close(client_out)
+
+
 async def test_client_detaching_does_not_end_stdin(tmp_path) -> None:
     fin = mkfifo(tmp_path / "in")
     io = ProcessIO(StdioPaths(stdin=fin))
@@ -660,6 +730,8 @@ async def test_exit_waits_for_output_only_while_someone_takes_it(
         return real_splice(*args, **kw)
 
     monkeypatch.setattr(stdio_mod.os, "splice", counted_splice)
+    # A fifo that stays full: one the kernel would not let the shim grow (fds.grow_pipe).
+    monkeypatch.setattr(stdio_mod, "grow_pipe", lambda fd: None)
 
     io, client_out, c_out = _stuck_output(tmp_path, 16384)
     payload = bytes(range(256)) * 64  # 16 KiB: 4 KiB fill the fifo, the rest waits in the pipe

@@ -238,6 +238,26 @@ def unread(fd: int) -> int:
     return buf[0]
 
 
+#: What a pipe holds by default (16 pages), and what a pipe that output keeps full is grown to.
+PIPE_SIZE = 1 << 16
+BUSY_PIPE_SIZE = 1 << 20  # fs.pipe-max-size's default: the most an unprivileged shim may ask for
+
+
+def grow_pipe(fd: int, size: int = BUSY_PIPE_SIZE) -> None:
+    """Give a pipe or fifo room for ``size`` bytes (F_SETPIPE_SZ), when the kernel lets us.
+
+    For output that fills the 64 KiB default: the container and the shim, or the shim and the
+    client reading the fifo, otherwise take turns every 64 KiB, each waking the other. A
+    bigger pipe costs only its ring (~10 KiB of kernel memory for 1 MiB) until data fills it,
+    and the data's pages stay charged to the container that wrote them (splice moves them).
+    Refused (EPERM over fs.pipe-max-size or the user's pipe pages; EBUSY) is fine: the pipe
+    keeps its size."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except OSError:
+        pass
+
+
 def hung_up(fd: int) -> bool:
     """A pipe's read end whose writers are all gone (POLLHUP), without reading from it."""
     poller = select.poll()

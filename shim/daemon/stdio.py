@@ -48,7 +48,7 @@ from shim.common.nofile import exhausted
 from shim.runc_client.config import Stdio
 
 from .console import Console
-from .fds import DRAIN_POLL, OwnedFds, Sink, hung_up, parking, unread
+from .fds import DRAIN_POLL, PIPE_SIZE, OwnedFds, Sink, grow_pipe, hung_up, parking, unread
 from .isolation import Spawner
 from .logger import Logger, start_logger
 
@@ -199,6 +199,7 @@ class ProcessIO:
         #: (no task and nursery of ProcessIO's above them: ~4 KiB a container in a namespace shim).
         self._copiers: set[trio.CancelScope] = set()
         self._parked: set[int] = set()  # fds whose copy waits in fds.parking()
+        self._grown: set[int] = set()  # pipes and fifos output has filled: grown once (fds.grow_pipe)
         self._closed = False
         try:
             self._setup()
@@ -446,6 +447,9 @@ class ProcessIO:
 
         True at EOF, or when the sink breaks (the caller then keeps draining the
         source so the container never blocks); False once ``src`` is empty for now.
+        A pipe seen full, the container's (one splice took all it holds by default) or the
+        sink (it takes nothing while the container's pipe has data), is grown once
+        (fds.grow_pipe): only output that keeps them full pays for the room.
         """
         while not sink.broken:
             if src not in self._fds or sink.fd not in self._fds:
@@ -458,6 +462,8 @@ class ProcessIO:
             if n is None:
                 # Either side may be the one that would block: empty source or full sink.
                 if unread(src):
+                    if self._grow_once(sink.fd):
+                        continue
                     await trio.lowlevel.wait_writable(sink.fd)
                     continue
                 # empty: at its end if no writer is left (splice says EAGAIN while the sink is full)
@@ -465,6 +471,16 @@ class ProcessIO:
             if n == 0:
                 return True
             sink.written += n
+            if n >= PIPE_SIZE:
+                self._grow_once(src)
+        return True
+
+    def _grow_once(self, fd: int) -> bool:
+        """Grow a pipe output filled (see _splice_output); False if it was already."""
+        if fd in self._grown:
+            return False
+        self._grown.add(fd)
+        grow_pipe(fd)
         return True
 
     def _read(self, fd: int) -> bytes | None:

@@ -86,6 +86,31 @@ def test_shims_fork_from_the_template(containerd, image, new_cid):
     wait_for(lambda: not pid_alive(shim), timeout=EVENTUALLY, message="forked shim exit")
 
 
+def _devnull_fds(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null"
+    return count
+
+
+def test_a_forked_shim_holds_its_own_fd_reserve(containerd, image, new_cid):
+    """The fds that keep every task killable at the open-file limit (shim.common.nofile.Reserve)
+    are the shim's own: the template's warm-up filled the reserve object every shim inherits,
+    but no fork path passes its fds on, and a forked shim that believed it held them had
+    none (and would have closed other files in their place when it needed them)."""
+    from shim.common.nofile import RESERVE
+
+    second = new_cid("reserve")
+    template = warm_template(containerd, image, new_cid)
+    shim = run_detached(containerd, image, second)
+    assert forked(shim), read_cmdline(shim)
+    assert _devnull_fds(shim) >= RESERVE, _devnull_fds(shim)  # (its stdio are /dev/null too)
+    assert _devnull_fds(template) <= 3, "the template serves no task: it holds no reserve"
+    assert exec_works(containerd, second)
+    remove(containerd, second)
+
+
 def test_killing_the_template_touches_no_shim_and_starts_still_work(containerd, image, new_cid):
     before, after = new_cid("before"), new_cid("after")
     template = warm_template(containerd, image, new_cid)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import sys
 import textwrap
+
+from shim.common import nofile
 
 # Run in a child interpreter started under a soft limit of 64 (as containerd 2.x's
 # systemd unit leaves it at 1024): the test process's own limit is not touched.
@@ -61,3 +64,46 @@ def test_nothing_restored_when_nothing_recorded() -> None:
     assert nofile.original() is None
     nofile.restore_in_child()  # a no-op in this process
     assert nofile.current() == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _in_a_fork(check) -> int:
+    """Run ``check()`` in a forked child; its exit code (0 when it returned True)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            code = 0 if check() else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _names(fds: list[int]) -> set[str]:
+    return {os.readlink(f"/proc/self/fd/{fd}") for fd in fds}
+
+
+def test_a_reserve_filled_before_a_fork_is_forgotten_in_the_child_not_closed() -> None:
+    """What a shim forked from the template goes through: the template's reserve object comes
+    along, its fds do not (the fork path closes them), and their numbers go to other files."""
+    reserve = nofile.Reserve(size=4)
+    assert reserve.refill() and reserve.held == 4
+    inherited = list(reserve._fds)
+
+    def child() -> bool:
+        for fd in inherited:
+            os.close(fd)
+        reused = [os.open("/dev/zero", os.O_RDONLY) for _ in inherited]
+        if sorted(reused) != sorted(inherited):
+            return False  # the test's premise: the numbers went to other files
+        forgotten = reserve.held == 0 and not reserve.release()
+        still_open = _names(reused) == {"/dev/zero"}
+        refilled = reserve.refill() and reserve.held == 4 and _names(reserve._fds) == {"/dev/null"}
+        return forgotten and still_open and refilled and not set(reserve._fds) & set(reused)
+
+    try:
+        assert _in_a_fork(child) == 0
+        assert reserve.held == 4 and _names(inherited) == {"/dev/null"}  # the parent's stays as it was
+    finally:
+        reserve.release()
+    assert reserve.held == 0

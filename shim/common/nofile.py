@@ -119,18 +119,35 @@ class Reserve:
     def __init__(self, size: int = RESERVE) -> None:
         self.size = size
         self._fds: list[int] = []
+        self._owner = 0  # the pid that opened _fds
+
+    def _mine(self) -> list[int]:
+        """The fds this process opened for the reserve.
+
+        A shim forked from the template inherits this object with whatever the template had
+        put in it, but not those fds: every fork path to a shim closes what it does not pass
+        on, and the numbers then go to the shim's own sockets and pipes. So a list filled by
+        another process is forgotten, never closed (``release`` would close live fds), and
+        ``refill`` opens the shim's own."""
+        import os
+
+        if self._fds and self._owner != os.getpid():
+            self._fds = []
+        return self._fds
 
     @property
     def held(self) -> int:
-        return len(self._fds)
+        return len(self._mine())
 
     def refill(self) -> bool:
         """Open what is missing; False if the fds are not there (yet)."""
         import os
 
-        while len(self._fds) < self.size:
+        fds = self._mine()
+        self._owner = os.getpid()
+        while len(fds) < self.size:
             try:
-                self._fds.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+                fds.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
             except OSError:
                 return False
         return True
@@ -139,7 +156,7 @@ class Reserve:
         """Give the reserve up for a call that must not fail; False if it was already gone."""
         import os
 
-        fds, self._fds = self._fds, []
+        fds, self._fds = self._mine(), []
         for fd in fds:
             os.close(fd)
         return bool(fds)
@@ -161,7 +178,7 @@ class Reserve:
                 return False
             raise
         os.close(probe)
-        return current() - probe >= needed + (self.size - len(self._fds))
+        return current() - probe >= needed + (self.size - self.held)
 
 
 #: The shim's one reserve, filled at start (shim.daemon).

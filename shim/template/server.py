@@ -470,6 +470,9 @@ def _warm_up() -> None:
     from .warmup import pack_shim_code
 
     pack_shim_code()  # runs the warm-up (warmup.py), packs the code it ran, warms the copies
+    from shim.common import nofile
+
+    nofile.reserve.release()  # the warm-up's runc calls filled it (runc_client): the template serves no task
     tag_types()
     gc.collect()
     immortalize_heap()

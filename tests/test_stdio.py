@@ -182,9 +182,21 @@ async def write_all(fd: int, data: bytes) -> None:
             await trio.lowlevel.wait_writable(fd)
 
 
+async def read_exactly(fd: int, n: int) -> bytes:
+    got = b""
+    with trio.fail_after(EVENTUALLY):
+        while len(got) < n:
+            try:
+                got += os.read(fd, n - len(got))
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+    return got
+
+
 async def test_output_that_fills_the_pipes_grows_them_and_loses_nothing(tmp_path) -> None:
     """A container writing faster than the client reads fills its pipe and then the fifo:
-    both are grown to 1 MiB (fds.grow_pipe), and every byte still arrives in order."""
+    both are grown to 1 MiB (fds.grow_pipe), every byte still arrives in order, and once the
+    output has been idle the copy parks and both are back at 64 KiB."""
     fout = mkfifo(tmp_path / "out")
     client_out = os.open(fout, os.O_RDONLY | os.O_NONBLOCK)
     io = ProcessIO(StdioPaths(stdout=fout))
@@ -201,14 +213,14 @@ async def test_output_that_fills_the_pipes_grows_them_and_loses_nothing(tmp_path
                 while pipe_size(client_out) != 1 << 20 or pipe_size(c_out) != 1 << 20:
                     await trio.sleep(0.01)
             nursery.start_soon(write_all, c_out, data[1 << 18 :])
-            got = b""
+            assert await read_exactly(client_out, len(data)) == data
+            # Idle for PARK_AFTER, the copy parks and gives the room back.
             with trio.fail_after(EVENTUALLY):
-                while len(got) < len(data):
-                    try:
-                        got += os.read(client_out, 1 << 20)
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_readable(client_out)
-            assert got == data
+                while pipe_size(client_out) != 1 << 16 or pipe_size(c_out) != 1 << 16:
+                    await trio.sleep(0.01)
+            await write_all(c_out, data)  # and a new flood grows them again
+            assert await read_exactly(client_out, len(data)) == data
+            assert pipe_size(client_out) == pipe_size(c_out) == 1 << 20
             os.close(c_out)
             assert await io.wait_output(EVENTUALLY)
             io.close()

@@ -248,14 +248,25 @@ def grow_pipe(fd: int, size: int = BUSY_PIPE_SIZE) -> None:
 
     For output that fills the 64 KiB default: the container and the shim, or the shim and the
     client reading the fifo, otherwise take turns every 64 KiB, each waking the other. A
-    bigger pipe costs only its ring (~10 KiB of kernel memory for 1 MiB) until data fills it,
-    and the data's pages stay charged to the container that wrote them (splice moves them).
-    Refused (EPERM over fs.pipe-max-size or the user's pipe pages; EBUSY) is fine: the pipe
-    keeps its size."""
+    bigger pipe costs its ring (~10 KiB of kernel memory for 1 MiB) and, until it is shrunk
+    again (``shrink_pipe``), 256 pages of its user's pipe quota instead of 16
+    (fs.pipe-user-pages-soft: past it, that user's unprivileged processes, containers running
+    as root among them, get 2-page pipes). The data's pages stay charged to the container
+    that wrote them (splice moves them). Refused (EPERM over fs.pipe-max-size or the user's
+    quota) is fine: the pipe keeps its size."""
     try:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
     except OSError:
         pass
+
+
+def shrink_pipe(fd: int) -> bool:
+    """Give a grown pipe its default size back; False while it holds more than that (EBUSY)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        return False
+    return True
 
 
 def hung_up(fd: int) -> bool:

@@ -48,7 +48,7 @@ from shim.common.nofile import exhausted
 from shim.runc_client.config import Stdio
 
 from .console import Console
-from .fds import DRAIN_POLL, PIPE_SIZE, OwnedFds, Sink, grow_pipe, hung_up, parking, unread
+from .fds import DRAIN_POLL, PIPE_SIZE, OwnedFds, Sink, grow_pipe, hung_up, parking, shrink_pipe, unread
 from .isolation import Spawner
 from .logger import Logger, start_logger
 
@@ -199,7 +199,7 @@ class ProcessIO:
         #: (no task and nursery of ProcessIO's above them: ~4 KiB a container in a namespace shim).
         self._copiers: set[trio.CancelScope] = set()
         self._parked: set[int] = set()  # fds whose copy waits in fds.parking()
-        self._grown: set[int] = set()  # pipes and fifos output has filled: grown once (fds.grow_pipe)
+        self._grown: set[int] = set()  # pipes and fifos grown since output filled them (fds.grow_pipe)
         self._closed = False
         try:
             self._setup()
@@ -426,6 +426,7 @@ class ProcessIO:
                 sink.release()
                 self._output_finished()
             else:
+                self._shrink(src, sink.fd)
                 self._park(src, self._copy_output, src, sink)
 
     async def _output_until_idle(self, src: int, sink: Sink) -> bool:
@@ -449,7 +450,8 @@ class ProcessIO:
         source so the container never blocks); False once ``src`` is empty for now.
         A pipe seen full, the container's (one splice took all it holds by default) or the
         sink (it takes nothing while the container's pipe has data), is grown once
-        (fds.grow_pipe): only output that keeps them full pays for the room.
+        (fds.grow_pipe) and shrunk again when the copy parks (_shrink): only output that
+        keeps them full holds the room, and only while it flows.
         """
         while not sink.broken:
             if src not in self._fds or sink.fd not in self._fds:
@@ -482,6 +484,14 @@ class ProcessIO:
         self._grown.add(fd)
         grow_pipe(fd)
         return True
+
+    def _shrink(self, *fds: int) -> None:
+        """The stream has been idle PARK_AFTER (its copy parks): give back the room grown for
+        it, which counts against the user's pipe quota (fds.grow_pipe), so only streams busy
+        now hold it. A fifo still holding more than the default keeps it until the next park."""
+        for fd in fds:
+            if fd in self._grown and shrink_pipe(fd):
+                self._grown.discard(fd)
 
     def _read(self, fd: int) -> bytes | None:
         """What ``fd`` has, None if nothing yet (see _splice)."""

@@ -67,12 +67,12 @@ def test_nothing_restored_when_nothing_recorded() -> None:
 
 
 def _in_a_fork(check) -> int:
-    """Run ``check()`` in a forked child; its exit code (0 when it returned True)."""
+    """Run ``check()`` in a forked child; its exit code (what it returned; 99 if it raised)."""
     pid = os.fork()
     if pid == 0:
-        code = 2
+        code = 99
         try:
-            code = 0 if check() else 1
+            code = check()
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
@@ -90,16 +90,18 @@ def test_a_reserve_filled_before_a_fork_is_forgotten_in_the_child_not_closed() -
     assert reserve.refill() and reserve.held == 4
     inherited = list(reserve._fds)
 
-    def child() -> bool:
+    def child() -> int:
+        zero = os.open("/dev/zero", os.O_RDONLY)
         for fd in inherited:
-            os.close(fd)
-        reused = [os.open("/dev/zero", os.O_RDONLY) for _ in inherited]
-        if sorted(reused) != sorted(inherited):
-            return False  # the test's premise: the numbers went to other files
-        forgotten = reserve.held == 0 and not reserve.release()
-        still_open = _names(reused) == {"/dev/zero"}
-        refilled = reserve.refill() and reserve.held == 4 and _names(reserve._fds) == {"/dev/null"}
-        return forgotten and still_open and refilled and not set(reserve._fds) & set(reused)
+            os.close(fd)  # what every fork path to a shim does
+            os.dup2(zero, fd)  # and the number goes to another file
+        if reserve.held != 0 or reserve.release():
+            return 1  # it still counted the inherited numbers as its own
+        if _names(inherited) != {"/dev/zero"}:
+            return 2  # it closed files that are not the reserve's
+        if not reserve.refill() or reserve.held != 4 or _names(reserve._fds) != {"/dev/null"}:
+            return 3  # it did not open a reserve of its own
+        return 0
 
     try:
         assert _in_a_fork(child) == 0

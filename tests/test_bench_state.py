@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
-import time
 
 import pytest
 
@@ -16,28 +17,41 @@ def _spin_until(stop: threading.Event) -> None:
         pass
 
 
+#: A process whose second thread runs 50 ms of CPU, says so, and then waits with the first
+#: thread for stdin to close: nothing ends, so nothing takes its time away between two reads.
+SPINNER = """
+import sys, threading, time
+done = threading.Event()
+def spin():
+    while time.thread_time_ns() < 50_000_000:
+        pass
+    done.set()
+    threading.Event().wait()  # stays, with its time, until the process ends
+threading.Thread(target=spin, daemon=True).start()
+done.wait()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def _thread_ns(tid: int) -> int:
+    with open(f"/proc/{tid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
 def test_cpu_time_counts_every_thread_of_the_process():
-    busy, stop = threading.Event(), threading.Event()
-
-    def worker() -> None:  # runs 50 ms of CPU while the main thread sleeps on an event
-        while time.thread_time_ns() < 50_000_000:
-            pass
-        busy.set()
-        stop.wait()
-
-    main_before = time.thread_time_ns()
-    before = latency._cpu_ns([os.getpid()])
-    thread = threading.Thread(target=worker)
-    thread.start()
+    child = subprocess.Popen([sys.executable, "-c", SPINNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        busy.wait()
-        during = latency._cpu_ns([os.getpid()])
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        main_thread = _thread_ns(child.pid)  # the thread whose tid is the pid
+        total = latency._cpu_ns([child.pid])
+        # The main thread is blocked: the sum can pass its time by 50 ms only through the other
+        # thread's (schedstat and thread_time may differ by a tick).
+        assert total >= main_thread + 50_000_000 - 10_000_000, (total, main_thread)
     finally:
-        stop.set()
-        thread.join()
-    main_spent = time.thread_time_ns() - main_before
-    assert main_spent < 40_000_000  # so the count can only pass 50 ms through the worker's time
-    assert during - before >= 50_000_000 - 10_000_000  # schedstat and thread_time differ by a tick at most
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
     assert latency._cpu_ns([]) == 0
 
 

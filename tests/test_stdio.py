@@ -193,16 +193,24 @@ async def read_exactly(fd: int, n: int) -> bytes:
     return got
 
 
+def _fifo_stdout(tmp_path) -> tuple[ProcessIO, int, int]:
+    """A ProcessIO whose stdout goes to a fifo: (io, the client's read end of the fifo,
+    the container's write end of its stdout pipe)."""
+    fout = mkfifo(tmp_path / "out")
+    client_out = os.open(fout, os.O_RDONLY | os.O_NONBLOCK)
+    io = ProcessIO(StdioPaths(stdout=fout))
+    c_out = os.dup(io.runc_stdio().stdout)
+    io.close_child_ends()
+    return io, client_out, c_out
+
+
 async def test_output_that_fills_the_pipes_grows_them_and_loses_nothing(tmp_path) -> None:
     """A container writing faster than the client reads fills its pipe and then the fifo:
     both are grown to 1 MiB (fds.grow_pipe), every byte still arrives in order, and once the
     output has been idle the copy parks and both are back at 64 KiB."""
-    fout = mkfifo(tmp_path / "out")
-    client_out = os.open(fout, os.O_RDONLY | os.O_NONBLOCK)
-    io = ProcessIO(StdioPaths(stdout=fout))
+    io, client_out, c_out = _fifo_stdout(tmp_path)
+    nonblocking(c_out)
     try:
-        c_out = nonblocking(os.dup(io.runc_stdio().stdout))
-        io.close_child_ends()
         assert pipe_size(c_out) == pipe_size(client_out) == 1 << 16  # the defaults, before any output
         data = bytes(range(256)) * 4096  # 1 MiB: more than both default pipes hold
         async with trio.open_nursery() as nursery:
@@ -230,12 +238,8 @@ async def test_output_that_fills_the_pipes_grows_them_and_loses_nothing(tmp_path
 
 
 async def test_quiet_output_leaves_the_pipes_at_their_default_size(tmp_path) -> None:
-    fout = mkfifo(tmp_path / "out")
-    client_out = os.open(fout, os.O_RDONLY | os.O_NONBLOCK)
-    io = ProcessIO(StdioPaths(stdout=fout))
+    io, client_out, c_out = _fifo_stdout(tmp_path)
     try:
-        c_out = os.dup(io.runc_stdio().stdout)
-        io.close_child_ends()
         async with trio.open_nursery() as nursery:
             await io.start(nursery)
             for _ in range(3):
@@ -713,15 +717,10 @@ async def test_logger_closed_before_start_is_killed(tmp_path, logger) -> None:
 F_SETPIPE_SZ = 1031
 
 
-def _stuck_output(tmp_path, size: int) -> tuple[ProcessIO, int, int]:
-    """A ProcessIO whose stdout fifo holds only 4 KiB, and a container end with ``size`` bytes
-    written and closed: (io, fifo fd of the client, bytes written)."""
-    fout = mkfifo(tmp_path / "out")
-    client_out = os.open(fout, os.O_RDONLY | os.O_NONBLOCK)
+def _stuck_output(tmp_path) -> tuple[ProcessIO, int, int]:
+    """``_fifo_stdout`` with a stdout fifo that holds only 4 KiB."""
+    io, client_out, c_out = _fifo_stdout(tmp_path)
     fcntl.fcntl(client_out, F_SETPIPE_SZ, 4096)
-    io = ProcessIO(StdioPaths(stdout=fout))
-    c_out = os.dup(io.runc_stdio().stdout)
-    io.close_child_ends()
     return io, client_out, c_out
 
 
@@ -745,7 +744,7 @@ async def test_exit_waits_for_output_only_while_someone_takes_it(
     # A fifo that stays full: one the kernel would not let the shim grow (fds.grow_pipe).
     monkeypatch.setattr(stdio_mod, "grow_pipe", lambda fd: None)
 
-    io, client_out, c_out = _stuck_output(tmp_path, 16384)
+    io, client_out, c_out = _stuck_output(tmp_path)
     payload = bytes(range(256)) * 64  # 16 KiB: 4 KiB fill the fifo, the rest waits in the pipe
     got = bytearray()
 

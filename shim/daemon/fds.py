@@ -248,7 +248,7 @@ def grow_pipe(fd: int, size: int = BUSY_PIPE_SIZE) -> None:
 
     For output that fills the 64 KiB default: the container and the shim, or the shim and the
     client reading the fifo, otherwise take turns every 64 KiB, each waking the other. A
-    bigger pipe costs its ring (~10 KiB of kernel memory for 1 MiB) and, until it is shrunk
+    bigger pipe costs its ring (256 slots of 40 bytes for 1 MiB: ~10 KiB of kernel memory) and, until it is shrunk
     again (``shrink_pipe``), 256 pages of its user's pipe quota instead of 16
     (fs.pipe-user-pages-soft: past it, that user's unprivileged processes, containers running
     as root among them, get 2-page pipes). The data's pages stay charged to the container

@@ -33,11 +33,20 @@ def test_socket_path_differs_per_containerd() -> None:
 
 
 def test_fill_partial_pools_leaves_no_free_slot_for_a_shim_to_dirty() -> None:
+    import gc
+
     from shim.template import heap
 
-    free_before = sum(avail for size, avail in heap._malloc_stats() if size >= 48)
-    filled = heap.fill_partial_pools()
-    free_after = sum(avail for size, avail in heap._malloc_stats() if size >= 48)
+    # Garbage earlier tests left (cycles a collection would free between the two reads) is
+    # freed first, and no collection runs in between: the template collects before it fills too.
+    gc.collect()
+    gc.disable()
+    try:
+        free_before = sum(avail for size, avail in heap._malloc_stats() if size >= 48)
+        filled = heap.fill_partial_pools()
+        free_after = sum(avail for size, avail in heap._malloc_stats() if size >= 48)
+    finally:
+        gc.enable()
     assert filled >= free_before > 0
     assert free_after < free_before / 2, (free_before, free_after)  # reading the stats frees a few again
 
